@@ -110,6 +110,7 @@ class SourceConfig:
     num_videos: int = 0  # moving_mnist: how many videos to generate (0 = default)
     num_frames: int = 20  # moving_mnist / clip length of stored videos
     limit: int = 0  # use only the first N source samples (0 = all)
+    test_prefixes: List[str] = field(default_factory=list)  # images/tar: basenames starting so = fixed test
 
 
 @dataclass
