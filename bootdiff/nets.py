@@ -53,7 +53,7 @@ class ImageUNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, time_scale: float) -> "ImageUNet":
-        return cls(UNet2DModel.from_pretrained(path), time_scale)
+        return cls(UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False), time_scale)
 
 
 def _unet2d(cfg, in_channels: int, out_channels: int, resolution: int) -> ImageUNet:
