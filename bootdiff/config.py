@@ -165,7 +165,7 @@ class ResidualConfig:
 @dataclass
 class AshaConfig:
     enabled: bool = True
-    grace_period: int = 1  # in reports
+    grace_period: int = 1  # in evaluations (checkpoints) before a trial may be stopped
     reduction_factor: int = 2
 
 
@@ -222,6 +222,8 @@ class RayConfig:
     max_failures: int = 2  # FailureConfig retries per Train run
     ingest_tasks: int = 0  # 0 = one task per shard range
     train_state_tracking: bool = True
+    inject_failure_step: int = -1  # testing FailureConfig: a worker raises once at this step
+    worker_start_timeout_s: float = 0  # >0: fail (not hang) when a worker group can't be scheduled
 
 
 @dataclass

@@ -1,0 +1,195 @@
+"""Stage 2 on Ray: a Ray Tune sweep of the residual denoiser over μ_var × μ_L1 × range adapter.
+
+    python -m ray_jobs.sweep_residual --config configs/quickstart.yaml [key=value ...]
+
+Each trial is a plain function that launches its own TorchTrainer (Ray 2.60 Train V2: no
+``Tuner(trainer)``), trains `D_boot = D_comb + r(σ)·R_θ` on the scarce full-resolution shards
+against the frozen, exported view models of stage 1, and reports held-out generalization error
+``test_G`` (and ``train_G``) at each checkpoint. ASHA stops poor trials early on ``test_G``
+against reported ``kimg``. The baselines run in the same sweep: the combined denoiser alone (no
+residual; evaluated, not trained) and a full-resolution model trained on the scarce set alone.
+An interrupted sweep is restored with ``Tuner.restore`` and only unfinished trials run; each
+trial's Train run resumes from its own latest checkpoint. The outcome goes to
+``{storage}/{name}/sweep/sweep.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import sys
+
+from bootdiff import experiment, util
+from ray_jobs import common
+from ray_jobs.train_views import _evaluator, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
+
+SWEEP_NAME = "tune"
+
+
+def trial_label(t: dict) -> str:
+    if t["kind"] != "residual":
+        return t["kind"]
+    return f"residual-mv{t['mu_var']:g}-ml{t['mu_l1']:g}-ra{int(bool(t['range_adapter']))}"
+
+
+def trial_list(cfg) -> list:
+    """The sweep's trials: the grid (or random samples) of residual settings, then baselines."""
+    sw = cfg.sweep
+    if sw.search == "grid":
+        combos = list(itertools.product(sw.mu_var, sw.mu_l1, sw.range_adapter))
+    elif sw.search == "random":
+        rng = random.Random(cfg.seed)
+        combos = [(rng.choice(sw.mu_var), rng.choice(sw.mu_l1), rng.choice(sw.range_adapter))
+                  for _ in range(sw.num_samples)]
+    else:
+        raise ValueError(f"sweep.search must be 'grid' or 'random', got '{sw.search}'")
+    trials = [{"kind": "residual", "mu_var": float(a), "mu_l1": float(b), "range_adapter": bool(c)}
+              for a, b, c in dict.fromkeys(combos)]
+    if sw.baseline_combined:
+        trials.append({"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None})
+    if sw.baseline_full_res:
+        trials.append({"kind": "full_res", "mu_var": None, "mu_l1": None, "range_adapter": None})
+    for t in trials:
+        t["label"] = trial_label(t)
+    return trials
+
+
+def residual_worker(config: dict) -> None:
+    """Ray Train ``train_loop_per_worker`` of one residual trial."""
+    from bootdiff.train import train
+
+    cfg = common.cfg_from_yaml(config["cfg_yaml"])
+    rcfg = experiment.trial_residual_config(cfg, config["trial"])
+    rank, world, device, run_dir = common.worker_setup(cfg.sweep.trial_cpus)
+    manifest = experiment.read_manifest(cfg)
+    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world)
+    hooks = common.RayReportHooks({"label": config["trial"]["label"]},
+                                  extra_metrics=_evaluator(cfg, manifest, model) if rank == 0 else None)
+    try:
+        train(model, loss, data, rcfg.train, run_dir=run_dir, hooks=hooks, device=device,
+              resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
+    finally:
+        common.cleanup(run_dir)
+
+
+def sweep_trial(config: dict) -> None:
+    """One Tune trial: evaluate the combined baseline, or fit a TorchTrainer for the others."""
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = common.cfg_from_yaml(config["cfg_yaml"])
+    trial = config["trial"]
+    runs = util.join(experiment.sweep_root(cfg), "runs")
+    if trial["kind"] == "combined":
+        manifest = experiment.read_manifest(cfg)
+        combined = experiment.build_combined(cfg, manifest)
+        test = experiment.generalization(cfg, manifest, combined, "test")
+        train = experiment.generalization(cfg, manifest, combined, "full")
+        tune.report({"kimg": cfg.residual.train.total_kimg, "step": 0, "test_G": test["total"],
+                     "train_G": train["total"], "label": trial["label"]})
+        return
+    if trial["kind"] == "full_res":
+        trainer = make_trainer(cfg, config["cfg_yaml"], "full_res", f"trial-{trial['label']}", runs,
+                               callbacks=[TuneReportCallback()], evaluate=True)
+    else:
+        sw = cfg.sweep
+        resources = {"CPU": sw.trial_cpus, **dict(sw.trial_resources)}
+        if sw.trial_gpus:
+            resources["GPU"] = sw.trial_gpus
+        storage_path, storage_fs = common.ray_storage(runs)
+        trainer = TorchTrainer(
+            residual_worker,
+            train_loop_config={"cfg_yaml": config["cfg_yaml"], "trial": trial},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
+            run_config=RunConfig(name=f"trial-{trial['label']}", storage_path=storage_path,
+                                 storage_filesystem=storage_fs, callbacks=[TuneReportCallback()],
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
+    trainer.fit()
+
+
+def sweep_done(cfg) -> bool:
+    return util.exists(util.join(experiment.sweep_root(cfg), "sweep.json"))
+
+
+def run(cfg, cfg_yaml: str) -> dict:
+    """Run (or restore and finish) the sweep; write and return ``sweep.json``."""
+    ray = common.init_ray(cfg)
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    out = util.join(experiment.sweep_root(cfg), "sweep.json")
+    if sweep_done(cfg):
+        print(f"[bootdiff] sweep already complete: {out}", flush=True)
+        return common.read_json(out)
+    trials = trial_list(cfg)
+    trainable = tune.with_resources(sweep_trial, {"CPU": 0.01})  # token share: Train workers hold the CPUs
+    storage_path, storage_fs = common.ray_storage(experiment.sweep_root(cfg))
+    tune_path = util.join(experiment.sweep_root(cfg), SWEEP_NAME)
+    restore_path = tune_path if not cfg.storage.startswith("s3://") else storage_path + "/" + SWEEP_NAME
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=storage_fs):
+        print(f"[bootdiff] restoring interrupted sweep at {tune_path}: only unfinished trials run", flush=True)
+        tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True,
+                                   storage_filesystem=storage_fs)
+    else:
+        rt = cfg.residual.train
+        evals = max(1.0, rt.total_kimg / max(rt.checkpoint_every_kimg, 1e-9))
+        scheduler = None
+        if cfg.sweep.asha.enabled:
+            scheduler = ASHAScheduler(time_attr="kimg", max_t=rt.total_kimg,
+                                      grace_period=min(rt.total_kimg, cfg.sweep.asha.grace_period * rt.total_kimg / evals),
+                                      reduction_factor=cfg.sweep.asha.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cfg_yaml": cfg_yaml, "trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(metric="test_G", mode="min", scheduler=scheduler,
+                                        max_concurrent_trials=cfg.sweep.max_concurrent or None,
+                                        trial_dirname_creator=lambda t: f"trial-{t.config['trial']['label']}"),
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+                                      verbose=1),
+        )
+    print(f"[bootdiff] sweep of {len(trials)} trials ({', '.join(t['label'] for t in trials)})", flush=True)
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        t = result.config["trial"]
+        m = result.metrics or {}
+        rows.append({"trial_id": t["label"], "kind": t["kind"], "mu_var": t["mu_var"], "mu_l1": t["mu_l1"],
+                     "range_adapter": t["range_adapter"], "test_G": _num(m.get("test_G")),
+                     "train_G": _num(m.get("train_G")), "kimg": _num(m.get("kimg")), "step": m.get("step"),
+                     "status": "error" if result.error else ("complete" if _num(m.get("kimg")) >= cfg.residual.train.total_kimg - 1e-6 or t["kind"] != "residual" else "stopped"),
+                     "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),
+                     "error": str(result.error)[:500] if result.error else None})
+    errors = [r for r in rows if r["error"]]
+    if errors:
+        raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))
+    residuals = [r for r in rows if r["kind"] == "residual" and r["checkpoint"] and math.isfinite(r["test_G"])]
+    best = min(residuals, key=lambda r: r["test_G"]) if residuals else None
+    outcome = {"trials": rows, "best": best["trial_id"] if best else None, "tune_path": tune_path}
+    common.write_json(out, outcome)
+    print(f"[bootdiff] sweep done; best {outcome['best']} (test G {best['test_G']:.4f})" if best else
+          "[bootdiff] sweep done; no residual trial finished", flush=True)
+    return outcome
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def main(argv=None) -> int:
+    cfg, cfg_yaml = common.parse_args(argv, __doc__)
+    outcome = run(cfg, cfg_yaml)
+    print(json.dumps({"best": outcome["best"], "trials": len(outcome["trials"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Stage 1 on Ray: one TorchTrainer per view, all launched concurrently.
+
+    python -m ray_jobs.train_views --config configs/quickstart.yaml [key=value ...]
+
+Each view's run has its own ScalingConfig (``views.<v>.scaling``: workers, GPU or CPU, resources
+per worker; DDP across a view's workers), streams its view's shards split by world rank, reports
+loss (also per σ band), kimg, img/s and lr, checkpoints to ``{storage}/{name}/views/view-<v>``
+(local or s3://), retries through FailureConfig, and resumes from its latest checkpoint when the
+same run is submitted again. The final checkpoint's EMA weights are exported in diffusers format to
+``{storage}/{name}/models/<v>``. The training itself is `bootdiff.train.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from bootdiff import experiment, util
+from ray_jobs import common
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train ``train_loop_per_worker``: `bootdiff.train` on this rank's share of the shards."""
+    from bootdiff.train import train
+
+    cfg = common.cfg_from_yaml(config["cfg_yaml"])
+    view, split = config["view"], config["split"]
+    vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
+    rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker)
+    manifest = experiment.read_manifest(cfg)
+    model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
+    extra = config.get("evaluate") and _evaluator(cfg, manifest, model)
+    hooks = common.RayReportHooks(
+        {"view": view}, extra_metrics=extra if rank == 0 else None,
+        fail_at_step=cfg.ray.inject_failure_step,
+        fail_marker=util.join(experiment.root(cfg), "views", f"injected-failure-{view}"))
+    try:
+        train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
+              resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
+    finally:
+        common.cleanup(run_dir)
+
+
+def _evaluator(cfg, manifest, model):
+    """Held-out and training G of the EMA weights at each checkpoint (used by the sweep)."""
+    import copy
+
+    from bootdiff.checkpoint import load_checkpoint
+
+    def extra(checkpoint_dir: str) -> dict:
+        m = experiment.ema_model(copy.deepcopy(model).cpu(), load_checkpoint(checkpoint_dir))
+        test = experiment.generalization(cfg, manifest, m, "test")
+        train = experiment.generalization(cfg, manifest, m, "full")
+        return {"test_G": test["total"], "train_G": train["total"]}
+
+    return extra
+
+
+def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, callbacks=None,
+                 evaluate: bool = False):
+    """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
+    sc = vcfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **dict(sc.resources_per_worker)}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker or 1
+    storage_path, storage_fs = common.ray_storage(storage)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg_yaml": cfg_yaml, "view": view,
+                           "split": "full" if view == "full_res" else view, "evaluate": evaluate},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, vcfg.train.keep_checkpoints)),
+            callbacks=callbacks),
+    )
+
+
+def export_result(cfg, view: str, checkpoint_path: str) -> str:
+    """Export a run's final checkpoint (EMA weights) to ``models/<view>`` in diffusers format."""
+    from bootdiff.checkpoint import load_checkpoint
+    from bootdiff.export import save_view_model
+
+    manifest = experiment.read_manifest(cfg)
+    split = "full" if view == "full_res" else view
+    vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
+    info = experiment.view_info(manifest, split)
+    model = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
+    state = load_checkpoint(common.storage_url(cfg, checkpoint_path))
+    experiment.ema_model(model, state)
+    url = experiment.model_url(cfg, view)
+    save_view_model(model, url, vcfg, extra={"shape": list(info["shape"]), "step": state.get("step"),
+                                             "kimg": state.get("kimg"), "checkpoint": checkpoint_path})
+    return url
+
+
+def fit_view(cfg_yaml: str, view: str) -> dict:
+    """Fit one view's trainer to completion (resuming if it ran before) and export it."""
+    cfg = common.cfg_from_yaml(cfg_yaml)
+    start = time.time()
+    trainer = make_trainer(cfg, cfg_yaml, view, f"view-{view}", util.join(experiment.root(cfg), "views"))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"view '{view}': training finished without a checkpoint")
+    url = export_result(cfg, view, result.checkpoint.path)
+    info = {"view": view, "start": start, "end": time.time(), "metrics": result.metrics,
+            "checkpoint": result.checkpoint.path, "model": url}
+    common.write_json(util.join(experiment.root(cfg), "views", f"view-{view}.json"), info)
+    return info
+
+
+def view_done(cfg, view: str) -> bool:
+    return util.exists(util.join(experiment.model_url(cfg, view), "bootdiff.json"))
+
+
+def run(cfg, cfg_yaml: str) -> list:
+    """Train every view that is not exported yet, all concurrently; return their run infos."""
+    ray = common.init_ray(cfg)
+    todo = [v for v in cfg.views if not view_done(cfg, v)]
+    for v in cfg.views:
+        if v not in todo:
+            print(f"[bootdiff] view '{v}': already exported at {experiment.model_url(cfg, v)}, skipped", flush=True)
+    if not todo:
+        return []
+    # fit() blocks its caller: each trainer runs in its own zero-CPU task (RAY_NOTES.md).
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_view)
+    refs = {v: remote_fit.remote(cfg_yaml, v) for v in todo}
+    print(f"[bootdiff] training {len(todo)} view model(s) concurrently: {', '.join(todo)}", flush=True)
+    infos, pending = [], dict(refs)
+    while pending:
+        done, _ = ray.wait(list(pending.values()), num_returns=1)
+        view = next(v for v, r in pending.items() if r == done[0])
+        del pending[view]
+        info = ray.get(done[0])
+        infos.append(info)
+        m = info["metrics"]
+        print(f"[bootdiff] view '{view}' done in {info['end'] - info['start']:.0f} s: "
+              f"loss {m.get('loss', float('nan')):.4f}, {m.get('kimg', 0):.2f} kimg -> {info['model']}", flush=True)
+    return infos
+
+
+def main(argv=None) -> int:
+    cfg, cfg_yaml = common.parse_args(argv, __doc__)
+    infos = run(cfg, cfg_yaml)
+    print(json.dumps([{k: i[k] for k in ("view", "start", "end", "model")} for i in infos]))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
