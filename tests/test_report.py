@@ -1,0 +1,191 @@
+"""The sweep report (bootdiff.report): CSV, Markdown, self-contained HTML, rendered in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import math
+import os
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bootdiff import report
+
+CHROMIUM = "/usr/bin/chromium"
+SIGMA = np.geomspace(0.002, 80.0, 8)
+
+
+def _curve(scale, gap, rng):
+    """A realistic per-σ error curve: bell-shaped λ-weighted error, test above train."""
+    base = scale * (1.0 + 0.5 * np.log(SIGMA / 0.5) ** 2 / 10) * (1 + 0.05 * rng.random(8))
+    return {"sigma": SIGMA.tolist(), "test_mean": (base * (1 + gap)).tolist(),
+            "train_mean": base.tolist(), "test_quantile": (base * (1 + gap) * 2.2).tolist(),
+            "delta": 0.1}
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    trials, k = [], 0
+    for mu_var in (0.0, 1.0):
+        for mu_l1 in (0.0, 0.01):
+            k += 1
+            test_g = 0.21 + 0.03 * k + 0.001 * k * k
+            trials.append({"trial_id": f"res_{k:05d}", "kind": "residual", "mu_var": mu_var,
+                           "mu_l1": mu_l1, "range_adapter": True, "test_G": test_g,
+                           "train_G": test_g * 0.8, "step": 400, "status": "completed",
+                           "checkpoint": f"s3://bucket/sweep/res_{k:05d}/checkpoint-00000400",
+                           "loss": 0.1 * k, "img_per_s": 123.0 + k})
+    trials[0]["test_G"] = 0.1875  # the best
+    trials[0]["train_G"] = 0.15
+    trials[3].update(test_G=float("nan"), train_G=None, step=50, status="stopped_early")
+    trials.append({"trial_id": "combined", "kind": "combined", "mu_var": None, "mu_l1": None,
+                   "range_adapter": False, "test_G": 0.3125, "train_G": 0.3, "step": 0,
+                   "status": "completed", "checkpoint": "s3://bucket/views", "fusion": "split"})
+    trials.append({"trial_id": "full_res_only", "kind": "full_res", "mu_var": None,
+                   "mu_l1": None, "range_adapter": False, "test_G": 0.5625, "train_G": 0.0625,
+                   "step": 400, "status": "completed", "checkpoint": "s3://bucket/full/ck",
+                   "loss": 0.05})
+    curves = {"res_00001": _curve(0.18, 0.25, rng), "combined": _curve(0.3, 0.04, rng),
+              "full_res_only": _curve(0.5, 8.0, rng)}
+    yy, xx = np.mgrid[0:16, 0:16]
+    grey = ((xx * 16 + rng.integers(0, 16, (8, 16, 16))) % 256).astype(np.uint8)[..., None]
+    rgb = np.stack([xx * 16, yy * 16, np.full_like(xx, 128)], -1)[None].repeat(8, 0)
+    rgb = (rgb + rng.integers(0, 30, rgb.shape)).clip(0, 255).astype(np.uint8)
+    samples = {"low-res only (8×8 → 16)": grey,
+               "patches only": rgb,
+               "combined": torch.tanh(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))),
+               "bootstrapped <best>": torch.linspace(-1, 1, 8 * 16 * 16).reshape(8, 1, 16, 16),
+               "video clips": rng.integers(0, 256, (3, 5, 16, 16, 1), dtype=np.uint8)}
+    manifest = {"dataset": "cats64", "root": "s3://bucket/shards",
+                "views": {"full_train": {"count": 64, "shape": [3, 16, 16], "sigma_data": 0.51,
+                                         "num_shards": 1, "shards": ["a.tar"]},
+                          "patch8": {"count": 8147, "shape": [3, 8, 8], "sigma_data": 0.48,
+                                     "num_shards": 3}}}
+    config = "name: <demo & co>\nsweep:\n  mu_var: [0.0, 1.0]\n  mu_l1: [0.0, 0.01]\n"
+    return trials, curves, samples, config, manifest
+
+
+def _data_pngs(text):
+    out = []
+    for m in re.finditer(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" width="(\d+)" '
+                         r'height="(\d+)"', text):
+        img = Image.open(io.BytesIO(base64.b64decode(m.group(1))))
+        img.load()  # fully decodes: a truncated or corrupt PNG raises here
+        out.append((img, int(m.group(2)), int(m.group(3))))
+    return out
+
+
+def test_image_grid_layout_and_conversion():
+    x = torch.full((5, 1, 4, 6), -1.0)
+    x[2] = 1.0
+    g = report.image_grid(x, nrow=3, pad=1, pad_value=7)
+    assert g.dtype == np.uint8 and g.shape == (1 + 2 * 5, 1 + 3 * 7, 1)
+    assert (g[1:5, 15:21] == 255).all() and (g[1:5, 1:7] == 0).all() and g[0, 0, 0] == 7
+    assert (g[6:10, 15:21] == 7).all()  # 6th cell is empty padding
+    with pytest.raises(ValueError, match="samples 'bad'"):
+        report.to_uint8_images(np.zeros((2, 5, 4, 4), np.float32), "bad")
+
+
+def test_report_files_and_chromium_render(tmp_path):
+    trials, curves, samples, config, manifest = _inputs()
+    out = tmp_path / "report"
+    written = report.write_report(str(out), trials, curves, samples, config, manifest,
+                                  title="Sweep <cats>", extra={"sample quality": {
+                                      "res_00001": {"swd": 0.0123, "memorization": 0.0}}})
+    assert written["html"] == f"{out}/report.html" and os.path.exists(written["html"])
+
+    # CSV: one row per trial, the union of all columns, values round-trip
+    with open(out / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert set(rows[0]) == set(report.REQUIRED) | {"loss", "img_per_s", "fusion"}
+    by_id = {r["trial_id"]: r for r in rows}
+    assert float(by_id["res_00001"]["test_G"]) == 0.1875
+    assert math.isnan(float(by_id["res_00004"]["test_G"])) and by_id["res_00004"]["train_G"] == ""
+    assert by_id["combined"]["fusion"] == "split" and by_id["res_00002"]["fusion"] == ""
+
+    # Markdown: names the best trial, links PNGs that exist beside it, same numbers
+    md = (out / "report.md").read_text()
+    assert "Best trial: res_00001" in md and "**res_00001**" in md
+    links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
+    assert len(links) == 3 + len(samples)
+    for link in links:
+        Image.open(out / link).verify()
+    for v in ("0.1875", "0.3125", "0.5625", "0.0375"):  # best, baselines, best train–test gap
+        assert v in md
+    assert "stopped_early" in md and "<demo & co>" in md
+
+    # HTML: self-contained, escaped, the numbers, valid inline PNGs of the stated sizes
+    text = (out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert not re.search(r"""url\(\s*["']?\s*(https?:)?//|@import""", text, re.I)
+    assert "&lt;demo &amp; co&gt;" in text and "<demo" not in text and "Sweep &lt;cats&gt;" in text
+    assert "bootstrapped &lt;best&gt;" in text
+    for v in ("0.1875", "0.3125", "0.5625", "0.0375", "0.0123", "8147", "3×8×8", "0.48"):
+        assert v in text, v
+    assert re.search(r"<tr class=best><td[^>]*>res_00001</td>", text)
+    assert re.search(r'class="badge warn">stopped_early<', text)
+    pngs = _data_pngs(text)
+    assert len(pngs) == 3 + len(samples) == text.count("<img ")
+    for img, w, h in pngs:
+        assert img.size == (w, h) and w >= 100 and h >= 20
+    for (img, _, _), s in zip(pngs[3:], samples.values()):  # nearest upscale of image_grid
+        grid, _ = report.sample_grid(s)
+        k = report.grid_scale(grid)
+        assert img.size == (grid.shape[1] * k, grid.shape[0] * k) and k >= 2
+        assert np.array_equal(np.asarray(img)[::k, ::k].reshape(grid.shape), grid)
+    grey, video = np.asarray(pngs[3][0]), pngs[7][0]
+    assert grey.ndim == 2 and np.asarray(pngs[4][0]).shape[-1] == 3
+    assert video.size[1] > video.size[0] / 5 * 2  # 3 clips stacked as rows of 5-frame strips
+
+    # Chromium: every image decodes in the browser, and the page paints something colourful
+    assert os.path.exists(CHROMIUM), (
+        f"{CHROMIUM} is missing: the report render test needs Debian's chromium (apt-get install "
+        "chromium); CI installs it")
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome'}"]
+    url = (out / "report.html").as_uri()
+    dom = subprocess.run(flags + ["--virtual-time-budget=3000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=60)
+    m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom.stdout)
+    assert m, f"no image marker in the dumped DOM; chromium stderr:\n{dom.stderr[-2000:]}"
+    assert int(m.group(1)) == int(m.group(2)) == len(pngs)
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,2000",
+                            "--hide-scrollbars", url], capture_output=True, timeout=60)
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape == (2000, 1200, 3)
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
+
+
+def test_report_edge_cases(tmp_path):
+    # a single value on each sweep axis, no baselines, no curves/samples, no finite G at all
+    t = {"trial_id": "only", "kind": "residual", "mu_var": 0.5, "mu_l1": 0.0,
+         "range_adapter": False, "test_G": None, "train_G": None, "step": 3, "status": "ERROR",
+         "checkpoint": None}
+    w = report.write_report(str(tmp_path), [t], {}, {}, "", {"count": 3})
+    text = open(w["html"]).read()
+    assert "No trial has a finite test G: no best trial." in text and "ERROR" in text
+    assert len(_data_pngs(text)) == 1  # the 1×1 heatmap still draws (cell marked "no G")
+    # an explicit best trial wins; unknown ids, kinds and missing keys are named
+    t2 = dict(t, trial_id="b", test_G=0.4, mu_l1=0.1)
+    w = report.write_report(str(tmp_path / "r2"), [t, t2], {}, {}, "", {}, best_trial_id="b")
+    assert "Best trial: b " in open(w["markdown"]).read()
+    with pytest.raises(ValueError, match="'nope'"):
+        report.write_report(str(tmp_path / "r3"), [t], {}, {}, "", {}, best_trial_id="nope")
+    with pytest.raises(ValueError, match=r"trials\[0\].*kind 'weird'"):
+        report.write_report(str(tmp_path / "r4"), [dict(t, kind="weird")], {}, {}, "", {})
+    with pytest.raises(ValueError, match=r"lacks key\(s\) \['test_G'\]"):
+        report.write_report(str(tmp_path / "r5"), [{k: v for k, v in t.items() if k != "test_G"}],
+                            {}, {}, "", {})
+    with pytest.raises(ValueError, match=r"curves\['m'\]: 'test_mean' has 2 values"):
+        report.write_report(str(tmp_path / "r6"), [t], {"m": {"sigma": [1, 2, 3],
+                                                            "test_mean": [1, 2]}}, {}, "", {})
