@@ -1,0 +1,287 @@
+"""WebDataset shards of view samples, written atomically to any fsspec URL, plus the manifest.
+
+A shard is a plain tar (webdataset's ``TarWriter``) whose samples are ``{key}.npy`` (the array,
+channel-first: ``[C, H, W]`` or ``[C, T, H, W]``; uint8 pixels or float16 latents) and
+``{key}.json`` (metadata: source id and index, view, patch ``location`` (row, col), clip
+``frames`` [t0, t1), low-res ``factor``). The tar is built in memory and committed in one go
+(`bootdiff.util.atomic_write_bytes`: local temp file + ``os.replace``, or a single S3 PUT), so
+a crash never leaves a partial shard visible. A ``{shard}.json`` sidecar written *after* the
+shard records its sha256, size and count: a shard with a matching sidecar is complete.
+
+``manifest.json`` (one per dataset root) lists every split/view: counts, sample shape, dtype,
+σ_data (std of the view's samples mapped to [-1, 1]; latents as stored), and its shards with
+checksums. `validate_manifest` checks a manifest against the shards it names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import webdataset as wds
+
+from bootdiff.util import atomic_write_bytes, join, read_bytes, url_fs
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "bootdiff-shards/1"
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or does not match the shards it lists."""
+
+
+@dataclass
+class ShardInfo:
+    """What one committed shard holds (also the content of its ``.json`` sidecar)."""
+
+    split: str  # split or view name: "full", "test", "patch", ...
+    index: int  # shard index within the split
+    url: str
+    name: str  # path relative to the dataset root: "{split}/{split}-{index:06d}.tar"
+    count: int = 0  # samples in the shard
+    num_source: int = 0  # source samples the shard was made from
+    skipped: int = 0  # source samples that yielded nothing (e.g. no clean patch)
+    sha256: str = ""
+    bytes: int = 0
+    shape: List[int] = field(default_factory=list)
+    dtype: str = ""
+    sum: float = 0.0  # Σ of the values in model units ([-1, 1] pixels, raw latents)
+    sumsq: float = 0.0
+    numel: int = 0
+    fingerprint: str = ""  # hash of the task's inputs; a mismatch means the shard is stale
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardInfo":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/{split}-{index:06d}.tar"
+
+
+def sidecar_url(url: str) -> str:
+    return url + ".json"
+
+
+def to_model_units(arr: np.ndarray) -> np.ndarray:
+    """uint8 pixels → float64 in [-1, 1] (x/127.5 − 1); float arrays are returned as they are."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64) / 127.5 - 1.0
+    return arr.astype(np.float64)
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_url(url: str, chunk: int = 1 << 22) -> str:
+    fs, path = url_fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Collect samples of one shard in memory; `commit` writes tar + sidecar atomically.
+
+    Usage: ``w = ShardWriter(url, split, index); w.write(key, array, meta); info = w.commit()``.
+    All samples of a shard must share shape and dtype. The tar is reproducible (fixed mtime), so
+    the same samples give the same checksum.
+    """
+
+    def __init__(self, url: str, split: str, index: int, name: Optional[str] = None):
+        self.info = ShardInfo(split=split, index=index, url=url, name=name or shard_name(split, index))
+        self._buf = io.BytesIO()
+        self._tar = wds.TarWriter(self._buf, encoder=False, mtime=0, compress=False)
+        self._keys = set()
+
+    def write(self, key: str, array: np.ndarray, meta: Dict[str, Any]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"shard {self.info.url}: sample key {key!r} must not contain '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"shard {self.info.url}: duplicate sample key {key!r}")
+        if array.dtype not in (np.uint8, np.float16):
+            raise ValueError(f"shard {self.info.url}: key {key!r} has dtype {array.dtype}, "
+                             "expected uint8 (pixels) or float16 (latents)")
+        info = self.info
+        if info.count == 0:
+            info.shape, info.dtype = list(array.shape), str(array.dtype)
+        elif list(array.shape) != info.shape or str(array.dtype) != info.dtype:
+            raise ValueError(f"shard {info.url}: key {key!r} has shape {list(array.shape)} "
+                             f"{array.dtype}, the shard holds {info.shape} {info.dtype}")
+        self._keys.add(key)
+        self._tar.write({"__key__": key, "npy": encode_npy(array),
+                         "json": json.dumps(meta, sort_keys=True).encode()})
+        v = to_model_units(array)
+        info.count += 1
+        info.sum += float(v.sum())
+        info.sumsq += float(np.square(v).sum())
+        info.numel += int(v.size)
+
+    def commit(self) -> ShardInfo:
+        """Write the shard (atomic), then its sidecar; return the shard's `ShardInfo`."""
+        self._tar.close()
+        data = self._buf.getvalue()
+        self.info.sha256, self.info.bytes = sha256_bytes(data), len(data)
+        atomic_write_bytes(self.info.url, data)
+        atomic_write_bytes(sidecar_url(self.info.url), json.dumps(self.info.to_dict(), indent=1).encode())
+        return self.info
+
+
+def read_sidecar(url: str) -> Optional[ShardInfo]:
+    """The sidecar of a shard, or None when it is missing or unreadable."""
+    fs, path = url_fs(sidecar_url(url))
+    try:
+        with fs.open(path, "rb") as f:
+            return ShardInfo.from_dict(json.loads(f.read()))
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        return None
+
+
+def shard_is_complete(url: str, fingerprint: str = "", verify: bool = True) -> Optional[ShardInfo]:
+    """The shard's `ShardInfo` if it was committed (sidecar present, size and — with ``verify`` —
+    sha256 match, same fingerprint), else None."""
+    info = read_sidecar(url)
+    if info is None or (fingerprint and info.fingerprint != fingerprint):
+        return None
+    fs, path = url_fs(url)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        return None
+    if size != info.bytes or (verify and sha256_url(url) != info.sha256):
+        return None
+    info.url = url
+    return info
+
+
+def read_shard(url: str) -> List[Dict[str, Any]]:
+    """All samples of a shard as ``{"__key__", "array", "meta"}`` dicts (for tests and tools)."""
+    import tarfile
+
+    out: Dict[str, Dict[str, Any]] = {}
+    with tarfile.open(fileobj=io.BytesIO(read_bytes(url)), mode="r:") as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            sample = out.setdefault(key, {"__key__": key})
+            data = tar.extractfile(m).read()
+            if ext == "npy":
+                sample["array"] = decode_npy(data)
+            elif ext == "json":
+                sample["meta"] = json.loads(data)
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def split_entry(infos: List[ShardInfo], extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The manifest entry of one split/view from its shards' infos (σ_data pooled exactly)."""
+    infos = sorted(infos, key=lambda i: i.index)
+    shapes = {tuple(i.shape) for i in infos if i.count}
+    dtypes = {i.dtype for i in infos if i.count}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise ManifestError(f"split {infos[0].split}: shards disagree on shape/dtype: {shapes} {dtypes}")
+    n = sum(i.numel for i in infos)
+    mean = sum(i.sum for i in infos) / max(n, 1)
+    var = max(sum(i.sumsq for i in infos) / max(n, 1) - mean * mean, 0.0)
+    entry = {
+        "count": sum(i.count for i in infos),
+        "num_source": sum(i.num_source for i in infos),
+        "skipped": sum(i.skipped for i in infos),
+        "shape": list(next(iter(shapes))) if shapes else [],
+        "dtype": next(iter(dtypes)) if dtypes else "",
+        "mean": mean,
+        "sigma_data": float(np.sqrt(var)),
+        "shards": [{"name": i.name, "count": i.count, "sha256": i.sha256, "bytes": i.bytes}
+                   for i in infos],
+    }
+    entry.update(extra or {})
+    return entry
+
+
+def write_manifest(root: str, manifest: Dict[str, Any]) -> str:
+    """Write ``{root}/manifest.json`` atomically; returns its URL."""
+    url = join(root, MANIFEST_NAME)
+    body = {k: v for k, v in manifest.items() if k != "root"}
+    atomic_write_bytes(url, json.dumps(body, indent=1, sort_keys=True).encode())
+    return url
+
+
+def read_manifest(url: str) -> Dict[str, Any]:
+    """Read a manifest (URL of ``manifest.json`` or of the dataset root). ``manifest["root"]``
+    is set to where it was read from, so shard names resolve wherever the dataset lives."""
+    if not url.rstrip("/").endswith(".json"):
+        url = join(url, MANIFEST_NAME)
+    try:
+        manifest = json.loads(read_bytes(url))
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {url}") from None
+    except ValueError as exc:
+        raise ManifestError(f"{url}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "splits" not in manifest:
+        raise ManifestError(f"{url}: not a bootdiff shard manifest (format {FORMAT!r} with 'splits')")
+    manifest["root"] = posixpath.dirname(url.rstrip("/")) if "://" in url else \
+        url.rstrip("/").rsplit("/", 1)[0]
+    return manifest
+
+
+def shard_urls(manifest: Dict[str, Any], split: str) -> List[str]:
+    """URLs of the shards of one split/view, in order."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ManifestError(f"manifest at {manifest.get('root')}: no split/view {split!r} "
+                            f"(has {sorted(splits)})")
+    return [join(manifest["root"], s["name"]) for s in splits[split]["shards"]]
+
+
+def validate_manifest(manifest: Dict[str, Any], verify_checksums: bool = True) -> None:
+    """Check every shard a manifest lists: present, same size and sha256, same sample count
+    as its sidecar. Raises `ManifestError` naming the first shard at fault."""
+    root = manifest.get("root")
+    for split, entry in manifest["splits"].items():
+        total = 0
+        for s in entry["shards"]:
+            url = join(root, s["name"])
+            fs, path = url_fs(url)
+            if not fs.exists(path):
+                raise ManifestError(f"split {split!r}: shard {url} is listed in the manifest but missing")
+            size = fs.size(path)
+            if size != s["bytes"]:
+                raise ManifestError(f"split {split!r}: shard {url} has {size} bytes, "
+                                    f"the manifest says {s['bytes']}")
+            if verify_checksums and sha256_url(url) != s["sha256"]:
+                raise ManifestError(f"split {split!r}: shard {url} checksum mismatch "
+                                    f"(manifest sha256 {s['sha256'][:12]}…)")
+            side = read_sidecar(url)
+            if side is not None and side.count != s["count"]:
+                raise ManifestError(f"split {split!r}: shard {url} holds {side.count} samples, "
+                                    f"the manifest says {s['count']}")
+            total += s["count"]
+        if total != entry["count"]:
+            raise ManifestError(f"split {split!r}: shards hold {total} samples, the manifest "
+                                f"says {entry['count']}")
