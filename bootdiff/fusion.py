@@ -89,7 +89,8 @@ def fit_fusion_weights(components_fn: Callable[[torch.Tensor, torch.Tensor], Lis
     for x in batches:
         for j, s in enumerate(grid):
             for _ in range(repeats):
-                n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                gen_device = generator.device if generator is not None else x.device
+                n = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
                 sigma = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
                 comps = components_fn(x + s * n, sigma)
                 F = torch.stack([c.reshape(-1) for c in comps], 1).to(torch.float64)  # [M, K]
