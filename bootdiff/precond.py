@@ -156,9 +156,10 @@ class RangeAdapter(nn.Module):
         return cls(math.log(sigma_min), math.log(sigma_max), values)
 
     @classmethod
-    def ones(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, num_bins: int = 100) -> "RangeAdapter":
-        """The "off" setting: r(σ) = 1 everywhere."""
-        return cls.from_sigma_range(sigma_min, sigma_max, torch.ones(num_bins))
+    def ones(cls, log_sigma_min: float = math.log(0.002), log_sigma_max: float = math.log(80.0),
+             num_bins: int = 100) -> "RangeAdapter":
+        """The "off" setting: r(σ) = 1 everywhere (same arguments as the constructor)."""
+        return cls(log_sigma_min, log_sigma_max, torch.ones(num_bins))
 
     @property
     def num_bins(self) -> int:
@@ -211,13 +212,13 @@ def estimate_range_adapter(d_comb: Callable, batches: Iterable[torch.Tensor], si
             break
         if not torch.is_tensor(x):
             raise TypeError(f"estimate_range_adapter: batch {b} is a {type(x).__name__}, not a tensor")
-        x = x.to(device if device is not None else x.device, torch.float32)
-        x = x[: samples_per_bin - seen]
+        x = x.to(device if device is not None else x.device)
+        x = (x if x.is_floating_point() else x.float())[: samples_per_bin - seen]
         for i, s in enumerate(sigmas):
             gen_dev = generator.device if generator is not None else x.device
-            n = torch.randn(x.shape, generator=generator, device=gen_dev).to(x.device)
-            sig = torch.full((x.shape[0],), s, device=x.device)
-            err = x - d_comb(x + s * n, sig).to(torch.float32)
+            n = torch.randn(x.shape, generator=generator, device=gen_dev).to(x.device, x.dtype)
+            sig = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+            err = x - d_comb(x + s * n, sig).to(x.dtype)
             sq[i] += err.double().pow(2).sum().item()
         count += x.numel()
         seen += x.shape[0]

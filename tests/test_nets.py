@@ -149,6 +149,8 @@ def test_range_adapter_piecewise_linear_in_log_sigma():
     assert torch.allclose(ends, values[[0, 0, -1, -1]])
     assert ra(torch.tensor([1.0, 2.0, 3.0])).shape == (3,)
     assert torch.equal(RangeAdapter.ones()(torch.tensor([0.01, 1.0, 100.0])), torch.ones(3))
+    off = RangeAdapter.ones(math.log(0.01), math.log(10.0), num_bins=7)
+    assert off.num_bins == 7 and abs(off.log_sigma_min.exp().item() - 0.01) < 1e-8
     copy = RangeAdapter(0.0, 1.0, torch.zeros(100))
     copy.load_state_dict(ra.state_dict())
     assert torch.equal(copy(centres), ra(centres))
