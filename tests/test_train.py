@@ -314,3 +314,45 @@ def test_grad_accumulation_matches_big_batch():
 def test_bad_config_names_the_key():
     with pytest.raises(ValueError, match="TrainConfig.precision='fp16'"):
         train(model_(), RecordingLoss(), gmm_data(8, 1), make_cfg(steps=1, precision="fp16"))
+
+
+# ----------------------------------------------------------------------------- DDP (2 CPU ranks, gloo)
+
+
+def _ddp_worker(rank, world, init_file, run_dir, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        def data(start_step):  # each rank its own stream
+            for i in itertools.count(start_step):
+                yield GM.sample(8, torch.Generator().manual_seed(1000 * rank + i)).float()
+
+        hooks = Recorder()
+        cfg = make_cfg(steps=12, batch_size=8, ckpt_every=6, report_every=2)  # 16 img/step: 6 steps
+        res = train(model_(seed=rank, dropout=0.0), RecordingLoss(), data, cfg, run_dir=run_dir, hooks=hooks)
+        torch.save(dict(step=res.step, model=res.model.state_dict(), ema=res.ema.state_dict(),
+                        reports=hooks.reports), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    run = str(tmp_path / "run")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), run, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 6
+    for name, a in r0["model"].items():  # DDP: one model (rank 0's init broadcast, grads averaged)
+        assert torch.equal(a, r1["model"][name]), name
+    for (m0, u0), (m1, u1) in zip(r0["reports"], r1["reports"]):
+        assert (m0["step"], m0["rank"], m1["rank"]) == (m1["step"], 0, 1)
+        assert m0["loss"] == pytest.approx(m1["loss"]) and m0["kimg"] == pytest.approx(m0["step"] * 0.016)
+        assert u1 is None and (u0 is not None) == (m0["step"] in (3, 6))
+    assert [os.path.basename(u) for u in list_checkpoints(run)] == ["checkpoint-00000003", "checkpoint-00000006"]
+    state = load_checkpoint(latest_checkpoint(run))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["loss"], state["rng"][1]["loss"])  # seeds differ per rank
