@@ -101,7 +101,7 @@ class ViewConfig:
 
 @dataclass
 class SourceConfig:
-    """Where the raw data comes from (see bootdiff/data/sources.py)."""
+    """Where the raw data comes from (see bootdiff/data/source.py)."""
 
     kind: str = "mnist"  # mnist | fashion_mnist | idx | images | tar | video | frames | moving_mnist
     path: str = ""  # URL of folder / tar / file; "" = the kind's default location
