@@ -163,11 +163,11 @@ class MnistSource(Source):
 
     @property
     def labels(self) -> np.ndarray:
-        d = load_mnist(self.path)
+        d = _load_cached(self.path)
         return np.concatenate([d["train_labels"], d["test_labels"]])
 
     def __getitem__(self, i: int) -> np.ndarray:
         i = self._check_index(i)
-        d = load_mnist(self.path)
+        d = _load_cached(self.path)  # the path is resolved already: no stat per sample
         digit = d["train_images"][i] if i < self.n_train else d["test_images"][i - self.n_train]
         return conform_digit(digit, self.spec, self.ids[i])

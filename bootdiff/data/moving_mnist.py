@@ -99,9 +99,9 @@ class MovingMnistSource(Source):
     def _pools(self) -> Tuple[np.ndarray, np.ndarray]:
         if self._digits is not None:
             return self._digits
-        from bootdiff.data.mnist import load_mnist
+        from bootdiff.data.mnist import _load_cached
 
-        d = load_mnist(self.mnist_path)
+        d = _load_cached(self.mnist_path)  # resolved in __init__
         return d["train_images"], d["test_images"]
 
     def generate(self, i: int) -> Dict[str, np.ndarray]:
