@@ -3,6 +3,7 @@ loopback port, with the AWS environment pointed at it (s3fs / boto3 / pyarrow re
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Dict, Iterator, Tuple
@@ -27,6 +28,7 @@ def moto_s3(bucket: str = "bootdiff-test") -> Iterator[Tuple[str, str]]:
     endpoint URL); stop the server and restore the environment afterwards."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
