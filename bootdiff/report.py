@@ -202,35 +202,40 @@ def _settings(t) -> str:
             f"{'on' if t['range_adapter'] else 'off'}")
 
 
+def _change(g, ref) -> str:
+    if not (math.isfinite(g) and math.isfinite(ref) and ref > 0):
+        return "no finite G"
+    return f"{abs(g - ref) / ref * 100:.1f}% {'lower' if g < ref else 'higher'}"
+
+
 def _summary(trials, best):
-    """Rows of the summary table (best, then baselines) and the headline sentences."""
-    rows, lines = [], []
-    best_g = _num(best["test_G"]) if best else float("nan")
+    """The summary: table rows (best, then baselines), headline sentences and the page's cards
+    ``(label, value, note)`` — the same numbers in each."""
+    rows, cards = [], []
+    bg, btr = (_num(best["test_G"]), _num(best["train_G"])) if best else (math.nan, math.nan)
+    n_ok, n_res = sum(_ok(t) for t in trials), sum(t["kind"] == "residual" for t in trials)
+    lines = [f"{len(trials)} trials ({n_res} residual, {len(trials) - n_res} baseline(s)); {n_ok} "
+             f"completed, {len(trials) - n_ok} stopped early or failed."]
+    if best is None:
+        lines.append("No trial has a finite test G: no best trial.")
+    else:
+        lines.append(f"Best trial: {best['trial_id']} ({_settings(best)}), test G = {_fmt(bg)}, "
+                     f"train G = {_fmt(btr)}, train–test gap = {_fmt(bg - btr)}.")
+        cards += [("best trial", best["trial_id"], _settings(best)),
+                  ("best test G", _fmt(bg), f"train G {_fmt(btr)}"),
+                  ("train–test gap", _fmt(bg - btr),
+                   f"{(bg - btr) / btr * 100:.1f}% of train G" if btr > 0 and math.isfinite(bg) else "")]
     for t in ([best] if best else []) + [t for t in trials if t["kind"] != "residual"]:
         g, tr = _num(t["test_G"]), _num(t["train_G"])
         rows.append({"model": "best trial" if t is best else KIND_LABEL[t["kind"]],
                      "trial": t["trial_id"], "settings": _settings(t) if t is best else None,
-                     "test G": g,
-                     "train G": tr, "gap (test − train)": g - tr,
-                     "test G / best": g / best_g if best_g > 0 else float("nan"),
-                     "status": t["status"]})
-    n_ok = sum(_ok(t) for t in trials)
-    lines.append(f"{len(trials)} trials ({sum(t['kind'] == 'residual' for t in trials)} residual, "
-                 f"{sum(t['kind'] != 'residual' for t in trials)} baseline(s)); {n_ok} completed, "
-                 f"{len(trials) - n_ok} stopped early or failed.")
-    if best is None:
-        lines.append("No trial has a finite test G: no best trial.")
-        return rows, lines
-    lines.append(f"Best trial: {best['trial_id']} ({_settings(best)}), test G = {_fmt(best_g)}, "
-                 f"train G = {_fmt(_num(best['train_G']))}, train–test gap = "
-                 f"{_fmt(best_g - _num(best['train_G']))}.")
-    for t in trials:
-        g = _num(t["test_G"])
-        if t["kind"] != "residual" and math.isfinite(g) and g > 0 and math.isfinite(best_g):
-            change = (best_g - g) / g * 100
-            lines.append(f"{KIND_LABEL[t['kind']].capitalize()}: {t['trial_id']}, test G = {_fmt(g)}; "
-                         f"the best trial's is {abs(change):.1f}% {'lower' if change < 0 else 'higher'}.")
-    return rows, lines
+                     "test G": g, "train G": tr, "gap (test − train)": g - tr,
+                     "test G / best": g / bg if bg > 0 else math.nan, "status": t["status"]})
+        if t is not best and best is not None:
+            lines.append(f"{KIND_LABEL[t['kind']].capitalize()}: {t['trial_id']}, test G = "
+                         f"{_fmt(g)}; the best trial's is {_change(bg, g)}.")
+            cards.append((KIND_LABEL[t["kind"]], _fmt(g), f"{t['trial_id']}: best is {_change(bg, g)}"))
+    return rows, lines, cards
 
 
 # ----------------------------------------------------------------------------- plots
@@ -347,74 +352,82 @@ def plot_curves(curves, pairs, ylabel, title, best_name=None):
     return _fig_png(fig)
 
 
-# ----------------------------------------------------------------------------- manifest
+# ----------------------------------------------------------------------------- tables
 
 
-def manifest_rows(manifest, prefix=""):
-    """Table rows of a data manifest: every nested dict that carries counts, shapes or σ_data
-    (keys like count / num_* / n / shape / sigma_data), named by its key path."""
-    rows = []
-    if not isinstance(manifest, dict):
-        return rows
-    pat = re.compile(r"^(count|n|num_\w+|n_\w+|\w*_count|shape|sigma_data|size)$", re.I)
-    leaves = {k: v for k, v in manifest.items() if not isinstance(v, dict)}
-    if prefix and any(pat.match(str(k)) for k in leaves):
-        rows.append({"entry": prefix, **leaves})
+def _records(named):
+    """(columns, rows) of ``[(name, dict), ...]``: a name column, then the union of the keys."""
+    keys = []
+    for _, d in named:
+        keys += [k for k in d if k not in keys]
+    return ["name"] + keys, [[n] + [d.get(k) for k in keys] for n, d in named]
+
+
+def manifest_tables(manifest):
+    """The data manifest as two tables ``(columns, rows)``: one row per split/view (the ingest
+    manifest's ``splits`` or ``views``: count, shape, σ_data, …, nested dicts flattened one level),
+    and the dataset's other top-level facts as key/value rows (``config`` is left to the JSON)."""
+    manifest = manifest if isinstance(manifest, dict) else {}
+    key = next((k for k in ("splits", "views") if isinstance(manifest.get(k), dict)), None)
+    entries = []
+    for name, e in (manifest[key].items() if key else []):
+        flat = {}
+        for k, v in (e.items() if isinstance(e, dict) else [("value", e)]):
+            flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items()} if isinstance(v, dict) else {k: v})
+        entries.append((name, flat))
+    first = ("count", "shape", "sigma_data", "mean", "dtype")
+    cols, rows = _records(entries)
+    order = ["name"] + [c for c in first if c in cols] + [c for c in cols[1:] if c not in first]
+    rows = [[r[cols.index(c)] for c in order] for r in rows]
+    facts = []
     for k, v in manifest.items():
-        if isinstance(v, dict):
-            rows.extend(manifest_rows(v, f"{prefix}/{k}" if prefix else str(k)))
-    return rows
+        if k in (key, "config"):
+            continue
+        facts += [[f"{k}.{k2}", v2] for k2, v2 in v.items()] if isinstance(v, dict) else [[k, v]]
+    return (order, rows), (["key", "value"], facts)
 
 
-def _manifest_table(manifest):
-    rows = manifest_rows(manifest)
-    if rows:
-        pat = re.compile(r"count|num|^n$|shape|sigma|size", re.I)
-        keys = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        keys = ["entry"] + sorted([k for k in keys if k != "entry"], key=lambda k: not pat.search(str(k)))
-        return keys, [[r.get(k) for k in keys] for r in rows]
-    flat = [[k, v] for k, v in (manifest or {}).items()]
-    return ["key", "value"], flat
+def _extra_table(value):
+    """(columns, rows) for an `extra` section value, or None to show it as JSON/text."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        return _records(list(value.items()))
+    if isinstance(value, dict):
+        return ["key", "value"], [[k, v] for k, v in value.items()]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        cols, rows = _records([(None, v) for v in value])
+        return cols[1:], [r[1:] for r in rows]
+    return None
 
 
-# ----------------------------------------------------------------------------- writers
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, default=str)
+    return repr(float(v)) if isinstance(v, (float, np.floating)) else v
 
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
- color:#1d2330;background:#f5f6f8;font-size:15px;line-height:1.45}
-main{max-width:1240px;margin:0 auto;padding:18px 24px 48px}
-header{background:#1d2a44;color:#fff;padding:18px 24px}header h1{margin:0;font-size:24px}
-header p{margin:4px 0 0;color:#c7d0e0;font-size:13px}
-h2{font-size:19px;margin:30px 0 10px;border-bottom:2px solid #d9dde5;padding-bottom:4px}
-section p{margin:6px 0}.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:12px}
-.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px 14px}
-.card .k{font-size:12px;color:#5b6478;text-transform:uppercase;letter-spacing:.04em}
-.card .v{font-size:22px;font-weight:600;margin:2px 0}.card .s{font-size:13px;color:#3b4357}
-.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
-figure{margin:0;background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:10px;text-align:center}
-figure img{max-width:100%;height:auto}figcaption{font-size:13px;color:#3b4357;margin-top:6px}
-figcaption b{display:block;font-size:15px;color:#1d2330}img.px{image-rendering:pixelated}
-.tbl{overflow-x:auto;background:#fff;border:1px solid #dde1e8;border-radius:8px}
-table{border-collapse:collapse;width:100%;font-size:13px}
-th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right;white-space:nowrap}
-th{background:#eef1f6;position:sticky;top:0}td.t,th.t{text-align:left}
-td.path{white-space:normal;word-break:break-all;min-width:180px;text-align:left;font-family:monospace;font-size:12px}
-tr.best td{background:#fff4c2;font-weight:600}tr:nth-child(even) td{background:#fafbfc}
-tr.best:nth-child(even) td{background:#fff4c2}
-.badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;background:#e1f3e5;color:#1d6b33}
-.badge.warn{background:#fde8d7;color:#9a4a0c}
-pre{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px;overflow-x:auto;
- font-size:12.5px;max-height:520px}details summary{cursor:pointer;margin:8px 0}
-"""
+# ----------------------------------------------------------------------------- Markdown / HTML
 
-SCRIPT = """<script>
-(function(){function mark(){var im=document.images,n=0;for(var i=0;i<im.length;i++){
-if(im[i].complete&&im[i].naturalWidth>0)n++;}document.body.dataset.imagesLoaded=n;
-document.body.dataset.imagesTotal=im.length;}window.addEventListener('load',mark);mark();})();
-</script>"""
+
+def _md(text) -> str:
+    """Markdown-escape user text: backslash-escape the characters that make links, tags,
+    emphasis, code or table cells (intraword underscores are left alone, as GFM ignores them)."""
+    out = re.sub(r"([\\`*\[\]<>|])", r"\\\1", str(text)).replace("\n", " ")
+    return "\\" + out if out.startswith("#") else out
+
+
+def _md_table(cols, rows, best_index=None):
+    out = ["| " + " | ".join(_md(_fmt(c)) for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r, row in enumerate(rows):
+        cells = [_md(_fmt(v)) for v in row]
+        out.append("| " + " | ".join(f"**{c}**" if r == best_index and c else c for c in cells) + " |")
+    return "\n".join(out)
+
+
+def _fence(text, lang=""):
+    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
 
 
 def _e(v) -> str:
@@ -435,87 +448,122 @@ def _html_table(cols, rows, best_index=None, path_cols=()):
             cls = "path" if c in path_cols else ("t" if text_col[i] else "")
             cells.append(f'<td class="{cls}">{text}</td>')
         body.append(f'<tr{" class=best" if r == best_index else ""}>{"".join(cells)}</tr>')
-    return f'<div class="tbl"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return (f'<div class="tbl{" kv" if len(cols) <= 3 else ""}"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
+            f'</tbody></table></div>')
 
 
-def _md(text) -> str:
-    """Markdown-escape user text: backslash-escape the characters that make links, tags,
-    emphasis, code or table cells (intraword underscores are left alone, as GFM ignores them)."""
-    out = re.sub(r"([\\`*\[\]<>|])", r"\\\1", str(text)).replace("\n", " ")
-    return "\\" + out if out.startswith("#") else out
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
+ color:#1d2330;background:#f5f6f8;font-size:15px;line-height:1.45}
+main{max-width:1240px;margin:0 auto;padding:18px 24px 48px}
+header{background:#1d2a44;color:#fff;padding:18px 24px}header h1{margin:0;font-size:24px}
+header p{margin:4px 0 0;color:#c7d0e0;font-size:13px}
+h2{font-size:19px;margin:30px 0 10px;border-bottom:2px solid #d9dde5;padding-bottom:4px}
+h3{font-size:15px;margin:14px 0 6px;color:#3b4357}
+section p{margin:6px 0}.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:12px}
+.card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px 14px}
+.card .k{font-size:12px;color:#5b6478;text-transform:uppercase;letter-spacing:.04em}
+.card .v{font-size:22px;font-weight:600;margin:2px 0}.card .s{font-size:13px;color:#3b4357}
+.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
+figure{margin:0;background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:10px;text-align:center}
+figure img{max-width:100%;height:auto}figcaption{font-size:13px;color:#3b4357;margin-top:6px}
+figcaption b{display:block;font-size:15px;color:#1d2330}img.px{image-rendering:pixelated}
+.tbl{overflow-x:auto;background:#fff;border:1px solid #dde1e8;border-radius:8px;margin:8px 0}
+.tbl.kv{width:fit-content;min-width:min(420px,100%);max-width:100%}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right;white-space:nowrap}
+th{background:#eef1f6;position:sticky;top:0}td.t,th.t{text-align:left}
+td.path{white-space:normal;word-break:break-all;min-width:180px;text-align:left;font-family:monospace;font-size:12px}
+tr.best td{background:#fff4c2;font-weight:600}tr:nth-child(even) td{background:#fafbfc}
+tr.best:nth-child(even) td{background:#fff4c2}
+.badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;background:#e1f3e5;color:#1d6b33}
+.badge.warn{background:#fde8d7;color:#9a4a0c}
+pre{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px;overflow-x:auto;
+ font-size:12.5px;max-height:520px}details summary{cursor:pointer;margin:8px 0}
+"""
+
+# marks <body data-images-loaded="k" data-images-total="n"> once the page has loaded (tests)
+SCRIPT = """<script>
+(function(){function mark(){var im=document.images,n=0;for(var i=0;i<im.length;i++){
+if(im[i].complete&&im[i].naturalWidth>0)n++;}document.body.dataset.imagesLoaded=n;
+document.body.dataset.imagesTotal=im.length;}window.addEventListener('load',mark);mark();})();
+</script>"""
+
+GROUPS = (("heatmap", "Sweep heatmap", ""), ("curves", "Error per σ", "grid2"),
+          ("samples", "Samples", "grid2"))
 
 
-def _md_cell(v) -> str:
-    return _md(_fmt(v))
+def _markdown(d) -> str:
+    md = [f"# {_md(d['title'])}", "", f"_Generated {d['stamp']}._", "", "## Summary", ""]
+    md += [f"- {_md(line)}" for line in d["lines"]] + ["", _md_table(*d["summary"], d["best_row"])]
+    for group, heading, _ in GROUPS:
+        figs = [f for f in d["figures"] if f[5] == group]
+        md += ["", f"## {heading}", ""] if figs else []
+        for fname, ftitle, cap, *_ in figs:
+            md += [f"### {_md(ftitle)}", "", f"![{_md(ftitle)}](report_files/{fname})", "",
+                   f"*{_md(cap)}*", ""]
+    md += ["", "## Trials", "", _md_table(*d["trials"], d["best_index"])]
+    for sec, value in d["extra"].items():
+        tab = _extra_table(value)
+        md += ["", f"## {_md(sec)}", "", _md_table(*tab) if tab else _md(value) if isinstance(value, str)
+               else _fence(json.dumps(value, indent=2, default=str), "json")]
+    md += ["", "## Resolved config", "", _fence(d["config"], "yaml"), "", "## Data manifest", "",
+           _md_table(*d["manifest"][0]), "", _md_table(*d["manifest"][1]), "",
+           _fence(d["manifest_json"], "json"), ""]
+    return "\n".join(md)
 
 
-def _md_table(cols, rows, best_index=None):
-    out = ["| " + " | ".join(_md_cell(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    for r, row in enumerate(rows):
-        cells = [_md_cell(v) for v in row]
-        if r == best_index:
-            cells = [f"**{c}**" if c else c for c in cells]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+def _html(d) -> str:
+    def fig(f):
+        fname, ftitle, cap, png, pixel, _ = f
+        wd, ht = Image.open(io.BytesIO(png)).size
+        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        return (f'<figure><img src="{src}" width="{wd}" height="{ht}" alt="{_e(ftitle)}"'
+                f'{" class=px" if pixel else ""}><figcaption><b>{_e(ftitle)}</b>{_e(cap)}'
+                f'</figcaption></figure>')
+
+    h = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(d['title'])}</title>"
+         f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style>"
+         f"</head><body><header><h1>{_e(d['title'])}</h1><p>Generated {_e(d['stamp'])} · "
+         f"bootstrapped diffusion sweep: generalization error G = E λ(σ)‖D(x+σn;σ) − x‖² on "
+         f"held-out full-resolution data</p></header><main><section><h2>Summary</h2><div class=cards>"]
+    h += [f"<div class=card><div class=k>{_e(k)}</div><div class=v>{_e(v)}</div><div class=s>"
+          f"{_e(s)}</div></div>" for k, v, s in d["cards"]]
+    h.append("</div>" + "".join(f"<p>{_e(line)}</p>" for line in d["lines"]))
+    h.append(_html_table(*d["summary"], d["best_row"]) + "</section>")
+    for group, heading, cls in GROUPS:
+        figs = [f for f in d["figures"] if f[5] == group]
+        if figs:
+            h.append(f"<section><h2>{heading}</h2><div class='{cls}'>{''.join(map(fig, figs))}"
+                     f"</div></section>")
+    h.append(f"<section><h2>Trials</h2>{_html_table(*d['trials'], d['best_index'], ('checkpoint',))}"
+             f"</section>")
+    for sec, value in d["extra"].items():
+        tab = _extra_table(value)
+        body = (_html_table(*tab) if tab else f"<p>{_e(value)}</p>" if isinstance(value, str)
+                else f"<pre>{_e(json.dumps(value, indent=2, default=str))}</pre>")
+        h.append(f"<section><h2>{_e(sec)}</h2>{body}</section>")
+    h.append(f"<section><h2>Resolved config</h2><pre>{_e(d['config'])}</pre></section>")
+    h.append(f"<section><h2>Data manifest</h2>{_html_table(*d['manifest'][0])}<h3>Dataset</h3>"
+             f"{_html_table(*d['manifest'][1])}<details><summary>manifest.json</summary><pre>"
+             f"{_e(d['manifest_json'])}</pre></details></section>")
+    h.append(f"</main>{SCRIPT}</body></html>")
+    return "\n".join(h)
 
 
-def _fence(text, lang=""):
-    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
-    return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
+# ----------------------------------------------------------------------------- the report
 
 
-def _extra_table(value):
-    """(cols, rows) for an `extra` section value, or None to show it as JSON/text."""
-    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-        keys = []
-        for v in value.values():
-            keys += [k for k in v if k not in keys]
-        return ["name"] + keys, [[n] + [v.get(k) for k in keys] for n, v in value.items()]
-    if isinstance(value, dict):
-        return ["key", "value"], [[k, v] for k, v in value.items()]
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        keys = []
-        for v in value:
-            keys += [k for k in v if k not in keys]
-        return keys, [[v.get(k) for k in keys] for v in value]
-    return None
-
-
-def _csv_value(v):
-    if v is None:
-        return ""
-    if isinstance(v, (dict, list, tuple)):
-        return json.dumps(v, default=str)
-    if isinstance(v, (float, np.floating)):
-        return repr(float(v))
-    return v
-
-
-def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_trial_id=None,
-                 title="bootdiff sweep report", extra=None) -> dict:
-    """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``) and
-    ``trials.csv`` into the folder ``out_url``; returns their URLs (``html``, ``markdown``,
-    ``csv``, ``images``: {file name: URL}).
-
-    ``trials``: dicts with at least `REQUIRED` keys (kind in `KINDS`; baselines have None μ's);
-    ``curves``: {model: {"sigma", "test_mean", "train_mean"?, "test_quantile"?, "delta"?}};
-    ``samples``: {model: uint8 ``[N,H,W,C]`` / ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` /
-    ``[N,C,T,H,W]`` in [-1,1]}; ``extra``: {section title: str | dict | list of dicts}.
-    """
-    trials = validate_trials(trials)
-    curves, samples, extra = dict(curves or {}), dict(samples or {}), dict(extra or {})
-    best = select_best(trials, best_trial_id)
-    best_index = next((i for i, t in enumerate(trials) if t is best), None)
-    summary_rows, summary_lines = _summary(trials, best)
-
-    # figures: (file name, title, caption, png bytes, pixel-art?)
+def _figures(trials, curves, samples, best):
+    """``[(file name, title, caption, png, pixel-art?, group)]`` of the report's images."""
     figures = []
     hm = plot_heatmap(trials, best)
     if hm is not None:
         figures.append(("heatmap.png", "Test generalization error over (μ_var, μ_L1)",
                         "Lower is better; the best trial is outlined in red; hatched cells have no "
                         "trial or no finite G.", hm, False, "heatmap"))
-    best_name = best["trial_id"] if best else None
+    # the best trial's curve: keyed by its id, or "bootstrapped" (as ray_jobs/evaluate.py does)
+    best_name = next((n for n in ((best or {}).get("trial_id"), "bootstrapped") if n in curves), None)
     if curves:
         png = plot_curves(curves, [("test_mean", "-", "test (held-out)"), ("train_mean", "--", "train")],
                           "weighted error  λ(σ)‖D − x‖²", "Generalization error per σ", best_name)
@@ -529,104 +577,59 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
                           "per-sample error", f"{q} of the per-sample test error", best_name)
         if png:
             figures.append(("quantile_per_sigma.png", f"{q} of the per-sample test error per σ",
-                            "Quantile solid, mean dotted, both on held-out data.", png, False, "curves"))
+                            "Quantile solid, mean dotted, both on held-out data.", png, False,
+                            "curves"))
     for k, (name, s) in enumerate(samples.items()):
         grid, text = sample_grid(s, str(name))
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")[:40] or "model"
         figures.append((f"samples_{k:02d}_{slug}.png", str(name), text,
                         _png(grid, grid_scale(grid)), True, "samples"))
+    return figures
 
+
+def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_trial_id=None,
+                 title="bootdiff sweep report", extra=None) -> dict:
+    """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``) and
+    ``trials.csv`` into the folder ``out_url``; returns their URLs (``html``, ``markdown``,
+    ``csv``, ``images``: {file name: URL}).
+
+    ``trials``: dicts with at least `REQUIRED` keys (kind in `KINDS`; baselines have None μ's);
+    any other keys are extra CSV/table columns. ``curves``: {model: {"sigma", "test_mean",
+    "train_mean"?, "test_quantile"?, "delta"?}}. ``samples``: {model: uint8 ``[N,H,W,C]`` /
+    ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
+    default the residual trial with the lowest test G. ``extra``: {section title: str | dict |
+    dict of dicts | list of dicts}, shown as text or tables after the trials.
+    """
+    trials = validate_trials(trials)
+    curves, samples, extra = dict(curves or {}), dict(samples or {}), dict(extra or {})
+    best = select_best(trials, best_trial_id)
+    figures = _figures(trials, curves, samples, best)
     written = {"images": {}}
     for fname, _title, _cap, png, _pixel, _group in figures:
-        url = join(out_url, "report_files", fname)
-        atomic_write_bytes(url, png)
-        written["images"][fname] = url
+        written["images"][fname] = join(out_url, "report_files", fname)
+        atomic_write_bytes(written["images"][fname], png)
 
     cols = _columns(trials)
     buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(cols)
-    for t in trials:
-        w.writerow([_csv_value(t.get(c)) for c in cols])
+    csv.writer(buf).writerows([cols] + [[_csv_value(t.get(c)) for c in cols] for t in trials])
     written["csv"] = join(out_url, "trials.csv")
     atomic_write_bytes(written["csv"], buf.getvalue().encode("utf-8"))
 
-    table_cols = cols[:cols.index("train_G") + 1] + ["gap"] + cols[cols.index("train_G") + 1:]
-    table_rows = [[t.get(c) if c != "gap" else _num(t["test_G"]) - _num(t["train_G"])
-                   for c in table_cols] for t in trials]
+    gap_at = cols.index("train_G") + 1
+    table_cols = cols[:gap_at] + ["gap"] + cols[gap_at:]
+    summary_rows, lines, cards = _summary(trials, best)
     sum_cols = list(summary_rows[0]) if summary_rows else ["model"]
-    sum_rows = [[r[c] for c in sum_cols] for r in summary_rows]
-    man_cols, man_rows = _manifest_table(manifest)
-    man_json = json.dumps(manifest, indent=2, sort_keys=False, default=str)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-    # ---- Markdown
-    md = [f"# {_md(title)}", "", f"_Generated {stamp}._", "", "## Summary", ""]
-    md += [f"- {_md(line)}" for line in summary_lines] + ["", _md_table(sum_cols, sum_rows, 0 if best else None)]
-    for group, heading in (("heatmap", "Sweep heatmap"), ("curves", "Error per σ"), ("samples", "Samples")):
-        figs = [f for f in figures if f[5] == group]
-        if figs:
-            md += ["", f"## {heading}", ""]
-            for fname, ftitle, cap, *_ in figs:
-                md += [f"### {_md(ftitle)}", "", f"![{_md(ftitle)}](report_files/{fname})", "",
-                       f"*{_md(cap)}*", ""]
-    md += ["", "## Trials", "", _md_table(table_cols, table_rows, best_index)]
-    for sec, value in extra.items():
-        tab = _extra_table(value)
-        md += ["", f"## {_md(sec)}", "", _md_table(*tab) if tab else
-               (_md(value) if isinstance(value, str) else _fence(json.dumps(value, indent=2, default=str), "json"))]
-    md += ["", "## Resolved config", "", _fence(config_yaml or "", "yaml"), "", "## Data manifest", "",
-           _md_table(man_cols, man_rows), "", _fence(man_json, "json"), ""]
+    d = {"title": str(title), "lines": lines, "cards": cards, "figures": figures, "extra": extra,
+         "stamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+         "summary": (sum_cols, [[r[c] for c in sum_cols] for r in summary_rows]),
+         "best_row": 0 if best else None,
+         "trials": (table_cols, [[t.get(c) if c != "gap" else _num(t["test_G"]) - _num(t["train_G"])
+                                  for c in table_cols] for t in trials]),
+         "best_index": next((i for i, t in enumerate(trials) if t is best), None),
+         "config": str(config_yaml or ""), "manifest": manifest_tables(manifest),
+         "manifest_json": json.dumps(manifest, indent=2, default=str)}
     written["markdown"] = join(out_url, "report.md")
-    atomic_write_bytes(written["markdown"], "\n".join(md).encode("utf-8"))
-
-    # ---- HTML
-    def fig_html(f):
-        fname, ftitle, cap, png, pixel, _ = f
-        wd, ht = Image.open(io.BytesIO(png)).size
-        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        return (f'<figure><img src="{src}" width="{wd}" height="{ht}" alt="{_e(ftitle)}"'
-                f'{" class=px" if pixel else ""}><figcaption><b>{_e(ftitle)}</b>{_e(cap)}'
-                f'</figcaption></figure>')
-
-    cards = []
-    if best:
-        bg, btr = _num(best["test_G"]), _num(best["train_G"])
-        cards.append(("best trial", best["trial_id"], _settings(best)))
-        cards.append(("best test G", _fmt(bg), f"train G {_fmt(btr)}"))
-        cards.append(("train–test gap", _fmt(bg - btr),
-                      f"{(bg - btr) / btr * 100:.1f}% of train G" if btr > 0 and math.isfinite(bg) else ""))
-        for t in trials:
-            g = _num(t["test_G"])
-            if t["kind"] != "residual":
-                s = f"best is {abs(bg - g) / g * 100:.1f}% {'lower' if bg < g else 'higher'}" \
-                    if g > 0 and math.isfinite(g) and math.isfinite(bg) else "no finite G"
-                cards.append((KIND_LABEL[t["kind"]], _fmt(g), f"{t['trial_id']}: {s}"))
-    h = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
-         f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
-         f"<body><header><h1>{_e(title)}</h1><p>Generated {_e(stamp)} · bootstrapped diffusion "
-         f"sweep: generalization error G = E λ(σ)‖D(x+σn;σ) − x‖² on held-out full-resolution data"
-         f"</p></header><main>", "<section><h2>Summary</h2><div class=cards>"]
-    h += [f"<div class=card><div class=k>{_e(k)}</div><div class=v>{_e(v)}</div><div class=s>{_e(s)}"
-          f"</div></div>" for k, v, s in cards]
-    h.append("</div>" + "".join(f"<p>{_e(line)}</p>" for line in summary_lines))
-    h.append(_html_table(sum_cols, sum_rows, 0 if best else None) + "</section>")
-    for group, heading, cls in (("heatmap", "Sweep heatmap", ""), ("curves", "Error per σ", "grid2"),
-                                ("samples", "Samples", "grid2")):
-        figs = [f for f in figures if f[5] == group]
-        if figs:
-            h.append(f"<section><h2>{heading}</h2><div class='{cls}'>{''.join(map(fig_html, figs))}</div></section>")
-    h.append("<section><h2>Trials</h2>" + _html_table(table_cols, table_rows, best_index, ("checkpoint",))
-             + "</section>")
-    for sec, value in extra.items():
-        tab = _extra_table(value)
-        body = _html_table(*tab) if tab else (f"<p>{_e(value)}</p>" if isinstance(value, str) else
-                                               f"<pre>{_e(json.dumps(value, indent=2, default=str))}</pre>")
-        h.append(f"<section><h2>{_e(sec)}</h2>{body}</section>")
-    h.append(f"<section><h2>Resolved config</h2><pre>{_e(config_yaml or '')}</pre></section>")
-    h.append(f"<section><h2>Data manifest</h2>{_html_table(man_cols, man_rows)}<details><summary>"
-             f"manifest.json</summary><pre>{_e(man_json)}</pre></details></section>")
-    h.append(f"</main>{SCRIPT}</body></html>")
+    atomic_write_bytes(written["markdown"], _markdown(d).encode("utf-8"))
     written["html"] = join(out_url, "report.html")
-    atomic_write_bytes(written["html"], "\n".join(h).encode("utf-8"))
+    atomic_write_bytes(written["html"], _html(d).encode("utf-8"))
     return written

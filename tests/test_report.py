@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -62,11 +63,15 @@ def _inputs():
                "combined": torch.tanh(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))),
                "bootstrapped <best>": torch.linspace(-1, 1, 8 * 16 * 16).reshape(8, 1, 16, 16),
                "video clips": rng.integers(0, 256, (3, 5, 16, 16, 1), dtype=np.uint8)}
-    manifest = {"dataset": "cats64", "root": "s3://bucket/shards",
-                "views": {"full_train": {"count": 64, "shape": [3, 16, 16], "sigma_data": 0.51,
-                                         "num_shards": 1, "shards": ["a.tar"]},
-                          "patch8": {"count": 8147, "shape": [3, 8, 8], "sigma_data": 0.48,
-                                     "num_shards": 3}}}
+    shard = {"name": "x-000000.tar", "count": 64, "sha256": "ab12", "bytes": 9000}
+    manifest = {"format": 1, "name": "cats64", "split_seed": 0, "layout": "CHW",
+                "source": {"kind": "images", "size": 9303},
+                "splits": {"full": {"count": 64, "shape": [3, 16, 16], "sigma_data": 0.51,
+                                    "dtype": "uint8", "shards": [shard], "view": {"kind": "full"}},
+                           "patch": {"count": 8147, "shape": [3, 8, 8], "sigma_data": 0.48,
+                                     "dtype": "uint8", "shards": [shard] * 3,
+                                     "view": {"kind": "patch", "patch_size": 8}}},
+                "config": {"data": {"source": "s3://bucket/raw"}}}
     config = "name: <demo & co>\nsweep:\n  mu_var: [0.0, 1.0]\n  mu_l1: [0.0, 0.01]\n"
     return trials, curves, samples, config, manifest
 
@@ -127,7 +132,8 @@ def test_report_files_and_chromium_render(tmp_path):
     assert not re.search(r"""url\(\s*["']?\s*(https?:)?//|@import""", text, re.I)
     assert "&lt;demo &amp; co&gt;" in text and "<demo" not in text and "Sweep &lt;cats&gt;" in text
     assert "bootstrapped &lt;best&gt;" in text
-    for v in ("0.1875", "0.3125", "0.5625", "0.0375", "0.0123", "8147", "3×8×8", "0.48"):
+    for v in ("0.1875", "0.3125", "0.5625", "0.0375", "0.0123", "8147", "3×8×8", "0.48",
+              "source.size", "9303", "view.patch_size"):
         assert v in text, v
     assert re.search(r"<tr class=best><td[^>]*>res_00001</td>", text)
     assert re.search(r'class="badge warn">stopped_early<', text)
@@ -150,16 +156,17 @@ def test_report_files_and_chromium_render(tmp_path):
         "chromium); CI installs it")
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome'}"]
-    url = (out / "report.html").as_uri()
-    dom = subprocess.run(flags + ["--virtual-time-budget=3000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=60)
-    m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom.stdout)
-    assert m, f"no image marker in the dumped DOM; chromium stderr:\n{dom.stderr[-2000:]}"
+             "--disable-sync", "--disable-dev-shm-usage"]
+    url, shot = (out / "report.html").as_uri(), tmp_path / "shot.png"
+    runs = [subprocess.Popen(flags + [f"--user-data-dir={tmp_path / name}"] + args + [url],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, args in (("chrome-dom", ["--virtual-time-budget=3000", "--dump-dom"]),
+                               ("chrome-shot", [f"--screenshot={shot}", "--window-size=1200,2000",
+                                                "--hide-scrollbars"]))]
+    (dom, dom_err), _ = [r.communicate(timeout=60) for r in runs]
+    m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom)
+    assert m, f"no image marker in the dumped DOM; chromium stderr:\n{dom_err[-2000:]}"
     assert int(m.group(1)) == int(m.group(2)) == len(pngs)
-    shot = tmp_path / "shot.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,2000",
-                            "--hide-scrollbars", url], capture_output=True, timeout=60)
     assert shot.exists(), "chromium wrote no screenshot"
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape == (2000, 1200, 3)
@@ -175,6 +182,11 @@ def test_report_edge_cases(tmp_path):
     text = open(w["html"]).read()
     assert "No trial has a finite test G: no best trial." in text and "ERROR" in text
     assert len(_data_pngs(text)) == 1  # the 1×1 heatmap still draws (cell marked "no G")
+    # any fsspec URL works: an in-memory filesystem stands in for s3://
+    w = report.write_report("memory://bootdiff-report-test", [t], {}, {}, "", {})
+    fs = fsspec.filesystem("memory")
+    assert fs.cat(w["csv"]).decode().startswith("trial_id,kind,")
+    assert fs.exists(w["images"]["heatmap.png"]) and b"<img " in fs.cat(w["html"])
     # an explicit best trial wins; unknown ids, kinds and missing keys are named
     t2 = dict(t, trial_id="b", test_G=0.4, mu_l1=0.1)
     w = report.write_report(str(tmp_path / "r2"), [t, t2], {}, {}, "", {}, best_trial_id="b")
