@@ -136,6 +136,8 @@ def _num(v) -> float:
 
 def _fmt(v) -> str:
     """Cell text: 4 significant digits for floats, '—' for None/NaN."""
+    if getattr(v, "ndim", None) == 0:  # numpy / torch scalars
+        v = v.item()
     if v is None:
         return "—"
     if isinstance(v, bool):
@@ -225,7 +227,8 @@ def _summary(trials, best):
                   ("best test G", _fmt(bg), f"train G {_fmt(btr)}"),
                   ("train–test gap", _fmt(bg - btr),
                    f"{(bg - btr) / btr * 100:.1f}% of train G" if btr > 0 and math.isfinite(bg) else "")]
-    for t in ([best] if best else []) + [t for t in trials if t["kind"] != "residual"]:
+    baselines = [t for t in trials if t["kind"] != "residual" and t is not best]
+    for t in ([best] if best else []) + baselines:
         g, tr = _num(t["test_G"]), _num(t["train_G"])
         rows.append({"model": "best trial" if t is best else KIND_LABEL[t["kind"]],
                      "trial": t["trial_id"], "settings": _settings(t) if t is best else None,
@@ -252,7 +255,8 @@ def plot_heatmap(trials, best=None):
     panels = sorted({bool(t["range_adapter"]) for t in res})
     vals = [_num(t["test_G"]) for t in res if math.isfinite(_num(t["test_G"]))]
     lo, hi = (min(vals), max(vals)) if vals else (1.0, 2.0)
-    norm = LogNorm(lo, hi) if vals and lo > 0 and hi / lo > 10 else Normalize(lo, hi if hi > lo else lo + 1e-12)
+    log = vals and lo > 0 and hi / lo > 10  # a log colour scale once G spans a decade
+    norm = LogNorm(lo, hi) if log else Normalize(lo, hi if hi > lo else lo + 1e-12)
     cw, ch = max(1.0, 4.4 / len(xs)), max(0.7, 3.0 / len(ys))
     fig = Figure(figsize=(len(panels) * (1.6 + cw * len(xs)) + 1.2, 1.6 + ch * len(ys)), dpi=100,
                  layout="constrained")
@@ -400,6 +404,8 @@ def _extra_table(value):
 
 
 def _csv_value(v):
+    if getattr(v, "ndim", None) == 0:
+        v = v.item()
     if v is None:
         return ""
     if isinstance(v, (dict, list, tuple)):
@@ -448,7 +454,8 @@ def _html_table(cols, rows, best_index=None, path_cols=()):
             cls = "path" if c in path_cols else ("t" if text_col[i] else "")
             cells.append(f'<td class="{cls}">{text}</td>')
         body.append(f'<tr{" class=best" if r == best_index else ""}>{"".join(cells)}</tr>')
-    return (f'<div class="tbl{" kv" if len(cols) <= 3 else ""}"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}'
+    return (f'<div class="tbl{" kv" if len(cols) <= 3 else ""}"><table><thead><tr>{head}</tr>'
+            f'</thead><tbody>{"".join(body)}'
             f'</tbody></table></div>')
 
 
@@ -473,7 +480,8 @@ figcaption b{display:block;font-size:15px;color:#1d2330}img.px{image-rendering:p
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right;white-space:nowrap}
 th{background:#eef1f6;position:sticky;top:0}td.t,th.t{text-align:left}
-td.path{white-space:normal;word-break:break-all;min-width:180px;text-align:left;font-family:monospace;font-size:12px}
+td.path{white-space:normal;word-break:break-all;min-width:180px;text-align:left;
+ font-family:monospace;font-size:12px}
 tr.best td{background:#fff4c2;font-weight:600}tr:nth-child(even) td{background:#fafbfc}
 tr.best:nth-child(even) td{background:#fff4c2}
 .badge{display:inline-block;padding:1px 7px;border-radius:9px;font-size:12px;background:#e1f3e5;color:#1d6b33}

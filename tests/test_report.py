@@ -42,6 +42,7 @@ def _inputs():
                            "train_G": test_g * 0.8, "step": 400, "status": "completed",
                            "checkpoint": f"s3://bucket/sweep/res_{k:05d}/checkpoint-00000400",
                            "loss": 0.1 * k, "img_per_s": 123.0 + k})
+    trials[1]["loss"] = torch.tensor(0.2)  # 0-d tensors are read as numbers
     trials[0]["test_G"] = 0.1875  # the best
     trials[0]["train_G"] = 0.15
     trials[3].update(test_G=float("nan"), train_G=None, step=50, status="stopped_early")
@@ -114,6 +115,7 @@ def test_report_files_and_chromium_render(tmp_path):
     assert float(by_id["res_00001"]["test_G"]) == 0.1875
     assert math.isnan(float(by_id["res_00004"]["test_G"])) and by_id["res_00004"]["train_G"] == ""
     assert by_id["combined"]["fusion"] == "split" and by_id["res_00002"]["fusion"] == ""
+    assert float(by_id["res_00002"]["loss"]) == pytest.approx(0.2)
 
     # Markdown: names the best trial, links PNGs that exist beside it, same numbers
     md = (out / "report.md").read_text()
@@ -131,7 +133,7 @@ def test_report_files_and_chromium_render(tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert not re.search(r"""url\(\s*["']?\s*(https?:)?//|@import""", text, re.I)
     assert "&lt;demo &amp; co&gt;" in text and "<demo" not in text and "Sweep &lt;cats&gt;" in text
-    assert "bootstrapped &lt;best&gt;" in text
+    assert "bootstrapped &lt;best&gt;" in text and "tensor(" not in text
     for v in ("0.1875", "0.3125", "0.5625", "0.0375", "0.0123", "8147", "3×8×8", "0.48",
               "source.size", "9303", "view.patch_size"):
         assert v in text, v
