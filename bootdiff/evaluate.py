@@ -5,9 +5,10 @@
   held-out data; compare it with the same figure on the training set), plus the per-σ (1−δ)
   quantile over samples of the per-sample error ("Improved sample complexity bounds for diffusion
   model training", Gupta et al. 2023: the 1−δ quantile error).
-* ``sliced_wasserstein`` — multi-scale sliced Wasserstein distance of ProGAN (Karras et al. 2018,
-  `metrics/sliced_wasserstein.py`): Laplacian pyramid, 7×7 descriptor patches per level,
-  per-channel normalisation, random 1-d projections, sorted-sample Wasserstein-1.
+* ``sliced_wasserstein`` (a float) and ``sliced_wasserstein_levels`` (per level) — multi-scale
+  sliced Wasserstein distance of ProGAN (Karras et al. 2018, `metrics/sliced_wasserstein.py`):
+  Laplacian pyramid, 7×7 descriptor patches per level, per-channel normalisation, random 1-d
+  projections, sorted-sample Wasserstein-1.
 * ``memorization_rate`` — fraction of samples whose nearest / second-nearest training-set L2
   distance ratio is below 1/3; ``nearest_neighbour_distance`` — mean L2 to the nearest training
   sample. Both batched with ``torch.cdist`` and chunking.
@@ -162,10 +163,17 @@ def _channel_stats(d: torch.Tensor):
     return d.mean(dim=(0, 2), keepdim=True), d.std(dim=(0, 2), keepdim=True)
 
 
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, **kwargs) -> float:
+    """Multi-scale sliced Wasserstein distance (ProGAN), averaged over pyramid levels; the keyword
+    arguments and details are those of `sliced_wasserstein_levels`."""
+    return sliced_wasserstein_levels(a, b, **kwargs)["swd"]
+
+
 @torch.no_grad()
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, descriptors_per_image: int = 128,
-                       patch_size: int = 7, min_size: int = 16, dir_repeats: int = 4,
-                       dirs_per_repeat: int = 128, seed: int = 0, normalize: str = "separate") -> dict:
+def sliced_wasserstein_levels(a: torch.Tensor, b: torch.Tensor, descriptors_per_image: int = 128,
+                              patch_size: int = 7, min_size: int = 16, dir_repeats: int = 4,
+                              dirs_per_repeat: int = 128, seed: int = 0,
+                              normalize: str = "separate") -> dict:
     """Multi-scale sliced Wasserstein distance between image sets ``a`` and ``b`` (ProGAN).
 
     ``a``, ``b``: ``[N, C, H, W]`` (videos ``[N, C, T, H, W]`` are scored frame by frame).
@@ -200,8 +208,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, descriptors_per_image: 
         for _ in range(dir_repeats):
             dirs = torch.randn(da.shape[1], dirs_per_repeat, generator=g).to(da)
             dirs = dirs / dirs.norm(dim=0, keepdim=True)
-            proj_a = torch.sort(da @ dirs, dim=0).values
-            proj_b = torch.sort(db @ dirs, dim=0).values
+            proj_a = torch.sort((dirs.T @ da.T).contiguous(), dim=1).values  # [dirs, m], row sort
+            proj_b = torch.sort((dirs.T @ db.T).contiguous(), dim=1).values
             dists.append((proj_a - proj_b).abs().mean())
         per_level.append(float(torch.stack(dists).mean()))
         res.append(int(la.shape[-1]))

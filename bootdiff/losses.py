@@ -20,6 +20,7 @@ training loop can report the loss per σ band.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -49,6 +50,25 @@ def _per_sample_mean(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).mean(dim=1)
 
 
+def _parts_fn(model):
+    """``(x, sigma) -> (d_comb, r, R)`` of a `BootstrapDenoiser`, also when DDP-wrapped.
+
+    A wrapper (``.module``) must be called through its own ``forward`` or DDP never syncs the
+    gradients, so a wrapped model is called as ``model(x, sigma, return_parts=True)``, which the
+    inner module's ``forward`` has to accept."""
+    if hasattr(model, "forward_parts"):
+        return model.forward_parts
+    inner = getattr(model, "module", None)
+    if inner is not None and hasattr(inner, "forward_parts"):
+        if "return_parts" not in inspect.signature(inner.forward).parameters:
+            raise TypeError(f"ResidualLoss: wrapped model {type(inner).__name__} needs "
+                            "forward(x, sigma, return_parts=False) to return (d_comb, r, R) through "
+                            "the DDP wrapper")
+        return lambda x, sigma: model(x, sigma, return_parts=True)
+    raise TypeError(f"ResidualLoss needs a model with forward_parts(x, sigma) -> (d_comb, r, R), "
+                    f"got {type(model).__name__}")
+
+
 class EDMLoss:
     """EDM denoising loss (Karras et al. 2022, eq. 2 / eq. 8); ``__call__(D, x, generator) -> [N]``.
 
@@ -75,8 +95,8 @@ class ResidualLoss:
     """Residual-denoiser loss of bootstrapping diffusion (variance penalty: the paper's eq. 7).
 
     ``__call__(model, x, generator) -> [N]`` where ``model`` is a `BootstrapDenoiser` (or anything
-    with ``forward_parts(x, sigma) -> (d_comb, r, R)``; a DDP-wrapped model is unwrapped via
-    ``.module``). ``d_comb`` and ``r`` are treated as constants (detached): gradients reach only
+    with ``forward_parts(x, sigma) -> (d_comb, r, R)``; a DDP-wrapped one is called as
+    ``model(x, sigma, return_parts=True)``). ``d_comb`` and ``r`` are treated as constants (detached): gradients reach only
     the residual network R_θ. ``r`` may be ``[N]`` (one value per sample) or broadcastable to x.
     Sets ``self.last_sigma`` and ``self.last_terms`` (per-sample ``mse``, ``var``, ``l1``, detached).
     """
@@ -105,12 +125,7 @@ class ResidualLoss:
         return torch.ones_like(sigma)
 
     def __call__(self, model, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        parts = getattr(model, "forward_parts", None)
-        if parts is None and hasattr(model, "module"):
-            parts = getattr(model.module, "forward_parts", None)
-        if parts is None:
-            raise TypeError(f"ResidualLoss needs a model with forward_parts(x, sigma) -> (d_comb, r, R), "
-                            f"got {type(model).__name__}")
+        parts = _parts_fn(model)
         sigma, x_noisy = _noisy(x, self.loss_cfg, generator)
         self.last_sigma = sigma.detach()
         d_comb, r, R = parts(x_noisy, sigma)

@@ -1,0 +1,191 @@
+"""Generalization error with fixed noise, sliced Wasserstein distance, memorisation metrics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bootdiff.config import EvalConfig
+from bootdiff.evaluate import (fixed_noise, generalization_error, laplacian_pyramid, memorization_rate,
+                               nearest_neighbour_distance, sigma_grid, sliced_wasserstein,
+                               sliced_wasserstein_levels)
+
+try:
+    from gmm import GaussianMixture
+except ImportError:  # tests/ imported as a package
+    from tests.gmm import GaussianMixture
+
+torch.set_num_threads(1)
+
+GM = GaussianMixture.two_blobs(d=16, sep=3.0, var=0.25, shape=(1, 4, 4))
+SD = GM.sigma_data()
+GRID = sigma_grid(EvalConfig(num_sigma=8, sigma_min=0.01, sigma_max=20.0))
+
+
+def _batches(x, bs):
+    return [x[i:i + bs] for i in range(0, len(x), bs)]
+
+
+def _data(n=600, seed=0):
+    return GM.sample(n, torch.Generator().manual_seed(seed)).float()
+
+
+def test_sigma_grid():
+    g = sigma_grid(EvalConfig(num_sigma=5, sigma_min=0.01, sigma_max=100.0))
+    assert len(g) == 5 and abs(g[0] - 0.01) < 1e-12 and abs(g[-1] - 100.0) < 1e-9
+    r = [b / a for a, b in zip(g[:-1], g[1:])]
+    assert max(r) - min(r) < 1e-9   # log-spaced
+    with pytest.raises(ValueError, match="sigma_min"):
+        sigma_grid(EvalConfig(sigma_min=1.0, sigma_max=0.5))
+
+
+def test_exact_denoiser_beats_baselines():
+    x = _data()
+    exact = generalization_error(GM, _batches(x, 128), GRID, SD, seed=0)
+    identity = generalization_error(lambda x, s: x, _batches(x, 128), GRID, SD, seed=0)
+    # the best linear (Wiener) shrink for the mixture's covariance ≈ scalar shrink to the mean
+    mu = GM.mean().float().reshape(1, 1, 4, 4)
+    shrink = lambda x, s: mu + (x - mu) * SD ** 2 / (SD ** 2 + s.reshape(-1, 1, 1, 1) ** 2)
+    wiener = generalization_error(shrink, _batches(x, 128), GRID, SD, seed=0)
+    assert exact["n"] == 600 and exact["sigma"] == GRID and len(exact["mean"]) == len(GRID)
+    assert exact["total"] < wiener["total"] < identity["total"]
+    # identity: λ(σ)σ²·E n² = (σ² + σd²)/σd² up to noise
+    for s, m in zip(GRID, identity["mean"]):
+        assert abs(m / ((s ** 2 + SD ** 2) / SD ** 2) - 1) < 0.05
+    # per σ in the middle of the grid (where the mixture is far from linear) the exact one wins
+    for j in range(2, 6):
+        assert exact["mean"][j] < wiener["mean"][j]
+    # vs D = x: clearly better once σ is not tiny; at σ → 0 both tend to λσ² ≈ 1 (within noise)
+    for s, e, i in zip(GRID, exact["mean"], identity["mean"]):
+        assert e < i if s > 0.05 else abs(e / i - 1) < 0.01
+
+
+def test_fixed_noise_across_calls_batch_sizes_and_denoisers():
+    x = _data(100)
+    seen = {}
+
+    def recorder(tag):
+        def D(xn, s):
+            seen.setdefault(tag, []).append((float(s[0]), xn.clone()))
+            return GM(xn, s)
+        return D
+
+    a = generalization_error(recorder("a"), _batches(x, 100), GRID, SD, seed=7)
+    b = generalization_error(recorder("b"), _batches(x, 13), GRID, SD, seed=7)
+    c = generalization_error(GM, _batches(x, 37), GRID, SD, seed=7)
+    for k in ("mean", "quantile"):
+        torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(c[k]), rtol=1e-6, atol=0)
+    # x_σ for every (sample, σ) identical regardless of batching
+    def by_sigma(tag):
+        out = {}
+        for s, xn in seen[tag]:
+            out.setdefault(s, []).append(xn)
+        return {s: torch.cat(v) for s, v in out.items()}
+    sa, sb = by_sigma("a"), by_sigma("b")
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[s], sb[s]) for s in sa)
+    # a different seed changes the noise
+    d = generalization_error(GM, _batches(x, 100), GRID, SD, seed=8)
+    assert d["mean"] != a["mean"]
+    # max_samples truncates in order
+    e = generalization_error(GM, _batches(torch.cat([x, _data(200, 5)]), 64), GRID, SD, seed=7, max_samples=100)
+    assert e["n"] == 100
+    torch.testing.assert_close(torch.tensor(e["mean"]), torch.tensor(a["mean"]), rtol=1e-6, atol=0)
+
+
+def test_fixed_noise_is_standard_normal_and_independent():
+    n = fixed_noise(0, 0, 0, 500, (4, 4))
+    m = fixed_noise(0, 1, 0, 500, (4, 4))
+    assert abs(float(n.mean())) < 4 / math.sqrt(n.numel()) and abs(float(n.std()) - 1) < 0.03
+    assert abs(float((n * m).mean())) < 4 / math.sqrt(n.numel())
+    torch.testing.assert_close(fixed_noise(0, 0, 250, 10, (4, 4)), n[250:260], rtol=0, atol=0)
+
+
+def test_quantiles_behave():
+    x = _data(400)
+    r = {d: generalization_error(GM, _batches(x, 100), GRID, SD, seed=1, delta=d, return_per_sample=True)
+         for d in (0.0, 0.1, 0.5)}
+    e = r[0.1]["per_sample"]
+    assert e.shape == (400, len(GRID)) and (e >= 0).all()
+    torch.testing.assert_close(torch.tensor(r[0.1]["quantile"], dtype=torch.float64), torch.quantile(e, 0.9, dim=0))
+    torch.testing.assert_close(torch.tensor(r[0.0]["quantile"], dtype=torch.float64), e.max(0).values)
+    for j in range(len(GRID)):
+        q0, q1, q5 = r[0.0]["quantile"][j], r[0.1]["quantile"][j], r[0.5]["quantile"][j]
+        assert q0 >= q1 >= q5
+        # per-sample squared errors are right-skewed: median < mean < 0.9 quantile
+        assert q5 < r[0.1]["mean"][j] < q1
+    assert r[0.1]["mean"] == r[0.5]["mean"]
+
+
+def test_generalization_error_bad_input():
+    with pytest.raises(ValueError, match="delta"):
+        generalization_error(GM, [_data(4)], GRID, SD, delta=1.0)
+    with pytest.raises(ValueError, match="no samples"):
+        generalization_error(GM, [], GRID, SD)
+    with pytest.raises(ValueError, match="sigma_grid"):
+        generalization_error(GM, [_data(4)], [0.0, 1.0], SD)
+
+
+# ----------------------------------------------------------------------------- SWD
+
+
+def _smooth_images(n, seed, width=1.5, size=32):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 3, size, size, generator=g)
+    r = torch.arange(-6, 7, dtype=torch.float32)
+    k = torch.exp(-0.5 * (r / width) ** 2)
+    k = (k / k.sum())
+    z = F.conv2d(F.pad(z, (6, 6, 0, 0), mode="circular"), k.reshape(1, 1, 1, -1).expand(3, 1, 1, 13), groups=3)
+    z = F.conv2d(F.pad(z, (0, 0, 6, 6), mode="circular"), k.reshape(1, 1, -1, 1).expand(3, 1, 13, 1), groups=3)
+    return z / z.std()
+
+
+def test_laplacian_pyramid_levels():
+    x = torch.randn(2, 3, 64, 64)
+    p = laplacian_pyramid(x)
+    assert [t.shape[-1] for t in p] == [64, 32, 16]
+    const = torch.ones(1, 1, 32, 32)
+    assert laplacian_pyramid(const)[0].abs().max() < 1e-5   # no detail in a constant image
+
+
+def test_swd_same_vs_different_distribution():
+    kw = dict(descriptors_per_image=48, dirs_per_repeat=64)   # smaller than ProGAN's: CPU test
+    a = _smooth_images(150, 0)
+    b = _smooth_images(150, 1)
+    c = _smooth_images(150, 2) ** 3                 # heavy-tailed: other patch statistics
+    same = sliced_wasserstein_levels(a, b, **kw)
+    diff = sliced_wasserstein_levels(a, c, **kw)
+    assert same["resolutions"] == [32, 16] and len(same["per_level"]) == 2
+    assert same["swd"] * 4 < diff["swd"], (same, diff)
+    assert all(s < d for s, d in zip(same["per_level"], diff["per_level"]))
+    assert sliced_wasserstein(a, b, **kw) == same["swd"]             # seeded: reproducible
+    assert sliced_wasserstein(a, b, seed=1, **kw) != same["swd"]
+    # ProGAN normalises each set separately: a global shift is invisible ...
+    assert abs(sliced_wasserstein(a, b + 0.5, **kw) - same["swd"]) < 1e-3
+    # ... unless both are normalised by the reference set's statistics
+    ref = sliced_wasserstein(a, b, normalize="reference", **kw)
+    assert sliced_wasserstein(a, b + 0.5, normalize="reference", **kw) > 4 * ref  # coarsest level moves
+    with pytest.raises(ValueError, match="shapes differ"):
+        sliced_wasserstein(a, a[:, :1])
+
+
+# ----------------------------------------------------------------------------- memorisation
+
+
+def test_memorization_and_nearest_neighbour():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(500, 1, 8, 8, generator=g)
+    fresh = torch.randn(200, 1, 8, 8, generator=g)
+    copies = train[torch.randperm(500, generator=g)[:200]]
+    assert memorization_rate(copies, train) == 1.0
+    assert memorization_rate(fresh, train) < 0.02
+    noisy_copies = copies + 0.05 * torch.randn(copies.shape, generator=g)
+    assert memorization_rate(noisy_copies, train) == 1.0
+    assert nearest_neighbour_distance(copies, train) < 1e-2
+    nn_fresh = nearest_neighbour_distance(fresh, train, chunk=17)   # chunking gives the same result
+    brute = torch.cdist(fresh.flatten(1).double(), train.flatten(1).double()).min(1).values.mean()
+    assert abs(nn_fresh - float(brute)) < 1e-4 and nn_fresh > 5
+    with pytest.raises(ValueError, match="2 training"):
+        memorization_rate(fresh, train[:1])
