@@ -299,9 +299,16 @@ def test_corrupt_shard_and_sample_raise_or_skip(tmp_path):
     with pytest.raises(ShardError, match=truncated) as err:
         list(loader)
     assert "sample key 'low_" in str(err.value)
-    skip = make_loader(urls, 8, mode="eval", on_error="skip", num_workers=2)
+    with tarfile.open(urls[3]) as tar:  # a garbled tar header in the middle of a shard
+        header = tar.getmembers()[10].offset
+    with open(urls[3], "r+b") as f:
+        f.seek(header)
+        f.write(b"\xff" * 512)
+    with pytest.raises(ShardError, match="low-000003.tar.*invalid tar header"):
+        list(make_loader(urls[3:], 8, mode="eval"))
+    skip = make_loader(urls[:3], 8, mode="eval", on_error="skip", num_workers=2)
     n = sum(len(x) for x in skip)
-    total = m["splits"]["low"]["count"]
+    total = sum(s["count"] for s in m["splits"]["low"]["shards"][:3])
     assert skip.skipped == 2 and total - 25 <= n <= total - 2  # 1 sample + the rest of a shard
     with pytest.raises(ManifestError, match="checksum mismatch"):
         validate_manifest(read_manifest(m["root"]))

@@ -92,14 +92,40 @@ def view_urls(manifest: Union[str, Dict[str, Any]], view: str) -> List[str]:
 # ----------------------------------------------------------------------------- pipeline stages
 
 
-def decode_sample(npy: bytes) -> torch.Tensor:
-    """``.npy`` bytes → float32 tensor: uint8 → x/127.5 − 1, float16/32 → float32."""
-    arr = np.lib.format.read_array(io.BytesIO(npy), allow_pickle=False)
+_HEADERS: Dict[bytes, tuple] = {}  # npy header bytes -> (dtype, shape, data offset); one per view
+
+
+def read_npy(npy: bytes) -> np.ndarray:
+    """``.npy`` bytes → array (no copy). The header is parsed once per distinct header: all
+    samples of a view share it, and numpy's header parser dominates the cost of small arrays."""
+    if npy[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy array (bad magic)")
+    hlen = int.from_bytes(npy[8:10], "little") if npy[6] == 1 else int.from_bytes(npy[8:12], "little")
+    start = 10 if npy[6] == 1 else 12
+    head = npy[:start + hlen]
+    if head not in _HEADERS:
+        arr = np.lib.format.read_array(io.BytesIO(npy), allow_pickle=False)
+        if arr.dtype.hasobject or np.isfortran(arr) and arr.ndim > 1:
+            return arr
+        _HEADERS[head] = (arr.dtype, arr.shape, start + hlen)
+    dtype, shape, offset = _HEADERS[head]
+    if len(npy) - offset != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"truncated .npy data ({len(npy) - offset} bytes for {shape} {dtype})")
+    return np.frombuffer(npy, dtype, offset=offset).reshape(shape)
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 pixels → float32 x/127.5 − 1; float16/32 latents → float32 unchanged."""
     if arr.dtype == np.uint8:
         return torch.from_numpy(arr).float().div_(127.5).sub_(1.0)
     if arr.dtype in (np.float16, np.float32):
         return torch.from_numpy(arr.astype(np.float32))
     raise ValueError(f"unsupported array dtype {arr.dtype} (expected uint8 or float16)")
+
+
+def decode_sample(npy: bytes) -> torch.Tensor:
+    """``.npy`` bytes → float32 tensor (see `to_tensor`)."""
+    return to_tensor(np.array(read_npy(npy)))
 
 
 class _Stages:
@@ -153,8 +179,9 @@ class _Stages:
             url, key = item["url"], None
             try:
                 fs, path = url_fs(url)
-                with fs.open(path, "rb") as f:
-                    tar = tarfile.open(fileobj=f, mode="r:")
+                with fs.open(path, "rb") as f:  # one read (a single GET on S3); shards are MBs
+                    data = f.read()
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                     group: Dict[str, bytes] = {}
                     for m in tar:
                         if not m.isreg():
@@ -168,12 +195,12 @@ class _Stages:
                                 count += 1
                             group = {}
                         key = k
-                        group[ext] = tar.extractfile(m).read()
-                    f.seek(tar.offset)
-                    rest = f.read()
-                    if rest.strip(b"\0"):
+                        if m.offset_data + m.size > len(data):
+                            raise tarfile.ReadError("unexpected end of data")
+                        group[ext] = data[m.offset_data:m.offset_data + m.size]
+                    if data[tar.offset:].strip(b"\0"):
                         raise tarfile.ReadError(f"invalid tar header at byte {tar.offset} "
-                                                f"({len(rest)} unread bytes)")
+                                                f"({len(data) - tar.offset} unread bytes)")
                     if group:
                         out = self._finish(url, key, group)
                         if out is not None:
@@ -189,7 +216,9 @@ class _Stages:
         try:
             if "npy" not in group:
                 raise ValueError(f"no .npy member (has {sorted(group)})")
-            x = decode_sample(group["npy"])
+            x = read_npy(group["npy"])
+            if x.dtype not in (np.uint8, np.float16, np.float32):
+                raise ValueError(f"unsupported array dtype {x.dtype} (expected uint8 or float16)")
             meta = None
             if self.with_meta:
                 meta = json.loads(group["json"]) if "json" in group else {}
@@ -210,9 +239,9 @@ class _Stages:
         """Stage 4: stack into batches; each item carries the skip count since the last one."""
         xs, metas = [], []
         for x, meta in src:
-            if xs and x.shape != xs[0].shape:
+            if xs and (x.shape != xs[0].shape or x.dtype != xs[0].dtype):
                 raise ShardError(meta["__url__"] if meta else "?", meta["__key__"] if meta else None,
-                                 f"sample shape {tuple(x.shape)} differs from {tuple(xs[0].shape)}")
+                                 f"sample {tuple(x.shape)} {x.dtype} differs from {tuple(xs[0].shape)} {xs[0].dtype}")
             xs.append(x)
             metas.append(meta)
             if len(xs) == self.batch_size:
@@ -224,7 +253,7 @@ class _Stages:
             yield None, None, self._take_skipped()
 
     def _batch(self, xs, metas):
-        return torch.stack(xs), (metas if self.with_meta else None), self._take_skipped()
+        return to_tensor(np.stack(xs)), (metas if self.with_meta else None), self._take_skipped()
 
     def _take_skipped(self) -> int:
         n, self.skipped = self.skipped, 0
