@@ -186,7 +186,7 @@ def sliced_wasserstein_levels(a: torch.Tensor, b: torch.Tensor, descriptors_per_
     """
     if normalize not in ("separate", "reference"):
         raise ValueError(f"sliced_wasserstein: normalize must be 'separate' or 'reference', got {normalize!r}")
-    a, b = _as_images(a, "a"), _as_images(b, "b")
+    a, b = _as_images(a, "a"), _as_images(b, "b").to(a.device)
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"sliced_wasserstein: image shapes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
     g = torch.Generator().manual_seed(int(seed))
