@@ -177,6 +177,10 @@ class BootstrapDenoiser(nn.Module):
         R = self.residual(x, sigma, d_comb)
         return d_comb, expand_like(r, x), R
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, return_parts: bool = False):
+        """``D_boot(x; σ)``; with ``return_parts`` the tuple of `forward_parts` (the residual
+        loss calls it this way through a DDP wrapper, so gradients are synchronised)."""
         d_comb, r, R = self.forward_parts(x, sigma)
+        if return_parts:
+            return d_comb, r, R
         return d_comb + r * R

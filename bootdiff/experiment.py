@@ -56,10 +56,11 @@ def read_manifest(cfg) -> dict:
 
 def view_info(manifest: dict, view: str) -> dict:
     """Manifest entry of a view or split (``shape``, ``sigma_data``, ``count``, ``shards``)."""
-    views = manifest["views"]
-    if view not in views:
-        raise KeyError(f"data manifest has no view/split '{view}' (it has: {sorted(views)})")
-    return views[view]
+    splits = manifest["splits"]
+    if view not in splits:
+        raise KeyError(f"data manifest at {manifest.get('root')} has no view/split '{view}' "
+                       f"(it has: {sorted(splits)})")
+    return splits[view]
 
 
 def full_shape(manifest: dict) -> Tuple[int, ...]:
@@ -73,7 +74,7 @@ def stream(cfg, manifest: dict, view: str, batch_size: int, mode: str = "train",
     """Batches of a view's (or split's) shards: infinite in "train" mode, exactly once in "eval"."""
     from bootdiff.data.loader import make_loader, view_urls
 
-    loader = make_loader(view_urls(manifest, view, root=data_root(cfg)), batch_size, mode=mode,
+    loader = make_loader(view_urls(manifest, view), batch_size, mode=mode,
                          seed=seed, rank=rank, world_size=world_size, num_workers=num_workers)
     seen = 0
     for batch in loader:

@@ -75,7 +75,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
                         "test_quantile": test["quantile"]}
         samples[name] = _samples(cfg, D, shape, cfg.eval.seed)
 
-    for vm in combined.view_models() if hasattr(combined, "view_models") else experiment.load_view_models(cfg, manifest):
+    for vm in experiment.load_view_models(cfg, manifest):
         vcfg = cfg.views[vm.name]
         if vcfg.kind == "downsample":  # sample the low-res model at its own size, show it lifted
             low = _samples(cfg, vm.denoiser, experiment.view_sample_shape(manifest, vm.name), cfg.eval.seed)

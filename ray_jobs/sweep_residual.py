@@ -75,14 +75,15 @@ def residual_worker(config: dict) -> None:
         common.cleanup(run_dir)
 
 
-def sweep_trial(config: dict) -> None:
+def sweep_trial(config: dict, cfg_yaml: str = "") -> None:
     """One Tune trial: evaluate the combined baseline, or fit a TorchTrainer for the others."""
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = common.cfg_from_yaml(config["cfg_yaml"])
+    config = {**config, "cfg_yaml": cfg_yaml}
+    cfg = common.cfg_from_yaml(cfg_yaml)
     trial = config["trial"]
     runs = util.join(experiment.sweep_root(cfg), "runs")
     if trial["kind"] == "combined":
@@ -112,6 +113,19 @@ def sweep_trial(config: dict) -> None:
     trainer.fit()
 
 
+def concurrency(cfg, ray) -> int:
+    """How many trials' Train workers fit on the cluster at once. More would start worker groups
+    that wait for resources and time out (Train V2 then retries them forever)."""
+    total = ray.cluster_resources()
+    sw = cfg.sweep
+    need = {"CPU": sw.trial_cpus, "GPU": sw.trial_gpus, **dict(sw.trial_resources)}
+    fits = [int(total.get(k, 0) // v) for k, v in need.items() if v > 0]
+    n = min(fits) if fits else 1
+    if n < 1:
+        raise RuntimeError(f"sweep trial resources {need} do not fit the cluster ({total})")
+    return n
+
+
 def sweep_done(cfg) -> bool:
     return util.exists(util.join(experiment.sweep_root(cfg), "sweep.json"))
 
@@ -127,7 +141,8 @@ def run(cfg, cfg_yaml: str) -> dict:
         print(f"[bootdiff] sweep already complete: {out}", flush=True)
         return common.read_json(out)
     trials = trial_list(cfg)
-    trainable = tune.with_resources(sweep_trial, {"CPU": 0.01})  # token share: Train workers hold the CPUs
+    # A token share per trial: the trial's own Train workers hold the real resources (RAY_NOTES.md).
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml), {"CPU": 0.01})
     storage_path, storage_fs = common.ray_storage(experiment.sweep_root(cfg))
     tune_path = util.join(experiment.sweep_root(cfg), SWEEP_NAME)
     restore_path = tune_path if not cfg.storage.startswith("s3://") else storage_path + "/" + SWEEP_NAME
@@ -145,9 +160,9 @@ def run(cfg, cfg_yaml: str) -> dict:
                                       reduction_factor=cfg.sweep.asha.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            param_space={"cfg_yaml": cfg_yaml, "trial": tune.grid_search(trials)},
+            param_space={"trial": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(metric="test_G", mode="min", scheduler=scheduler,
-                                        max_concurrent_trials=cfg.sweep.max_concurrent or None,
+                                        max_concurrent_trials=cfg.sweep.max_concurrent or concurrency(cfg, ray),
                                         trial_dirname_creator=lambda t: f"trial-{t.config['trial']['label']}"),
             run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
                                       verbose=1),

@@ -31,7 +31,7 @@ def train_worker(config: dict) -> None:
     rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker)
     manifest = experiment.read_manifest(cfg)
     model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
-    extra = config.get("evaluate") and _evaluator(cfg, manifest, model)
+    extra = _evaluator(cfg, manifest, model) if config.get("evaluate") else None
     hooks = common.RayReportHooks(
         {"view": view}, extra_metrics=extra if rank == 0 else None,
         fail_at_step=cfg.ray.inject_failure_step,
@@ -117,6 +117,21 @@ def fit_view(cfg_yaml: str, view: str) -> dict:
     return info
 
 
+def check_fits(cfg, views, total: dict) -> None:
+    """Fail fast (naming the view) when a view's worker group can never be scheduled: Train V2
+    would otherwise wait and retry forever (RAY_NOTES.md)."""
+    for v in views:
+        sc = cfg.views[v].scaling
+        need = {"CPU": sc.cpus_per_worker, **dict(sc.resources_per_worker)}
+        if sc.use_gpu:
+            need["GPU"] = sc.gpus_per_worker or 1
+        for key, amount in need.items():
+            if amount * sc.num_workers > total.get(key, 0):
+                raise RuntimeError(
+                    f"views.{v}.scaling asks for {sc.num_workers} worker(s) x {amount} {key}, but the "
+                    f"cluster has {total.get(key, 0)} {key} in all")
+
+
 def view_done(cfg, view: str) -> bool:
     return util.exists(util.join(experiment.model_url(cfg, view), "bootdiff.json"))
 
@@ -125,6 +140,7 @@ def run(cfg, cfg_yaml: str) -> list:
     """Train every view that is not exported yet, all concurrently; return their run infos."""
     ray = common.init_ray(cfg)
     todo = [v for v in cfg.views if not view_done(cfg, v)]
+    check_fits(cfg, todo, ray.cluster_resources())
     for v in cfg.views:
         if v not in todo:
             print(f"[bootdiff] view '{v}': already exported at {experiment.model_url(cfg, v)}, skipped", flush=True)
