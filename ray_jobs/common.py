@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import List, Optional, Tuple
@@ -26,6 +27,10 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. sweep.mu_var=[0,1]")
     args = parser.parse_args(argv)
     cfg = to_object(load_config(args.config, args.overrides))
+    if "://" not in cfg.storage and not os.path.isabs(cfg.storage) and "runtime_resources" in os.getcwd():
+        print(f"[bootdiff] WARNING: storage '{cfg.storage}' is relative to this Ray job's temporary working "
+              f"directory ({os.getcwd()}); pass storage=/absolute/path or s3://... to keep the results",
+              file=sys.stderr, flush=True)
     cfg.storage = absolute_url(cfg.storage)
     return cfg, to_yaml(cfg)
 
@@ -120,8 +125,10 @@ def resume_dir() -> Optional[str]:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
+    from bootdiff.checkpoint import load_checkpoint
+
     local = ckpt.to_directory(tempfile.mkdtemp(prefix="bootdiff-resume-"))
-    print(f"[bootdiff] resuming from {ckpt.path}", flush=True)
+    print(f"[bootdiff] resuming from step {load_checkpoint(local).get('step')} ({ckpt.path})", flush=True)
     return local
 
 

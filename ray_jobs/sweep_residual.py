@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import time
 
 from bootdiff import experiment, util
 from ray_jobs import common
@@ -86,6 +87,9 @@ def sweep_trial(config: dict, cfg_yaml: str = "") -> None:
     cfg = common.cfg_from_yaml(cfg_yaml)
     trial = config["trial"]
     runs = util.join(experiment.sweep_root(cfg), "runs")
+    # Audit trail: one object per trial start (a restored sweep starts only unfinished trials).
+    common.write_json(util.join(experiment.sweep_root(cfg), "events", f"{trial['label']}.{time.time_ns()}.start"),
+                      {"trial": trial, "time": time.time()})
     if trial["kind"] == "combined":
         manifest = experiment.read_manifest(cfg)
         combined = experiment.build_combined(cfg, manifest)

@@ -1,0 +1,252 @@
+"""Ray integration: the whole pipeline as a `ray job submit` job against a real head, fault
+injection through FailureConfig, re-submission skipping finished stages, an interrupted sweep
+restored, and the pipeline on s3:// storage (moto's S3 server). Few tests, each covering a lot."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+RAY = os.path.join(os.path.dirname(PY), "ray")
+
+# The quickstart, shrunk to seconds per stage (MNIST digits, 32², patch + low-res views).
+TINY = [
+    "data.source.limit=1500", "data.num_test=64", "data.shard_size=1000",
+    "views.patch.train.total_kimg=0.32", "views.low.train.total_kimg=0.32",
+    "views.patch.train.checkpoint_every_kimg=0.12", "views.low.train.checkpoint_every_kimg=0.12",
+    "views.patch.train.report_every=2", "views.low.train.report_every=2",
+    "residual.train.total_kimg=0.16", "residual.train.checkpoint_every_kimg=0.08",
+    "full_res.train.total_kimg=0.16", "full_res.train.checkpoint_every_kimg=0.08",
+    "eval.max_samples=64", "eval.num_images=4", "eval.sampler.steps=6", "eval.num_sigma=6",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: str, **extra) -> dict:
+    env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token",
+               PATH=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""),
+               RAY_TRAIN_ENABLE_STATE_TRACKING="1", RAY_DEDUP_LOGS="0")
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, mnist_wheel):
+    """A real head started with `ray start --head` (dashboard on), stopped with `ray stop`."""
+    tmp = str(tmp_path_factory.mktemp("rayhead"))
+    port, dash = _free_port(), _free_port()
+    env = _env(tmp)
+    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True, cwd=REPO, timeout=120)
+    try:
+        yield {"env": env, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "tmp": tmp}
+    finally:
+        _stop(tmp, env)
+
+
+def _stop(tmp: str, env: dict) -> None:
+    """Stop the head: every process of *this* cluster (they all carry its temp dir in their
+    command line). `ray stop` would also kill any other Ray cluster on the machine."""
+    subprocess.run(["pkill", "-TERM", "-f", tmp], capture_output=True)
+    time.sleep(3)
+    subprocess.run(["pkill", "-KILL", "-f", tmp], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def submitted(head, tmp_path_factory):
+    """The tiny quickstart pipeline submitted as a Ray job; a worker of each view fails once."""
+    storage = str(tmp_path_factory.mktemp("storage"))
+    cmd = [RAY, "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
+           PY, "-m", "ray_jobs.pipeline", "--config", "configs/quickstart.yaml",
+           f"storage={storage}", "ray.inject_failure_step=3", *TINY]
+    t0 = time.time()
+    proc = _submit(cmd, head["env"], timeout=840)
+    return {"proc": proc, "storage": storage, "root": os.path.join(storage, "quickstart"),
+            "seconds": time.time() - t0, "cmd": cmd}
+
+
+def _submit(cmd, env, timeout):
+    """`ray job submit`, retried while a just-started head's job agent is not up yet."""
+    for _ in range(30):
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
+
+
+def _jobs(head) -> list:
+    token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+    req = urllib.request.Request(head["address"] + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.ray
+def test_job_submit_pipeline_end_to_end(head, submitted):
+    proc, root = submitted["proc"], submitted["root"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, out[-6000:]
+
+    # Progress in the job's logs; the dashboard's job API lists the job as SUCCEEDED.
+    for line in ("=== stage ingest", "=== stage train_views", "=== stage sweep_residual", "=== stage evaluate",
+                 "kimg", "sweep report:"):
+        assert line in out, f"job log lacks {line!r}"
+    sub_id = out.split("Job '")[1].split("'")[0]
+    job = next(j for j in _jobs(head) if j["submission_id"] == sub_id)
+    assert job["status"] == "SUCCEEDED"
+
+    # Two views trained concurrently: their run intervals overlap.
+    runs = {v: json.load(open(os.path.join(root, "views", f"view-{v}.json"))) for v in ("patch", "low")}
+    assert max(r["start"] for r in runs.values()) < min(r["end"] for r in runs.values())
+
+    # Fault injection: each view's worker raised once at step >= 3; FailureConfig restarted it
+    # from its last checkpoint (step 2 or 4: at most one checkpoint interval re-done), and the
+    # step count carried on to the end (0.32 kimg / 64 per step = 5 steps).
+    for v in ("patch", "low"):
+        assert os.path.exists(os.path.join(root, "views", f"injected-failure-{v}"))
+        assert runs[v]["metrics"]["step"] == 5
+    assert out.count("injected failure at step 4") >= 2
+    resumed = [int(s.split("resuming from step ")[1].split()[0]) for s in out.splitlines() if "resuming from step" in s]
+    assert len(resumed) >= 2 and all(s == 4 for s in resumed), resumed
+
+    # The 2×2 sweep plus both baselines finished; the best residual is a real trial.
+    sweep = json.load(open(os.path.join(root, "sweep", "sweep.json")))
+    kinds = [t["kind"] for t in sweep["trials"]]
+    assert kinds.count("residual") == 4 and "combined" in kinds and "full_res" in kinds
+    assert {(t["mu_var"], t["mu_l1"]) for t in sweep["trials"] if t["kind"] == "residual"} == \
+        {(0.0, 0.0), (0.0, 0.01), (1.0, 0.0), (1.0, 0.01)}
+    best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
+    assert best["kind"] == "residual" and best["test_G"] > 0
+    assert all(t["test_G"] > 0 for t in sweep["trials"])
+
+    # The report: HTML with embedded plots, Markdown twin, CSV of all trials.
+    rep = os.path.join(root, "sweep", "report")
+    html = open(os.path.join(rep, "report.html")).read()
+    assert html.count("data:image/png;base64,") >= 6 and sweep["best"] in html
+    assert sweep["best"] in open(os.path.join(rep, "report.md")).read()
+    assert len(open(os.path.join(rep, "trials.csv")).read().strip().splitlines()) == 1 + len(sweep["trials"])
+    summary = json.load(open(os.path.join(rep, "summary.json")))
+    assert {"bootstrapped", "combined", "full_res", "patch only", "low only"} <= set(summary["quality"])
+
+    # Exported models load with plain diffusers, and the bootstrapped model with bootdiff.
+    from diffusers import UNet2DModel
+
+    from bootdiff.export import load_bootstrap_model
+
+    for v in ("patch", "low", "full_res"):
+        assert isinstance(UNet2DModel.from_pretrained(os.path.join(root, "models", v, "net")), UNet2DModel)
+    model = load_bootstrap_model(os.path.join(root, "models", "bootstrap"))
+    import torch
+
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x, torch.tensor([0.5, 2.0])).shape == x.shape
+
+
+@pytest.mark.ray
+def test_resubmit_skips_finished_stages(head, submitted):
+    """Re-submitting the same run finds every stage complete and carries on in seconds."""
+    assert submitted["proc"].returncode == 0
+    t0 = time.time()
+    proc = _submit(submitted["cmd"], head["env"], timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for msg in ("data already ingested", "already exported", "sweep already complete", "report already written"):
+        assert msg in out
+    assert time.time() - t0 < submitted["seconds"] / 2
+
+
+@pytest.mark.ray
+def test_interrupted_sweep_restores_only_unfinished_trials(head, submitted, tmp_path):
+    """Kill the sweep driver after its first trial finished; running it again restores the Tune
+    experiment and starts only the trials that had not finished."""
+    assert submitted["proc"].returncode == 0
+    storage = str(tmp_path / "storage")
+    for part in ("data", "models/patch", "models/low"):
+        shutil.copytree(os.path.join(submitted["root"], part), os.path.join(storage, "quickstart", part))
+    sweep_root = os.path.join(storage, "quickstart", "sweep")
+    cmd = [PY, "-m", "ray_jobs.sweep_residual", "--config", "configs/quickstart.yaml", f"storage={storage}",
+           *TINY, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]", "sweep.baseline_combined=false",
+           "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false"]
+    env = dict(head["env"], RAY_ADDRESS=head["gcs"])
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    finished = None
+    while time.time() < deadline and finished is None and first.poll() is None:
+        time.sleep(2)
+        for res in glob.glob(os.path.join(sweep_root, "tune", "trial-*", "result.json")):
+            lines = [json.loads(x) for x in open(res).read().splitlines() if x.strip()]
+            if any(r.get("kimg", 0) >= 0.16 - 1e-6 for r in lines):
+                finished = os.path.basename(os.path.dirname(res))[len("trial-"):]
+    assert finished is not None, open(tmp_path / "first.log").read()[-4000:]
+    time.sleep(3)  # let Tune record the finished trial in its experiment state
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not os.path.exists(os.path.join(sweep_root, "sweep.json"))
+
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "restoring interrupted sweep" in out
+    sweep = json.load(open(os.path.join(sweep_root, "sweep.json")))
+    assert sorted(t["trial_id"] for t in sweep["trials"]) == ["residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1"]
+    assert all(t["status"] == "complete" for t in sweep["trials"])
+    starts = [os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sweep_root, "events", "*.start"))]
+    assert starts.count(finished) == 1, starts  # the finished trial never ran again
+    other = "residual-mv1-ml0-ra1" if finished == "residual-mv0-ml0-ra1" else "residual-mv0-ml0-ra1"
+    assert 1 <= starts.count(other) <= 2
+
+
+@pytest.mark.ray
+def test_pipeline_on_s3_storage(s3, tmp_path):
+    """Shards, checkpoints, sweep results and report all on s3:// (moto's S3 server), with Ray
+    started locally by the script itself (plain `python -m ray_jobs.pipeline`)."""
+    import fsspec
+
+    bucket = s3[0] if isinstance(s3, (tuple, list)) else s3
+    cfg = yaml.safe_load(open(os.path.join(REPO, "configs", "quickstart.yaml")))
+    del cfg["views"]["patch"]  # one view (low-res), one trial: this test is about storage
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    storage = f"{bucket}/runs"
+    overrides = [o for o in TINY if not o.startswith("views.patch")] + [
+        f"storage={storage}", "sweep.mu_var=[0.0]", "sweep.mu_l1=[0.0]", "sweep.baseline_full_res=false"]
+    rtmp = str(tmp_path / "ray")
+    os.makedirs(rtmp)
+    proc = subprocess.run([PY, "-m", "ray_jobs.pipeline", "--config", str(path), *overrides],
+                          env=_env(rtmp), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    fs = fsspec.filesystem("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    fs.invalidate_cache()
+    root = storage[len("s3://"):] + "/quickstart"
+    files = fs.find(root)
+    assert f"{root}/data/manifest.json" in files
+    assert any(f.startswith(f"{root}/data/low/") and f.endswith(".tar") for f in files)
+    assert any("/views/view-low/" in f and f.endswith("state.pt") for f in files)  # Ray Train checkpoints
+    assert f"{root}/models/low/bootdiff.json" in files
+    assert any("/sweep/runs/" in f and f.endswith("state.pt") for f in files)
+    assert f"{root}/sweep/sweep.json" in files
+    html = fs.cat(f"{root}/sweep/report/report.html").decode()
+    assert "data:image/png;base64," in html
+    sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
+    assert sweep["best"] == "residual-mv0-ml0-ra1"
