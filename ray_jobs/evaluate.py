@@ -99,7 +99,8 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
         if key in quality:
             row.update(quality[key])
         trials.append(row)
-    urls = write_report(experiment.report_root(cfg), trials, curves, samples, cfg_yaml, manifest,
+    pictures = _decode_latents(cfg, manifest, samples)
+    urls = write_report(experiment.report_root(cfg), trials, curves, pictures, cfg_yaml, manifest,
                         best_trial_id=outcome.get("best"), title=f"bootdiff sweep report — {cfg.name}",
                         extra={"sample quality": quality})
     common.write_json(util.join(experiment.report_root(cfg), "summary.json"),
@@ -107,6 +108,20 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
                        "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                        "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}})
     return urls
+
+
+def _decode_latents(cfg, manifest, samples: dict) -> dict:
+    """Latent-space experiments: decode samples with the same local VAE for the report's
+    pictures (scores above are computed in latent space, where the data lives)."""
+    latent = manifest.get("latent")
+    if not latent:
+        return samples
+    from bootdiff.data.latent import decode, load_vae
+
+    vae = load_vae(latent["vae_path"])
+    print(f"[bootdiff] decoding latent samples with the VAE at {latent['vae_path']}", flush=True)
+    with torch.no_grad():
+        return {k: decode(vae, v, latent.get("scaling_factor")).clamp(-1, 1) for k, v in samples.items()}
 
 
 def report_done(cfg) -> bool:
