@@ -304,6 +304,9 @@ def main(argv=None) -> int:
             ray.shutdown()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.exists(tmp):  # Ray's processes may still write a log while exiting
+                time.sleep(2)
+                shutil.rmtree(tmp, ignore_errors=True)
     real_stdout.write(json.dumps(result, indent=1) + "\n")
     return 0
 
