@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -38,6 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray_tmp() -> str:
+    """A short temp dir for Ray (its socket paths must stay under 107 bytes)."""
+    return tempfile.mkdtemp(prefix="bdray-", dir="/tmp")
+
+
 def _env(tmp: str, **extra) -> dict:
     env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token",
                PATH=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""),
@@ -50,7 +56,7 @@ def _env(tmp: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, mnist_wheel):
     """A real head started with `ray start --head` (dashboard on), stopped with `ray stop`."""
-    tmp = str(tmp_path_factory.mktemp("rayhead"))
+    tmp = _ray_tmp()
     port, dash = _free_port(), _free_port()
     env = _env(tmp)
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
@@ -60,6 +66,7 @@ def head(tmp_path_factory, mnist_wheel):
         yield {"env": env, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "tmp": tmp}
     finally:
         _stop(tmp, env)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stop(tmp: str, env: dict) -> None:
@@ -219,7 +226,8 @@ def test_interrupted_sweep_restores_only_unfinished_trials(head, submitted, tmp_
 @pytest.mark.ray
 def test_pipeline_on_s3_storage(s3, tmp_path):
     """Shards, checkpoints, sweep results and report all on s3:// (moto's S3 server), with Ray
-    started locally by the script itself (plain `python -m ray_jobs.pipeline`)."""
+    started locally by the script itself (plain `python -m ray_jobs.pipeline`), and the view
+    trained with DDP across two Ray Train workers."""
     import fsspec
 
     bucket = s3[0] if isinstance(s3, (tuple, list)) else s3
@@ -229,11 +237,15 @@ def test_pipeline_on_s3_storage(s3, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     storage = f"{bucket}/runs"
     overrides = [o for o in TINY if not o.startswith("views.patch")] + [
-        f"storage={storage}", "sweep.mu_var=[0.0]", "sweep.mu_l1=[0.0]", "sweep.baseline_full_res=false"]
-    rtmp = str(tmp_path / "ray")
-    os.makedirs(rtmp)
-    proc = subprocess.run([PY, "-m", "ray_jobs.pipeline", "--config", str(path), *overrides],
-                          env=_env(rtmp), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+        f"storage={storage}", "sweep.mu_var=[0.0]", "sweep.mu_l1=[0.0]", "sweep.baseline_full_res=false",
+        "views.low.scaling.num_workers=2"]
+    rtmp = _ray_tmp()
+    try:
+        proc = subprocess.run([PY, "-m", "ray_jobs.pipeline", "--config", str(path), *overrides],
+                              env=_env(rtmp), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    finally:
+        _stop(rtmp, {})
+        shutil.rmtree(rtmp, ignore_errors=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     fs = fsspec.filesystem("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
@@ -250,3 +262,5 @@ def test_pipeline_on_s3_storage(s3, tmp_path):
     assert "data:image/png;base64," in html
     sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
     assert sweep["best"] == "residual-mv0-ml0-ra1"
+    run = json.loads(fs.cat(f"{root}/views/view-low.json"))  # 2 ranks × 64 per step: 0.32 kimg = 3 steps
+    assert run["metrics"]["step"] == 3 and abs(run["metrics"]["kimg"] - 0.384) < 1e-6
