@@ -180,7 +180,7 @@ def run(cfg, cfg_yaml: str) -> dict:
         rows.append({"trial_id": t["label"], "kind": t["kind"], "mu_var": t["mu_var"], "mu_l1": t["mu_l1"],
                      "range_adapter": t["range_adapter"], "test_G": _num(m.get("test_G")),
                      "train_G": _num(m.get("train_G")), "kimg": _num(m.get("kimg")), "step": m.get("step"),
-                     "status": "error" if result.error else ("complete" if _num(m.get("kimg")) >= cfg.residual.train.total_kimg - 1e-6 or t["kind"] != "residual" else "stopped"),
+                     "status": _status(cfg, t, m, result.error),
                      "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),
                      "error": str(result.error)[:500] if result.error else None})
     errors = [r for r in rows if r["error"]]
@@ -193,6 +193,16 @@ def run(cfg, cfg_yaml: str) -> dict:
     print(f"[bootdiff] sweep done; best {outcome['best']} (test G {best['test_G']:.4f})" if best else
           "[bootdiff] sweep done; no residual trial finished", flush=True)
     return outcome
+
+
+def _status(cfg, trial: dict, metrics: dict, error) -> str:
+    """complete / stopped (early, by ASHA) / error."""
+    if error:
+        return "error"
+    total = {"residual": cfg.residual.train.total_kimg, "full_res": cfg.full_res.train.total_kimg}.get(trial["kind"])
+    if total is None or _num(metrics.get("kimg")) >= total - 1e-6:
+        return "complete"
+    return "stopped"
 
 
 def _num(v) -> float:

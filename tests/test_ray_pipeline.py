@@ -59,8 +59,11 @@ def head(tmp_path_factory, mnist_wheel):
     tmp = _ray_tmp()
     port, dash = _free_port(), _free_port()
     env = _env(tmp)
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
+        "runtime-env-agent-port", "metrics-export-port")]
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"], env=env, check=True,
+                    "--include-dashboard=true", "--disable-usage-stats", *ports], env=env, check=True,
                    capture_output=True, cwd=REPO, timeout=120)
     try:
         yield {"env": env, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "tmp": tmp}
@@ -70,10 +73,9 @@ def head(tmp_path_factory, mnist_wheel):
 
 
 def _stop(tmp: str, env: dict) -> None:
-    """Stop the head: every process of *this* cluster (they all carry its temp dir in their
-    command line). `ray stop` would also kill any other Ray cluster on the machine."""
-    subprocess.run(["pkill", "-TERM", "-f", tmp], capture_output=True)
-    time.sleep(3)
+    """Stop the cluster with `ray stop` (a killed head leaves state behind that stalls the next
+    one), then anything of it that is left (its processes carry its temp dir)."""
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
     subprocess.run(["pkill", "-KILL", "-f", tmp], capture_output=True)
 
 
@@ -193,19 +195,15 @@ def test_interrupted_sweep_restores_only_unfinished_trials(head, submitted, tmp_
     cmd = [PY, "-m", "ray_jobs.sweep_residual", "--config", "configs/quickstart.yaml", f"storage={storage}",
            *TINY, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]", "sweep.baseline_combined=false",
            "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false"]
-    env = dict(head["env"], RAY_ADDRESS=head["gcs"])
+    env = dict(head["env"], RAY_ADDRESS=head["gcs"], TUNE_GLOBAL_CHECKPOINT_S="1")
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
-    finished = None
+    finished = None  # a trial that Tune's saved experiment state records as TERMINATED
     while time.time() < deadline and finished is None and first.poll() is None:
-        time.sleep(2)
-        for res in glob.glob(os.path.join(sweep_root, "tune", "trial-*", "result.json")):
-            lines = [json.loads(x) for x in open(res).read().splitlines() if x.strip()]
-            if any(r.get("kimg", 0) >= 0.16 - 1e-6 for r in lines):
-                finished = os.path.basename(os.path.dirname(res))[len("trial-"):]
+        time.sleep(1)
+        finished = _terminated_trial(os.path.join(sweep_root, "tune"))
     assert finished is not None, open(tmp_path / "first.log").read()[-4000:]
-    time.sleep(3)  # let Tune record the finished trial in its experiment state
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not os.path.exists(os.path.join(sweep_root, "sweep.json"))
@@ -221,6 +219,19 @@ def test_interrupted_sweep_restores_only_unfinished_trials(head, submitted, tmp_
     assert starts.count(finished) == 1, starts  # the finished trial never ran again
     other = "residual-mv1-ml0-ra1" if finished == "residual-mv0-ml0-ra1" else "residual-mv0-ml0-ra1"
     assert 1 <= starts.count(other) <= 2
+
+
+def _terminated_trial(tune_dir: str):
+    for path in glob.glob(os.path.join(tune_dir, "experiment_state-*.json")):
+        try:
+            state = json.load(open(path))
+        except ValueError:  # being rewritten
+            continue
+        for data, _ in state["trial_data"]:
+            trial = json.loads(data)
+            if trial["status"] == "TERMINATED":
+                return trial["config"]["trial"]["label"]
+    return None
 
 
 @pytest.mark.ray
