@@ -31,7 +31,7 @@ def train_worker(config: dict) -> None:
     rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker)
     manifest = experiment.read_manifest(cfg)
     model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
-    extra = _evaluator(cfg, manifest, model) if config.get("evaluate") else None
+    extra = _evaluator(cfg, manifest, model, final_only_kimg=vcfg.train.total_kimg) if config.get("evaluate") else None
     hooks = common.RayReportHooks(
         {"view": view}, extra_metrics=extra if rank == 0 else None,
         fail_at_step=cfg.ray.inject_failure_step,
@@ -43,30 +43,36 @@ def train_worker(config: dict) -> None:
         common.cleanup(run_dir)
 
 
-def _evaluator(cfg, manifest, model):
-    """Held-out and training G of the EMA weights at each checkpoint (used by the sweep)."""
+def _evaluator(cfg, manifest, model, final_only_kimg=None):
+    """Held-out and training G of the EMA weights at each checkpoint (used by the sweep).
+
+    With ``final_only_kimg`` (the full-res baseline) intermediate evaluations are reported as
+    ``baseline_test_G`` and only the final one as ``test_G``: ASHA acts only on results that carry
+    its metric, so a baseline is never stopped early."""
     import copy
 
     from bootdiff.checkpoint import load_checkpoint
 
     def extra(checkpoint_dir: str) -> dict:
-        m = experiment.ema_model(copy.deepcopy(model).cpu(), load_checkpoint(checkpoint_dir))
+        state = load_checkpoint(checkpoint_dir)
+        m = experiment.ema_model(copy.deepcopy(model).cpu(), state)
         test = experiment.generalization(cfg, manifest, m, "test")
         train = experiment.generalization(cfg, manifest, m, "full")
-        return {"test_G": test["total"], "train_G": train["total"]}
+        final = final_only_kimg is None or state["nimg"] / 1000 >= final_only_kimg - 1e-9
+        return {"test_G" if final else "baseline_test_G": test["total"], "train_G": train["total"]}
 
     return extra
 
 
 def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, callbacks=None,
-                 evaluate: bool = False):
+                 evaluate: bool = False, cpus_per_worker=None):
     """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
     sc = vcfg.scaling
-    resources = {"CPU": sc.cpus_per_worker, **dict(sc.resources_per_worker)}
+    resources = {"CPU": cpus_per_worker or sc.cpus_per_worker, **dict(sc.resources_per_worker)}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1
     storage_path, storage_fs = common.ray_storage(storage)

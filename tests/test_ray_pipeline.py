@@ -28,6 +28,7 @@ TINY = [
     "views.patch.train.checkpoint_every_kimg=0.12", "views.low.train.checkpoint_every_kimg=0.12",
     "views.patch.train.report_every=2", "views.low.train.report_every=2",
     "residual.train.total_kimg=0.16", "residual.train.checkpoint_every_kimg=0.08",
+    "residual.train.report_every=2",  # reports between checkpoints carry no test_G
     "full_res.train.total_kimg=0.16", "full_res.train.checkpoint_every_kimg=0.08",
     "eval.max_samples=64", "eval.num_images=4", "eval.sampler.steps=6", "eval.num_sigma=6",
 ]

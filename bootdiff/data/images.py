@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import abc
 import bz2
 import gzip
 import io
@@ -110,8 +111,9 @@ class _ImageSource(Source):
         self.fixed_test = _fixed_test(ids, test_prefixes, url)
         self.masks = MaskReader(mask_path) if mask_path else None
 
+    @abc.abstractmethod
     def _bytes(self, i: int) -> bytes:
-        raise NotImplementedError
+        """The encoded bytes of image ``i``."""
 
     def _name(self, i: int) -> str:
         return f"{self.url}/{self.ids[i]}"

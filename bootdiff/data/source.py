@@ -23,6 +23,7 @@ magic, unknown kind -- raises `DataError` with the file / value at fault in the 
 
 from __future__ import annotations
 
+import abc
 import io
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -38,7 +39,7 @@ class DataError(ValueError):
     """Bad raw input: the message names the file, path, key or value at fault."""
 
 
-class Source:
+class Source(abc.ABC):
     """Random-access raw samples (see module docstring). Subclasses set the attributes and
     implement ``__getitem__``; ``mask`` returns None unless the source has corruption masks."""
 
@@ -50,8 +51,9 @@ class Source:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @abc.abstractmethod
     def __getitem__(self, i: int) -> np.ndarray:
-        raise NotImplementedError
+        """Sample ``i``: uint8 HWC image or THWC video."""
 
     def mask(self, i: int) -> Optional[np.ndarray]:
         return None
