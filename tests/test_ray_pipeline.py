@@ -135,8 +135,16 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
         assert os.path.exists(os.path.join(root, "views", f"injected-failure-{v}"))
         assert runs[v]["metrics"]["step"] == 5
     assert out.count("injected failure at step 4") >= 2
-    resumed = [int(s.split("resuming from step ")[1].split()[0]) for s in out.splitlines() if "resuming from step" in s]
-    assert len(resumed) >= 2 and all(s == 4 for s in resumed), resumed
+    resumed = {}  # run -> steps it resumed from ("[bootdiff] resuming from step N (<checkpoint path>)")
+    for line in out.splitlines():
+        if "resuming from step" in line:
+            step, path = line.split("resuming from step ")[1].split(" ", 1)
+            run = next(r for r in ("view-patch", "view-low", "trial-full_res", "trial-residual") if r in path)
+            resumed.setdefault(run, set()).add(int(step))
+    assert resumed["view-patch"] == {4} and resumed["view-low"] == {4}, resumed
+    # The full-res baseline runs the same Train worker, so it fails once too (checkpoint every
+    # 0.08 kimg / 32 per step: steps 3 and 5); residual trials inject nothing.
+    assert resumed.get("trial-full_res") == {3} and "trial-residual" not in resumed, resumed
 
     # The 2×2 sweep plus both baselines finished; the best residual is a real trial.
     sweep = json.load(open(os.path.join(root, "sweep", "sweep.json")))
