@@ -2,7 +2,7 @@
 
     python benchmarks/loader.py [--limit 3000] [--batches 40] [--no-s3]
 
-Data: the 64x64 cat faces of ``/work/shared/data/cats64.tar`` through the ``tar`` source when the
+Data: the 64x64 cat faces of ``../shared/data/cats64.tar`` (beside the checkout) through the ``tar`` source when the
 file exists (else random 64x64 RGB images). Views: 16² patches (4 per image), 16² low-res (area
 downsample x4) and the 64² images themselves. Prints one JSON object: per storage and view, the
 ingest write rate (samples/s, MB/s) and the single-process loader rate (samples/s per core,
@@ -27,7 +27,8 @@ from bootdiff.config import load_config  # noqa: E402
 from bootdiff.data.ingest import finalize_manifest, plan_ingest, run_shard_task  # noqa: E402
 from bootdiff.data.loader import make_loader, view_urls  # noqa: E402
 
-CATS = "/work/shared/data/cats64.tar"
+CATS = os.environ.get("BOOTDIFF_CATS64") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "cats64.tar")
 VIEWS = {"patch16": ["kind=patch", "patch_size=16", "per_sample=4"],
          "low16": ["kind=downsample", "factor=4"],
          "full64": ["kind=full"]}

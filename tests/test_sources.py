@@ -20,7 +20,9 @@ from bootdiff.data.mnist import fetch_mnist_wheel, load_mnist, restricted_loads
 from bootdiff.data.moving_mnist import MovingMnistSource, render
 from bootdiff.data.source import DataError, open_source
 
-CATS64 = "/work/shared/data/cats64.tar"
+# The dev data beside the checkout (../shared), as on developer machines and in CI.
+CATS64 = os.environ.get("BOOTDIFF_CATS64") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "cats64.tar")
 
 
 def cfg(kind, path="", resolution=32, channels=1, resize="error", **src):
