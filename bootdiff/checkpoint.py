@@ -27,7 +27,7 @@ def checkpoint_url(run_dir: str, step: int) -> str:
 
 
 def _list(run_dir: str) -> List[Tuple[int, str, bool]]:
-    """``(step, url, complete)`` for every ``checkpoint-XXXXXXXX`` entry of ``run_dir``, by step."""
+    """``(step, url, complete)`` for every ``checkpoint-<8-digit step>`` entry of ``run_dir``, by step."""
     fs, path = url_fs(run_dir)
     fs.invalidate_cache()  # object stores cache listings; we must see fresh writes
     if not fs.exists(path):
