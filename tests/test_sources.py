@@ -18,7 +18,8 @@ from bootdiff.data.corrupt import CorruptedSource, Corruptor, stamp_image, write
 from bootdiff.data.idx import read_idx, read_idx_header, write_idx
 from bootdiff.data.mnist import fetch_mnist_wheel, load_mnist, restricted_loads
 from bootdiff.data.moving_mnist import MovingMnistSource, render
-from bootdiff.data.source import DataError, open_source
+from bootdiff.data.registry import SOURCES, open_source
+from bootdiff.data.source import DataError
 
 # The dev data beside the checkout (../shared), as on developer machines and in CI.
 CATS64 = os.environ.get("BOOTDIFF_CATS64") or os.path.join(
@@ -166,7 +167,8 @@ def test_resize_rules(tmp_path):
 
 
 def check_cats64_tar():
-    """The dev data set of DESIGN.md §3 (collected as a test only where the file exists)."""
+    """The cats64 dev data set (9,303 64x64 cat photos in one tar; collected as a test only where
+    the file exists)."""
     src = open_source(cfg("tar", CATS64, resolution=64, channels=3, test_prefixes=["0", "1"]))
     assert len(src) == 9303 and len(set(src.ids)) == 9303 and len(src.fixed_test) == 1156
     assert src[100].shape == (64, 64, 3) and 60 < src[100].mean() < 200
@@ -334,3 +336,30 @@ def test_bad_inputs(tmp_path):
         open_source(cfg("video", tmp_path / "v.mp4"))[0]
     with pytest.raises(DataError, match="corruption kind 'blur'"):
         Corruptor("blur")
+
+
+def test_registry_one_opener_per_kind_without_import_cycle(tmp_path):
+    import subprocess
+    import sys
+
+    with pytest.raises(DataError) as err:
+        open_source(cfg("parquet", tmp_path))
+    msg = str(err.value)
+    assert "data.source.kind 'parquet'" in msg and all(kind in msg for kind in SOURCES)
+    documented = {"mnist", "fashion_mnist", "idx", "images", "tar", "video", "frames", "moving_mnist"}
+    assert documented <= set(SOURCES)
+    with pytest.raises(DataError, match="mask_path is only supported for kind images/tar, not 'video'"):
+        open_source(cfg("video", tmp_path, mask_path=str(tmp_path)))
+    with pytest.raises(DataError, match="data.source.path is required for kind 'tar'"):
+        open_source(cfg("tar"))
+    # source.py imports no source module, and each source module imports without the registry
+    code = ("import sys, importlib\n"
+            "import bootdiff.data.source\n"
+            "mods = ['images', 'idx', 'mnist', 'video', 'moving_mnist', 'corrupt']\n"
+            "assert not [m for m in mods if 'bootdiff.data.' + m in sys.modules]\n"
+            "for m in mods:\n"
+            "    importlib.import_module('bootdiff.data.' + m)\n"
+            "assert 'bootdiff.data.registry' not in sys.modules\n"
+            "import bootdiff.data.registry\n")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

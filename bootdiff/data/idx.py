@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from bootdiff.data.source import DataError, PixelSpec, Source, conform_digit
+from bootdiff.data.source import DataError, PixelSpec, Source, conform_digit, source_kind, source_path
 from bootdiff.util import atomic_write_bytes, url_fs
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -186,3 +186,13 @@ def open_idx(url: str, data_cfg, labels_url: str = "", name: str = "") -> IdxSou
                      test_images_url=full(_find(names, "t10k-images-idx3-ubyte")),
                      test_labels_url=full(_find(names, "t10k-labels-idx1-ubyte")),
                      name=name or os.path.basename(path.rstrip("/")))
+
+
+def from_config(data_cfg, min_frames: int = 0) -> IdxSource:
+    """``data.source.kind`` idx (``path`` required) | fashion_mnist (``path`` defaults to
+    `FASHION_MNIST_DIR`); ``labels_path`` optional."""
+    labels_url = str(data_cfg.source.labels_path or "")
+    if source_kind(data_cfg) == "fashion_mnist":
+        return open_idx(source_path(data_cfg, required=False) or FASHION_MNIST_DIR, data_cfg,
+                        labels_url=labels_url, name="fashion")
+    return open_idx(source_path(data_cfg), data_cfg, labels_url=labels_url)

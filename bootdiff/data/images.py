@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from bootdiff.data.source import (IMAGE_EXTENSIONS, DataError, PixelSpec, Source, conform_image,
-                                  conform_mask, decode_image)
+                                  conform_mask, decode_image, source_kind, source_path)
 from bootdiff.util import url_fs
 
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -235,3 +235,12 @@ def open_images(url: str, data_cfg, mask_path: str = "", test_prefixes: Sequence
     if force_tar or path.lower().endswith(TAR_EXTENSIONS):
         return TarSource(url, data_cfg, mask_path, test_prefixes)
     raise DataError(f"{url}: neither a folder nor a tar file ({', '.join(TAR_EXTENSIONS)})")
+
+
+def from_config(data_cfg, min_frames: int = 0) -> Source:
+    """``data.source.kind`` images | tar: ``path`` (required; tar forces a tar file), ``mask_path``,
+    ``test_prefixes``."""
+    src_cfg = data_cfg.source
+    prefixes = [str(p) for p in (src_cfg.test_prefixes or [])]
+    return open_images(source_path(data_cfg), data_cfg, mask_path=str(src_cfg.mask_path or ""),
+                       test_prefixes=prefixes, force_tar=source_kind(data_cfg) == "tar")

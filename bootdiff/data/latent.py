@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from bootdiff.data.shards import to_model_units
+
 _VAES: Dict[str, object] = {}  # per-process cache: path -> AutoencoderKL
 
 
@@ -114,7 +116,7 @@ def encode_samples(xs: List[np.ndarray], latent_cfg) -> List[np.ndarray]:
         else:
             frames.append(x)
             sizes.append(0)
-    pix = torch.from_numpy(np.stack(frames)).float() / 127.5 - 1.0
+    pix = torch.from_numpy(to_model_units(np.stack(frames), np.float32))
     z = encode(vae, pix, latent_cfg.scaling_factor, bs).numpy().astype(np.float16)
     out, k = [], 0
     for t in sizes:

@@ -17,9 +17,12 @@ workers). Consumer ``rank·num_workers + worker`` reads:
 
 Everything is deterministic for a seed. webdataset 1.0.2 has no ``s3://`` opener: importing
 this module registers an fsspec-backed ``gopen`` handler (`gopen_fsspec`), so
-``wds.WebDataset("s3://...")`` works too. A corrupt shard or sample raises `ShardError` naming
-the shard URL and the sample key (``on_error="raise"``); ``on_error="skip"`` logs a warning,
-skips the sample (or the rest of the shard) and counts it in ``loader.skipped``.
+``wds.WebDataset("s3://...")`` works too. A shard's URLs come from `view_urls`, which first
+checks each shard's sha256 against the manifest (once per shard per process), so bytes changed
+after ingest raise `bootdiff.data.shards.ChecksumError` before any sample is read. Reading plain
+URLs, a corrupt shard or sample raises `ShardError` naming the shard URL and the sample key
+(``on_error="raise"``); ``on_error="skip"`` logs a warning, skips the sample (or the rest of
+the shard) and counts it in ``loader.skipped``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from bootdiff.data.shards import read_manifest, read_npy, shard_urls, to_model_units
 from bootdiff.util import url_fs
 
 wds_gopen = importlib.import_module("webdataset.gopen")  # the module (wds.gopen is the function)
@@ -80,52 +84,17 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
     return out
 
 
-def view_urls(manifest: Union[str, Dict[str, Any]], view: str) -> List[str]:
-    """The shard URLs of one view/split of a dataset (manifest dict, or its / its root's URL)."""
-    from bootdiff.data.shards import read_manifest, shard_urls
-
+def view_urls(manifest: Union[str, Dict[str, Any]], view: str, verify: bool = True) -> List[str]:
+    """The shard URLs of one view/split of a dataset (manifest dict, or its / its root's URL).
+    With ``verify`` every shard's sha256 is checked against the manifest first, once per shard
+    per process (`bootdiff.data.shards.shard_urls`): a shard whose bytes changed raises
+    `bootdiff.data.shards.ChecksumError` naming it and both hashes."""
     if isinstance(manifest, str):
         manifest = read_manifest(manifest)
-    return shard_urls(manifest, view)
+    return shard_urls(manifest, view, verify=verify)
 
 
 # ----------------------------------------------------------------------------- pipeline stages
-
-
-_HEADERS: Dict[bytes, tuple] = {}  # npy header bytes -> (dtype, shape, data offset); one per view
-
-
-def read_npy(npy: bytes) -> np.ndarray:
-    """``.npy`` bytes → array (no copy). The header is parsed once per distinct header: all
-    samples of a view share it, and numpy's header parser dominates the cost of small arrays."""
-    if npy[:6] != b"\x93NUMPY":
-        raise ValueError("not an .npy array (bad magic)")
-    hlen = int.from_bytes(npy[8:10], "little") if npy[6] == 1 else int.from_bytes(npy[8:12], "little")
-    start = 10 if npy[6] == 1 else 12
-    head = npy[:start + hlen]
-    if head not in _HEADERS:
-        arr = np.lib.format.read_array(io.BytesIO(npy), allow_pickle=False)
-        if arr.dtype.hasobject or np.isfortran(arr) and arr.ndim > 1:
-            return arr
-        _HEADERS[head] = (arr.dtype, arr.shape, start + hlen)
-    dtype, shape, offset = _HEADERS[head]
-    if len(npy) - offset != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"truncated .npy data ({len(npy) - offset} bytes for {shape} {dtype})")
-    return np.frombuffer(npy, dtype, offset=offset).reshape(shape)
-
-
-def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """uint8 pixels → float32 x/127.5 − 1; float16/32 latents → float32 unchanged."""
-    if arr.dtype == np.uint8:
-        return torch.from_numpy(arr).float().div_(127.5).sub_(1.0)
-    if arr.dtype in (np.float16, np.float32):
-        return torch.from_numpy(arr.astype(np.float32))
-    raise ValueError(f"unsupported array dtype {arr.dtype} (expected uint8 or float16)")
-
-
-def decode_sample(npy: bytes) -> torch.Tensor:
-    """``.npy`` bytes → float32 tensor (see `to_tensor`)."""
-    return to_tensor(np.array(read_npy(npy)))
 
 
 class _Stages:
@@ -175,6 +144,15 @@ class _Stages:
     def samples(self, src) -> Iterator[tuple]:
         """Stage 2: read each tar (fsspec), group members by key, decode; errors name url + key."""
         count = 0
+
+        def emit(url, key, group):  # decode one sample; keep every n-th when sample-splitting
+            nonlocal count
+            out = self._finish(url, key, group)
+            if out is not None:
+                if self.sample_split is None or count % self.sample_split[1] == self.sample_split[0]:
+                    yield out
+                count += 1
+
         for item in src:
             url, key = item["url"], None
             try:
@@ -188,11 +166,7 @@ class _Stages:
                             continue
                         k, _, ext = m.name.partition(".")
                         if group and k != key:
-                            out = self._finish(url, key, group)
-                            if out is not None:
-                                if self.sample_split is None or count % self.sample_split[1] == self.sample_split[0]:
-                                    yield out
-                                count += 1
+                            yield from emit(url, key, group)
                             group = {}
                         key = k
                         if m.offset_data + m.size > len(data):
@@ -202,11 +176,7 @@ class _Stages:
                         raise tarfile.ReadError(f"invalid tar header at byte {tar.offset} "
                                                 f"({len(data) - tar.offset} unread bytes)")
                     if group:
-                        out = self._finish(url, key, group)
-                        if out is not None:
-                            if self.sample_split is None or count % self.sample_split[1] == self.sample_split[0]:
-                                yield out
-                            count += 1
+                        yield from emit(url, key, group)
             except ShardError:
                 raise
             except Exception as exc:  # unreadable / truncated tar: the rest of this shard is lost
@@ -253,7 +223,8 @@ class _Stages:
             yield None, None, self._take_skipped()
 
     def _batch(self, xs, metas):
-        return to_tensor(np.stack(xs)), (metas if self.with_meta else None), self._take_skipped()
+        x = torch.from_numpy(to_model_units(np.stack(xs), np.float32))
+        return x, (metas if self.with_meta else None), self._take_skipped()
 
     def _take_skipped(self) -> int:
         n, self.skipped = self.skipped, 0

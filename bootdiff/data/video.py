@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from bootdiff.data.source import DataError, PixelSpec, Source, conform_image
+from bootdiff.data.source import DataError, PixelSpec, Source, conform_image, source_path
 from bootdiff.util import url_fs
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -180,3 +180,10 @@ class VideoSource(Source):
         if self.num_frames:
             frames = frames[:self.num_frames]
         return np.stack([conform_image(fr, self.spec, f"{name} frame {t}") for t, fr in enumerate(frames)])
+
+
+def from_config(data_cfg, min_frames: int = 0) -> VideoSource:
+    """``data.source.kind`` video | frames: ``path`` (required), ``num_frames``; videos shorter than
+    ``min_frames`` are a `DataError`."""
+    return VideoSource(source_path(data_cfg), data_cfg, num_frames=int(data_cfg.source.num_frames),
+                       min_frames=min_frames)
