@@ -339,6 +339,86 @@ def test_manifest_mismatch_is_a_clear_error(rand_data, tmp_path):
         read_manifest(str(tmp_path / "nowhere"))
 
 
+def test_shards_are_verified_once_per_process(rand_data, monkeypatch):
+    import bootdiff.data.shards as shards
+
+    _, m, _ = rand_data
+    hashed = []
+    real = shards.sha256_url
+    monkeypatch.setattr(shards, "sha256_url", lambda url: hashed.append(url) or real(url))
+    monkeypatch.setattr(shards, "_VERIFIED", set())
+    urls = view_urls(m, "patch")
+    assert hashed == urls  # every shard hashed before its URL is handed out ...
+    assert view_urls(m["root"], "patch") == urls and len(hashed) == len(urls)  # ... once per process
+    assert view_urls(m, "low", verify=False) and len(hashed) == len(urls)
+
+
+def test_changed_shard_is_caught_before_use_then_verified_and_repaired(tmp_path, capsys):
+    import hashlib
+
+    from PIL import Image
+
+    from bootdiff.data.shards import ChecksumError
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: ver\ndata:\n  source: {kind: images, path: %s}\n  resolution: 16\n"
+                        "  channels: 3\n  num_full: 4\n  num_test: 6\n  shard_size: 8\n"
+                        "views:\n  low: {kind: downsample, factor: 4}\n" % folder)
+    args = [str(cfg_file), f"storage={tmp_path / 'runs'}", "--no-progress"]
+    assert main(args) == 0
+    root = tmp_path / "runs" / "ver" / "data"
+    manifest = read_manifest(str(root))
+    urls = view_urls(manifest, "low", verify=False)
+    assert len(urls) == 4
+    original = collect(make_loader(urls, 64, mode="eval", with_meta=True))
+    victim = urls[2]
+    clean_bytes = open(victim, "rb").read()
+    expected = manifest["splits"]["low"]["shards"][2]["sha256"]
+    # one byte of one sample's pixels changed in place: the tar stays valid, the size is kept
+    _rewrite_member(victim, 1, lambda d: d[:-1] + bytes([d[-1] ^ 0x01]))
+    changed = open(victim, "rb").read()
+    assert len(changed) == len(clean_bytes) and changed != clean_bytes
+    actual = hashlib.sha256(changed).hexdigest()
+    silent = collect(make_loader(urls, 64, mode="eval", with_meta=True))  # unchecked: wrong data flows
+    assert [mm["__key__"] for mm in silent[1]] == [mm["__key__"] for mm in original[1]]
+    assert not torch.equal(silent[0], original[0])
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    def stream(view):  # what every stage does: a view's URLs from the manifest, then a loader
+        yield from make_loader(view_urls(read_manifest(str(root)), view), 8, mode="eval")
+
+    batches = stream("low")
+    with pytest.raises(ChecksumError) as err:
+        next(batches)
+    assert victim in str(err.value) and expected in str(err.value) and actual in str(err.value)
+    assert err.value.url == victim and (err.value.expected, err.value.actual) == (expected, actual)
+    assert sum(len(x) for x in stream("full")) == 4  # the other splits still load
+
+    capsys.readouterr()
+    assert main(args + ["--verify"]) == 1
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["checked"] == 6 and [b["url"] for b in report["bad"]] == [victim]
+    assert expected in report["bad"][0]["problem"] and actual in report["bad"][0]["problem"]
+    assert victim in out.err and report["repaired"] == []
+    assert open(victim, "rb").read() == changed  # verifying alone changes nothing
+
+    assert main(args + ["--verify", "--repair"]) == 0
+    assert json.loads(capsys.readouterr().out)["repaired"] == ["low/low-000002.tar"]
+    rewritten = {victim, victim + ".json", str(root / "manifest.json")}
+    assert {str(p) for p, t in mtimes.items() if p.stat().st_mtime_ns != t} == rewritten
+    assert open(victim, "rb").read() == clean_bytes
+    assert read_manifest(str(root))["splits"] == manifest["splits"]
+    again = collect(make_loader(view_urls(read_manifest(str(root)), "low"), 64, mode="eval", with_meta=True))
+    assert torch.equal(again[0], original[0]) and again[1] == original[1]
+    assert main(args + ["--verify"]) == 0 and json.loads(capsys.readouterr().out)["bad"] == []
+
+
 def test_cli_with_image_folder(tmp_path, capsys):
     from PIL import Image
 
@@ -357,6 +437,32 @@ def test_cli_with_image_folder(tmp_path, capsys):
     validate_manifest(read_manifest(out["manifest"]))
     with pytest.raises(ValueError, match="reserved"):
         main([str(cfg_file), f"storage={tmp_path / 'runs'}", "views.full.kind=full", "--no-progress"])
+
+
+class BadMaskSource(RandomSource):
+    def mask(self, i):
+        return [[True]]  # not an array: the clean-patch cut cannot use it
+
+
+def test_ingest_errors_name_the_view_and_key(tmp_path):
+    """What the check at load cannot see (the source's real sample size, a value set after
+    load, a broken mask) fails at ingest naming ``views.<name>`` and the key, before any shard of
+    that view is written."""
+    cfg = small_cfg(tmp_path, extra=["views.patch.patch_size=12"])  # fits the 16² of the config ...
+    with pytest.raises(ValueError, match=r"^views\.patch\.patch_size=12: larger than the data's 8x8 samples"):
+        ingest(cfg, progress=False, source=RandomSource(n=60, res=8))  # ... not the source's 8²
+    assert not list((tmp_path / "t" / "data").rglob("patch-*.tar"))
+    cfg = small_cfg(tmp_path, name="t2", extra=["views.low.factor=8"])
+    with pytest.raises(ValueError, match=r"^views\.low\.factor=8: does not divide the data's sample size 12x12"):
+        ingest(cfg, progress=False, source=RandomSource(n=60, res=12))
+    cfg = small_cfg(tmp_path, name="t3")
+    cfg.views.low.factor = 0  # after the load-time check (a bare ZeroDivisionError before)
+    with pytest.raises(ValueError, match=r"^views\.low\.factor=0: must be an integer ≥ 1"):
+        ingest(cfg, progress=False, source=RandomSource(n=60))
+    cfg = small_cfg(tmp_path, name="t4", extra=["views.clean.kind=clean_patch", "views.clean.patch_size=4"])
+    with pytest.raises(ValueError, match=r"^views\.clean \(kind clean_patch\): cutting source sample \d+ of "
+                                         r"shape \(1, 16, 16\) failed: AttributeError"):
+        ingest(cfg, progress=False, source=BadMaskSource(n=60))
 
 
 # ----------------------------------------------------------------------------- latent space

@@ -1,15 +1,20 @@
-"""Views, fusion and the combined denoiser: the identities of DESIGN.md §1 checked numerically."""
+"""Views, fusion and the combined denoiser: the identities of docs/METHOD.md §1 and §3 checked numerically."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from bootdiff.bootstrap import BootstrapDenoiser, CombinedDenoiser, ViewModel
 from bootdiff.config import ViewConfig
-from bootdiff.fusion import FusionWeights, clip_average, fit_fusion_weights, frequency_split, mosaic
+from bootdiff.fusion import (CombinedDenoiser, FusionWeights, ViewModel, clip_average, fit_fusion_weights,
+                             frequency_split, mosaic)
+from bootdiff.residual import BootstrapDenoiser
 from bootdiff.views import (ClipView, DownsampleView, FullView, MaskedPatchView, PatchView,
                             make_view)
+from bootdiff.views import VIEW_CLASSES, View, check_view_config, view_class, view_from_json
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -186,6 +191,124 @@ def test_make_view_from_config():
         make_view(ViewConfig(kind="tile"), (1, 8, 8))
     with pytest.raises(ValueError, match="does not divide"):
         make_view(ViewConfig(kind="downsample", factor=3), (1, 8, 8))
+
+
+# ----------------------------------------------------------------------------- a view kind is one class
+
+
+def test_every_kind_is_one_registered_class_and_a_config_choice():
+    from bootdiff.config import ViewKind
+
+    assert set(VIEW_CLASSES) == {k.value for k in ViewKind}
+    assert all(issubclass(cls, View) and cls.kind == kind for kind, cls in VIEW_CLASSES.items())
+    interface = ("project", "lift", "sigma_map", "coverage", "check_config", "from_config", "config",
+                 "cut", "samples_per_source", "min_frames", "to_json", "from_json")
+    assert all(callable(getattr(cls, a, None)) for cls in VIEW_CLASSES.values() for a in interface)
+    assert {type(v) for _, v, _ in all_views()} == set(VIEW_CLASSES.values())  # all_views covers every kind
+    assert view_class(ViewKind.clip) is ClipView and view_class("clip") is ClipView
+
+
+@pytest.mark.parametrize("name,view,shape", all_views(), ids=[v[0] for v in all_views()])
+def test_view_json_round_trip(name, view, shape):
+    """to_json -> JSON text -> view_from_json rebuilds the same operator; config() names the kind."""
+    d = json.loads(json.dumps(view.to_json()))
+    back = view_from_json(d, "here")
+    assert type(back) is type(view) and back.to_json() == d and back.c == view.c
+    x = torch.randn((2, *shape), generator=_gen(50), dtype=F64)
+    assert torch.equal(back.project(x), view.project(x))
+    assert torch.equal(back.lift(view.project(x)), view.lift(view.project(x)))
+    assert torch.equal(back.sigma_map(torch.tensor([0.5, 2.0])), view.sigma_map(torch.tensor([0.5, 2.0])))
+    cfg = view.config()
+    assert cfg["kind"] == view.kind and view_class(cfg["kind"]) is type(view)
+    with pytest.raises(ValueError, match="here: unknown view class 'Tile'"):
+        view_from_json({"class": "Tile"}, "here")
+
+
+def _cut_cases():
+    mask = np.zeros((12, 12), bool)
+    mask[9:] = True  # a subtitle band
+    return [("patch", (2, 12, 12), None), ("clean_patch", (2, 12, 12), mask),
+            ("clean_patch", (2, 6, 6), mask),  # a latent sample under a 12x12 pixel mask
+            ("clean_patch", (2, 12, 12), None), ("downsample", (2, 12, 12), None),
+            ("downsample", (1, 5, 12, 12), None), ("clip", (2, 9, 6, 6), None), ("full", (2, 12, 12), None)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16])
+@pytest.mark.parametrize("kind,shape,mask", _cut_cases())
+def test_cut_equals_project_at_the_same_locations(kind, shape, mask, dtype):
+    """What ingest stores for a view is the operator's ``project`` at the recorded locations
+    (uint8 block means rounded), drawn reproducibly from the task's numpy rng."""
+    x = np.random.default_rng(0).integers(0, 256, shape).astype(dtype)
+    spec = View.ingest_spec(ViewConfig(kind=kind, patch_size=4, per_sample=5, factor=3, clip_len=4))
+    cls = VIEW_CLASSES[kind]
+    out = cls.cut(x, spec, np.random.default_rng(1), mask)
+    again = cls.cut(x, spec, np.random.default_rng(1), mask)
+    assert [m for _, m in out] == [m for _, m in again]
+    assert len(out) == cls.samples_per_source(spec) == (5 if kind in ("patch", "clean_patch", "clip") else 1)
+    assert all(y.dtype == x.dtype for y, _ in out)
+    if kind in ("patch", "clean_patch"):
+        view = PatchView(shape[-2:], 4, locations=[m["location"] for _, m in out])
+    elif kind == "clip":
+        view = ClipView(shape[1], 4, starts=[m["frames"][0] for _, m in out])
+        assert all(m["frames"][1] - m["frames"][0] == 4 for _, m in out)
+    else:
+        view = make_view(ViewConfig(kind=kind, factor=3), shape)
+    expect = view.project(torch.from_numpy(x.astype(np.float64))[None])
+    got = torch.from_numpy(np.stack([y for y, _ in out]).astype(np.float64))
+    if dtype == np.uint8:
+        assert torch.equal(got, expect.round())
+    else:
+        assert torch.allclose(got, expect, rtol=1e-3, atol=0)  # float16 storage
+    if mask is not None:  # clean patches miss the mask (reduced to the latent grid for latents)
+        f = mask.shape[0] // shape[-1]
+        coarse = mask.reshape(shape[-2], f, shape[-1], f).any(axis=(1, 3))
+        assert not any(coarse[r:r + 4, c:c + 4].any() for r, c in view.locations.tolist())
+        assert cls.cut(x, spec, np.random.default_rng(1), np.ones_like(mask)) == []  # nothing clean
+
+
+CHECKS = [  # (ViewConfig fields, full sample shape, start of the message)
+    ({"kind": "patch", "patch_size": 40}, (1, 32, 32), "views.v.patch_size=40: larger than the data's 32x32"),
+    ({"kind": "clean_patch", "patch_size": 0}, (1, 32, 32), "views.v.patch_size=0: must be"),
+    ({"kind": "patch", "per_sample": 0}, (1, 32, 32), "views.v.per_sample=0: must be"),
+    ({"kind": "patch", "stride": 0}, (1, 32, 32), "views.v.stride=0: must be"),
+    ({"kind": "patch"}, (1, 8, 32, 32), "views.v.kind=patch: needs image samples"),
+    ({"kind": "clean_patch"}, (1, 8, 32, 32), "views.v.kind=clean_patch: needs image samples"),
+    ({"kind": "downsample", "factor": 0}, (1, 32, 32), "views.v.factor=0: must be"),
+    ({"kind": "downsample", "factor": 3}, (1, 32, 32), "views.v.factor=3: does not divide the data's sample size 32x32"),
+    ({"kind": "downsample", "factor": 3}, (1, 9, 32, 32), "views.v.factor=3: does not divide"),
+    ({"kind": "clip", "clip_len": 12}, (1, 8, 32, 32), "views.v.clip_len=12: longer than the data's videos (8 frames)"),
+    ({"kind": "clip", "clip_len": 0}, (1, 8, 32, 32), "views.v.clip_len=0: must be"),
+    ({"kind": "clip", "per_sample": 0}, (1, 8, 32, 32), "views.v.per_sample=0: must be"),
+    ({"kind": "clip", "clip_stride": 0}, (1, 8, 32, 32), "views.v.clip_stride=0: must be"),
+    ({"kind": "clip"}, (1, 32, 32), "views.v.kind=clip: needs video samples"),
+]
+
+
+@pytest.mark.parametrize("fields,shape,message", CHECKS, ids=[c[2].split(":")[0] for c in CHECKS])
+def test_check_view_config_names_view_key_and_value(fields, shape, message):
+    vcfg = ViewConfig(**fields)
+    forms = [vcfg, OmegaConf.structured(vcfg)]  # dataclass, typed DictConfig (kind a ViewKind)
+    if "stride" not in message:
+        forms.append(View.ingest_spec(vcfg))  # the dict an ingest task carries
+    for form in forms:
+        with pytest.raises(ValueError) as err:
+            check_view_config("v", form, shape)
+        assert str(err.value).startswith(message), str(err.value)
+    with pytest.raises(ValueError, match="^" + message.split(":")[0].replace(".", r"\.")):
+        make_view(vcfg, shape, name="v")
+
+
+def test_check_view_config_accepts_fitting_views_and_rejects_names_and_kinds():
+    for kind, shape in [("patch", (3, 32, 32)), ("clean_patch", (3, 32, 32)), ("downsample", (1, 32, 32)),
+                        ("downsample", (1, 8, 32, 32)), ("clip", (1, 8, 32, 32)), ("full", (1, 32, 32)),
+                        ("full", (1, 8, 32, 32))]:
+        check_view_config("v", ViewConfig(kind=kind, patch_size=32, factor=4, clip_len=8, stride=3), shape)
+    with pytest.raises(ValueError, match=r"^views\.v\.kind=tile: unknown view kind 'tile' \(known: patch"):
+        check_view_config("v", ViewConfig(kind="tile"), (1, 8, 8))
+    with pytest.raises(ValueError, match=r"^views\.test: .*reserved"):
+        check_view_config("test", ViewConfig(kind="patch", patch_size=4), (1, 8, 8))
+    with pytest.raises(ValueError, match="sample_shape must be"):
+        check_view_config("v", ViewConfig(kind="patch"), (8, 8))
 
 
 def test_fusion_weights_interpolate_in_log_sigma():

@@ -8,16 +8,14 @@
 Split (seeded by ``data.split_seed``): the held-out ``test`` set (``num_test``; drawn from the
 source's natural ``fixed_test`` when it has one, else from the seeded permutation), the scarce
 ``full`` set (``num_full``) and the partial-view set (``num_partial``, 0 = all the rest), all
-disjoint. Each view in ``cfg.views`` is applied to the partial set (DESIGN.md §1 table):
-
-    patch        ``per_sample`` random ``patch_size²`` crops; ``location`` (row, col) recorded
-    downsample   area (block-mean) downsample by ``factor``, rounded to uint8
-    clip         ``per_sample`` random windows of ``clip_len`` frames; ``frames`` [t0, t1) recorded
-    clean_patch  ``per_sample`` random crops that miss the sample's corruption mask
-    full         the sample itself
+disjoint. Each view in ``cfg.views`` is cut from every sample of the partial set by its view
+class's ``cut`` (`bootdiff.views.VIEW_CLASSES`; docs/METHOD.md §1, column "cut at ingest"):
+patches and clips record their ``location`` (row, col) / ``frames`` [t0, t1), a downsample view
+its ``factor``; the ``full`` and ``test`` splits hold the samples themselves (`FullView`).
 
 With ``data.latent.enabled`` each sample is first encoded by the VAE (`bootdiff.data.latent`)
-and the view applies to the latent (sizes in latent pixels).
+and the view applies to the latent (sizes in latent pixels). A view that does not fit the
+samples fails naming ``views.<name>.<key>=<value>`` (`bootdiff.views.check_view_config`).
 
 The work is a list of independent `ShardTask`s (`plan_ingest`), each run by `run_shard_task`
 (serially here, as Ray tasks in ``ray_jobs/ingest.py``), then `finalize_manifest`. A shard's
@@ -43,10 +41,11 @@ import numpy as np
 from bootdiff.config import DataConfig, from_yaml, load_config, to_yaml
 from bootdiff.data.shards import (FORMAT, ShardInfo, ShardWriter, shard_is_complete, shard_name,
                                   split_entry, write_manifest)
+from bootdiff.layout import RunLayout
 from bootdiff.util import join, url_fs
+from bootdiff.views import RESERVED_NAMES, FullView, view_class
 
-VIEW_KINDS = ("patch", "downsample", "clip", "clean_patch", "full")
-RESERVED = ("full", "test")
+FULL_SPEC = {"kind": FullView.kind}  # the view spec of the full and test splits
 _SOURCES: Dict[str, Any] = {}  # per-process cache of opened sources (one per data config)
 
 
@@ -70,34 +69,23 @@ class ShardTask:
         return shard_name(self.split, self.index)
 
 
-def data_root(cfg) -> str:
-    """``{storage}/{name}/data``; a relative local storage path is made absolute."""
-    storage = str(cfg.storage)
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
-    return join(storage, str(cfg.name), "data")
-
-
 def _data_cfg(cfg) -> DataConfig:
     return from_yaml(to_yaml(cfg.data), DataConfig)
 
 
-def _view_dict(name: str, v) -> Dict[str, Any]:
-    kind = str(v.kind)
-    if kind not in VIEW_KINDS:
-        raise ValueError(f"views.{name}.kind: unknown view kind {kind!r} (known: {VIEW_KINDS})")
-    if name in RESERVED:
-        raise ValueError(f"views.{name}: the names {RESERVED} are reserved for the full-resolution "
-                         "splits; rename the view")
-    return {"kind": kind, "patch_size": int(v.patch_size), "per_sample": int(v.per_sample),
-            "factor": int(v.factor), "clip_len": int(v.clip_len)}
+def _view_spec(name: str, v) -> Dict[str, Any]:
+    """The ingest spec of ``views.<name>`` (`View.ingest_spec`; part of every shard fingerprint)."""
+    if name in RESERVED_NAMES:
+        raise ValueError(f"views.{name}: the names {RESERVED_NAMES} are reserved for the "
+                         "full-resolution splits; rename the view")
+    return view_class(v.kind, name).ingest_spec(v)
 
 
 def get_source(data: DataConfig, corrupted: bool = False, min_frames: int = 0):
     """Open (once per process) the source of a data config, optionally its corrupted form."""
     key = to_yaml(data) + f"|{corrupted}|{min_frames}"
     if key not in _SOURCES:
-        from bootdiff.data.source import open_source
+        from bootdiff.data.registry import open_source
 
         src = open_source(data, min_frames=min_frames)
         if corrupted:
@@ -136,24 +124,22 @@ def split_indices(n: int, fixed_test: Optional[List[int]], data: DataConfig) -> 
 def plan_ingest(cfg, source=None) -> List[ShardTask]:
     """All shard tasks of an experiment config (``source`` overrides ``open_source``, for tests)."""
     data = _data_cfg(cfg)
-    views = {name: _view_dict(name, v) for name, v in cfg.views.items()}
-    min_frames = max([v["clip_len"] for v in views.values() if v["kind"] == "clip"], default=0)
+    views = {name: _view_spec(name, v) for name, v in cfg.views.items()}
+    min_frames = max([view_class(v["kind"]).min_frames(v) for v in views.values()], default=0)
     src = source if source is not None else get_source(data, min_frames=min_frames)
     if data.shard_size <= 0:
         raise ValueError(f"data.shard_size must be positive, got {data.shard_size}")
     splits = split_indices(len(src), src.fixed_test, data)
-    root = data_root(cfg)
+    root = RunLayout.of(cfg).data
     data_yaml = to_yaml(data)
     meta = {"source_description": src.description, "source_kind": src.kind, "source_size": len(src),
             "split_sizes": {k: len(v) for k, v in splits.items()}}
-    jobs = [("full", {"kind": "full"}, splits["full"], False),
-            ("test", {"kind": "full"}, splits["test"], False)]
+    jobs = [("full", FULL_SPEC, splits["full"], False), ("test", FULL_SPEC, splits["test"], False)]
     corrupted = bool(data.corruption.enabled)
     jobs += [(name, v, splits["partial"], corrupted) for name, v in views.items()]
     tasks = []
     for split, view, idx, corr in jobs:
-        per = view["per_sample"] if view["kind"] in ("patch", "clip", "clean_patch") else 1
-        step = max(1, data.shard_size // max(per, 1))
+        step = max(1, data.shard_size // max(view_class(view["kind"]).samples_per_source(view), 1))
         for j, start in enumerate(range(0, len(idx), step)):
             chunk = [int(i) for i in idx[start:start + step]]
             seed = [int(data.split_seed), zlib.crc32(split.encode()), j]
@@ -163,68 +149,20 @@ def plan_ingest(cfg, source=None) -> List[ShardTask]:
     return tasks
 
 
-# ----------------------------------------------------------------------------- view geometry
+# ----------------------------------------------------------------------------- view samples
 
 
-def area_downsample(x: np.ndarray, f: int) -> np.ndarray:
-    """Block mean over ``f×f`` blocks of the last two axes (the DownsampleView operator);
-    uint8 input is rounded back to uint8."""
-    *lead, h, w = x.shape
-    if h % f or w % f:
-        raise ValueError(f"downsample factor {f} does not divide the sample size {h}x{w}")
-    y = x.astype(np.float64).reshape(*lead, h // f, f, w // f, f).mean(axis=(-3, -1))
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8) if x.dtype == np.uint8 else y.astype(x.dtype)
-
-
-def clean_locations(mask: Optional[np.ndarray], h: int, w: int, p: int) -> np.ndarray:
-    """Top-left (row, col) of every ``p×p`` window that misses ``mask`` (True = corrupted)."""
-    rows, cols = np.meshgrid(np.arange(h - p + 1), np.arange(w - p + 1), indexing="ij")
-    locs = np.stack([rows.ravel(), cols.ravel()], 1)
-    if mask is None:
-        return locs
-    ii = np.pad(np.cumsum(np.cumsum(mask.astype(np.int64), 0), 1), ((1, 0), (1, 0)))
-    s = ii[p:, p:] - ii[:-p, p:] - ii[p:, :-p] + ii[:-p, :-p]  # corrupted pixels per window
-    return locs[s.ravel() == 0]
-
-
-def _latent_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
-    """A pixel mask at latent resolution: a latent pixel is corrupted if any pixel under it is."""
-    fh, fw = mask.shape[0] // h, mask.shape[1] // w
-    return mask[:h * fh, :w * fw].reshape(h, fh, w, fw).any(axis=(1, 3))
-
-
-def apply_view(x: np.ndarray, view: Dict[str, Any], rng: np.random.Generator,
-               mask: Optional[np.ndarray] = None) -> List[tuple]:
-    """The view's samples of one channel-first sample ``x`` as ``(array, meta)`` pairs."""
-    kind = view["kind"]
-    h, w = x.shape[-2:]
-    if kind == "full":
-        return [(x, {})]
-    if kind == "downsample":
-        return [(area_downsample(x, view["factor"]), {"factor": view["factor"]})]
-    if kind == "clip":
-        if x.ndim != 4:
-            raise ValueError(f"clip view needs videos [C, T, H, W], got a sample of shape {x.shape}")
-        L, T = view["clip_len"], x.shape[1]
-        if L > T:
-            raise ValueError(f"clip_len {L} is longer than the video ({T} frames)")
-        starts = rng.integers(0, T - L + 1, size=view["per_sample"])
-        return [(x[:, t:t + L], {"frames": [int(t), int(t) + L]}) for t in starts]
-    p = view["patch_size"]
-    if p > min(h, w):
-        raise ValueError(f"patch_size {p} is larger than the sample ({h}x{w})")
-    if kind == "patch":
-        locs = np.stack([rng.integers(0, h - p + 1, view["per_sample"]),
-                         rng.integers(0, w - p + 1, view["per_sample"])], 1)
-    else:  # clean_patch
-        if mask is not None and mask.shape != (h, w):
-            mask = _latent_mask(mask, h, w)
-        valid = clean_locations(mask, h, w, p)
-        if len(valid) == 0:
-            return []
-        pick = rng.choice(len(valid), size=view["per_sample"], replace=len(valid) < view["per_sample"])
-        locs = valid[pick]
-    return [(x[..., r:r + p, c:c + p], {"location": [int(r), int(c)]}) for r, c in locs]
+def _cut(cls, task: ShardTask, i: int, x: np.ndarray, rng: np.random.Generator,
+         mask: Optional[np.ndarray]) -> List[tuple]:
+    """The view samples of source sample ``i`` (``x``, channel-first) as ``(array, meta)`` pairs,
+    cut by the task's view class; a view that does not fit the sample, or any other failure,
+    names ``views.<name>`` (and the key, for a bad value)."""
+    cls.check_config(task.split, task.view, tuple(x.shape))
+    try:
+        return cls.cut(x, task.view, rng, mask)
+    except Exception as exc:
+        raise ValueError(f"views.{task.split} (kind {task.view['kind']}): cutting source sample {i} "
+                         f"of shape {tuple(x.shape)} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def to_channel_first(a: np.ndarray) -> np.ndarray:
@@ -254,9 +192,9 @@ def run_shard_task(task: ShardTask, source=None, verify: bool = True) -> ShardIn
         return done
     _remove_stale_temps(task.url)
     data = from_yaml(task.data_yaml, DataConfig)
+    cls = view_class(task.view["kind"], task.split)
     if source is None:
-        min_frames = task.view.get("clip_len", 0) if task.view["kind"] == "clip" else 0
-        source = get_source(data, corrupted=task.corrupted, min_frames=min_frames)
+        source = get_source(data, corrupted=task.corrupted, min_frames=cls.min_frames(task.view))
     rng = np.random.default_rng(task.seed)
     xs = [to_channel_first(np.asarray(source[i])) for i in task.indices]
     if data.latent.enabled:
@@ -267,8 +205,7 @@ def run_shard_task(task: ShardTask, source=None, verify: bool = True) -> ShardIn
     writer.info.fingerprint = task.fingerprint
     writer.info.meta = dict(task.meta)
     for i, x in zip(task.indices, xs):
-        mask = source.mask(i) if task.view["kind"] == "clean_patch" else None
-        outs = apply_view(x, task.view, rng, mask)
+        outs = _cut(cls, task, i, x, rng, source.mask(i) if cls.uses_mask else None)
         writer.info.num_source += 1
         writer.info.skipped += int(not outs)
         for k, (y, extra) in enumerate(outs):
@@ -293,8 +230,8 @@ def finalize_manifest(cfg, infos: Optional[List[ShardInfo]] = None) -> Dict[str,
     if not infos:
         raise ValueError("finalize_manifest: no shards")
     data = _data_cfg(cfg)
-    views = {name: _view_dict(name, v) for name, v in cfg.views.items()}
-    views.update(full={"kind": "full"}, test={"kind": "full"})
+    views = {name: _view_spec(name, v) for name, v in cfg.views.items()}
+    views.update(full=dict(FULL_SPEC), test=dict(FULL_SPEC))
     by_split: Dict[str, List[ShardInfo]] = {}
     for info in infos:
         by_split.setdefault(info.split, []).append(info)
@@ -315,8 +252,8 @@ def finalize_manifest(cfg, infos: Optional[List[ShardInfo]] = None) -> Dict[str,
         "config": {"data": json.loads(json.dumps(dataclasses.asdict(data))),
                    "views": views},
     }
-    write_manifest(data_root(cfg), manifest)
-    manifest["root"] = data_root(cfg)
+    manifest["root"] = RunLayout.of(cfg).data
+    write_manifest(manifest["root"], manifest)
     return manifest
 
 
@@ -336,13 +273,68 @@ def ingest(cfg, progress: bool = True, source=None) -> Dict[str, Any]:
     return finalize_manifest(cfg, infos)
 
 
+def verify_shards(cfg, repair: bool = False, source=None) -> Dict[str, Any]:
+    """Check every shard of a run's manifest (present, recorded size and sha256, sidecar count:
+    `bootdiff.data.shards.shard_problems`); with ``repair``, rewrite only the bad shards (their
+    sidecars are removed first, so `run_shard_task` cannot reuse their bytes), then the manifest.
+
+    Returns ``{"manifest": url, "checked": n, "bad": [{"split", "name", "url", "problem"}],
+    "repaired": [names]}``. Repair needs the config that wrote the shards: a good shard whose
+    sidecar does not match this config's plan is an error naming it (nothing is re-ingested
+    silently). ``source`` overrides ``open_source`` (for tests), as in `ingest`.
+    """
+    from bootdiff.data.shards import read_manifest, shard_problems, sidecar_url
+
+    url = RunLayout.of(cfg).manifest
+    manifest = read_manifest(url)
+    bad = shard_problems(manifest)
+    out = {"manifest": url, "checked": sum(len(e["shards"]) for e in manifest["splits"].values()),
+           "bad": bad, "repaired": []}
+    if not repair or not bad:
+        return out
+    tasks = plan_ingest(cfg, source=source)
+    bad_names = {p["name"] for p in bad}
+    unplanned = bad_names - {t.name for t in tasks}
+    if unplanned:
+        raise ValueError(f"ingest --repair: shards {sorted(unplanned)} of {url} are not planned by "
+                         "this config; repair with the config that wrote them")
+    infos = []
+    for t in tasks:
+        if t.name in bad_names:
+            fs, path = url_fs(sidecar_url(t.url))
+            if fs.exists(path):
+                fs.rm(path)
+            infos.append(run_shard_task(t, source=source))
+            continue
+        info = shard_is_complete(t.url, t.fingerprint, verify=False)
+        if info is None:
+            raise ValueError(f"ingest --repair: shard {t.url} was not written by this config "
+                             "(missing, or its sidecar's fingerprint differs); run the ingest instead")
+        infos.append(info)
+    finalize_manifest(cfg, infos)
+    out["repaired"] = sorted(bad_names)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="experiment YAML (any fsspec URL)")
     p.add_argument("overrides", nargs="*", help="key=value dotlist overrides")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's size and sha256 against the manifest; exit 1 if any is bad")
+    p.add_argument("--repair", action="store_true",
+                   help="with --verify: rewrite only the bad shards, then the manifest")
     args = p.parse_args(argv)
+    if args.repair and not args.verify:
+        p.error("--repair needs --verify")
     cfg = load_config(args.config, args.overrides)
+    if args.verify:
+        result = verify_shards(cfg, repair=args.repair)
+        for bad in result["bad"]:
+            print(f"bad shard ({bad['split']}): {bad['problem']}", file=sys.stderr)
+        print(json.dumps(result, indent=1))
+        return 1 if result["bad"] and not result["repaired"] else 0
     manifest = ingest(cfg, progress=not args.no_progress)
     summary = {s: {"count": e["count"], "shape": e["shape"], "sigma_data": round(e["sigma_data"], 4),
                    "shards": len(e["shards"])} for s, e in manifest["splits"].items()}
