@@ -1,15 +1,20 @@
 """Typed experiment configuration: dataclasses -> OmegaConf structured configs.
 
 One YAML file per experiment (``configs/*.yaml``) plus ``key=value`` dotlist overrides from the
-command line. Every key is typed: an unknown key or a value of the wrong type is a
-``ConfigError`` that names the key and the file (or "command line") it came from.
+command line. Every key is typed and every choice is a `Choice` enum: an unknown key, a value of
+the wrong type or a value outside a choice's list is a ``ConfigError`` that names the key and the
+file (or "command line") it came from. `load_config` then runs `check` (the cross-field rules:
+view geometry, budgets, fusion vs views, sweep and evaluation settings), so every mistake that can
+be seen without opening the data fails at load, before any work. An override may add a view only
+by naming its kind (``views.NAME.kind=...``), so a typo in a view name is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from enum import Enum
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -19,6 +24,118 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+# ----------------------------------------------------------------------------- choices
+
+
+class Choice(str, Enum):
+    """A config choice: a ``str`` whose members are named by their values, so a member compares,
+    hashes, prints, formats and serialises (json, YAML) as the plain string (``"patch"``) on
+    Python 3.10-3.12 alike, and OmegaConf (which looks members up by name) rejects anything else
+    at merge time, naming the key and the allowed values."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+
+class NetKind(Choice):
+    auto = "auto"  # video for clip views, else unet2d
+    unet2d = "unet2d"
+    video = "video"
+
+
+class SigmaDist(Choice):
+    lognormal = "lognormal"
+    loguniform = "loguniform"
+
+
+class Weighting(Choice):
+    edm = "edm"  # bell-shaped
+    snr = "snr"
+    uniform = "uniform"
+
+
+class Precision(Choice):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Toggle(Choice):
+    """auto | true | false (a YAML boolean is accepted too and read as true / false)."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+
+class ViewKind(Choice):
+    """The view kinds (`bootdiff.views`); adding a kind = its view class + one member here."""
+
+    patch = "patch"
+    downsample = "downsample"
+    clip = "clip"
+    clean_patch = "clean_patch"
+    full = "full"
+
+
+class SourceKind(Choice):
+    """The raw data source kinds (`bootdiff.data.registry.SOURCES`)."""
+
+    mnist = "mnist"
+    fashion_mnist = "fashion_mnist"
+    idx = "idx"
+    images = "images"
+    tar = "tar"
+    video = "video"
+    frames = "frames"
+    moving_mnist = "moving_mnist"
+
+
+VIDEO_SOURCES = (SourceKind.video, SourceKind.frames, SourceKind.moving_mnist)
+
+
+class CorruptionKind(Choice):
+    subtitle = "subtitle"
+    watermark = "watermark"
+
+
+class Resize(Choice):
+    error = "error"
+    resize = "resize"
+    center_crop = "center_crop"
+
+
+class L1Decay(Choice):
+    none = "none"
+    inverse_sigma = "inverse_sigma"
+
+
+class Fusion(Choice):
+    auto = "auto"  # split with exactly one downsample view and >= 1 other, else average
+    split = "split"
+    average = "average"
+
+
+class Search(Choice):
+    grid = "grid"
+    random = "random"
+
+
+class SamplerKind(Choice):
+    heun = "heun"
+    euler_maruyama = "euler_maruyama"
+    pc = "pc"
+
+
+class Schedule(Choice):
+    edm = "edm"  # ρ-polynomial
+    ve = "ve"  # exponential, Song et al.
+    linear = "linear"
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -26,7 +143,7 @@ class ConfigError(ValueError):
 class NetConfig:
     """Backbone: diffusers UNet2DModel for images, factorised space-time U-Net for clips."""
 
-    kind: str = "auto"  # auto | unet2d | video  (auto: video for clip views, else unet2d)
+    kind: NetKind = NetKind.auto  # auto: video for clip views, else unet2d
     channels: List[int] = field(default_factory=lambda: [32, 64])  # block_out_channels
     attention: List[bool] = field(default_factory=lambda: [False, True])  # per resolution level
     layers_per_block: int = 1
@@ -39,12 +156,12 @@ class NetConfig:
 class LossConfig:
     """Training noise distribution and loss weighting (EDM, Karras et al. 2022, eq. 8 / Table 1)."""
 
-    sigma_dist: str = "lognormal"  # lognormal | loguniform
+    sigma_dist: SigmaDist = SigmaDist.lognormal
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    weighting: str = "edm"  # edm (bell-shaped) | snr | uniform
+    weighting: Weighting = Weighting.edm
 
 
 @dataclass
@@ -61,8 +178,8 @@ class TrainConfig:
     accum_steps: int = 1
     ema_halflife_kimg: float = 0.5
     ema_rampup_ratio: float = 0.05  # EDM: half-life at most this fraction of kimg seen so far
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    channels_last: str = "auto"  # auto (on CUDA) | true | false
+    precision: Precision = Precision.auto  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: Toggle = Toggle.auto  # auto: on CUDA
     compile: bool = False
     checkpoint_every_kimg: float = 0.5
     keep_checkpoints: int = 2
@@ -87,7 +204,7 @@ class ScalingConfig:
 class ViewConfig:
     """One partial view of the full-resolution data and the model trained on it."""
 
-    kind: str = "patch"  # patch | downsample | clip | clean_patch | full
+    kind: ViewKind = ViewKind.patch
     patch_size: int = 16  # patch, clean_patch
     stride: Optional[int] = None  # patch grid stride at evaluation (None: = patch_size)
     per_sample: int = 4  # random crops / clips taken per source sample at ingest
@@ -103,7 +220,7 @@ class ViewConfig:
 class SourceConfig:
     """Where the raw data comes from (see bootdiff/data/source.py)."""
 
-    kind: str = "mnist"  # mnist | fashion_mnist | idx | images | tar | video | frames | moving_mnist
+    kind: SourceKind = SourceKind.mnist
     path: str = ""  # URL of folder / tar / file; "" = the kind's default location
     labels_path: str = ""  # idx: labels file (optional)
     mask_path: str = ""  # corrupted images: folder of masks or JSON boxes file
@@ -118,7 +235,7 @@ class CorruptionConfig:
     """Stamp watermarks / subtitle bands onto images and keep the masks (corruptor)."""
 
     enabled: bool = False
-    kind: str = "subtitle"  # subtitle | watermark
+    kind: CorruptionKind = CorruptionKind.subtitle
     fraction: float = 1.0  # fraction of partial-set images that get corrupted
     seed: int = 0
 
@@ -138,7 +255,7 @@ class DataConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     resolution: int = 32  # full-resolution side (images are resized/cropped to it)
     channels: int = 1  # 1 = grey, 3 = RGB
-    resize: str = "error"  # error | resize | center_crop  (rule for mismatched sizes)
+    resize: Resize = Resize.error  # rule for mismatched sizes
     num_full: int = 64  # scarce full-resolution training set
     num_test: int = 256  # held-out full-resolution test set
     num_partial: int = 0  # partial-view set (0 = everything not in full/test)
@@ -156,10 +273,11 @@ class ResidualConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mu_var: float = 0.0
     mu_l1: float = 0.0
-    l1_decay: str = "none"  # none | inverse_sigma  (ℓ1 weight decreasing with σ)
+    l1_decay: L1Decay = L1Decay.none  # inverse_sigma: ℓ1 weight decreasing with σ
     range_adapter: bool = True
-    fusion: str = "auto"  # auto | split | average
+    fusion: Fusion = Fusion.auto
     fit_fusion_weights: bool = False
+    fusion_sigmas: int = 16  # σ levels (log-spaced over train.loss σ range) of the fitted fusion weights
 
 
 @dataclass
@@ -176,7 +294,7 @@ class SweepConfig:
     mu_var: List[float] = field(default_factory=lambda: [0.0, 1.0])
     mu_l1: List[float] = field(default_factory=lambda: [0.0, 0.01])
     range_adapter: List[bool] = field(default_factory=lambda: [True])
-    search: str = "grid"  # grid | random
+    search: Search = Search.grid
     num_samples: int = 1  # random: trials; grid: repeats of the grid
     asha: AshaConfig = field(default_factory=AshaConfig)
     trial_cpus: float = 1.0
@@ -189,8 +307,8 @@ class SweepConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = "heun"  # heun | euler_maruyama | pc
-    schedule: str = "edm"  # edm (ρ-polynomial) | ve (exponential, Song et al.) | linear
+    kind: SamplerKind = SamplerKind.heun
+    schedule: Schedule = Schedule.edm
     steps: int = 18
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -234,7 +352,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     views: Dict[str, ViewConfig] = field(default_factory=dict)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
-    full_res: ViewConfig = field(default_factory=lambda: ViewConfig(kind="full"))  # baseline
+    full_res: ViewConfig = field(default_factory=lambda: ViewConfig(kind=ViewKind.full))  # baseline
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -254,14 +372,54 @@ def structured(schema: type = ExperimentConfig) -> DictConfig:
     return OmegaConf.structured(schema)
 
 
+def _with_toggle_bools(node: Any) -> Any:
+    """YAML reads ``channels_last: true`` as a boolean; a `Toggle` takes it as ``"true"``."""
+    if isinstance(node, dict):
+        return {k: ("true" if v else "false") if k == "channels_last" and isinstance(v, bool)
+                else _with_toggle_bools(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_toggle_bools(v) for v in node]
+    return node
+
+
+def _merge(cfg: DictConfig, loaded: DictConfig, origin: str) -> DictConfig:
+    try:
+        plain = OmegaConf.to_container(loaded, resolve=False)
+        return OmegaConf.merge(cfg, OmegaConf.create(_with_toggle_bools(plain)))
+    except OmegaConfBaseException as exc:
+        raise _error(exc, origin) from None
+
+
+def _check_new_views(cfg: DictConfig, dot: DictConfig, overrides: Sequence[str]) -> None:
+    """An override may add a view only by naming its kind: ``views.lwo.train.total_kimg=1`` (a
+    typo of ``low``) is an error naming the known views, not a new default patch view."""
+    views = dot.get("views") if isinstance(dot, DictConfig) else None
+    if not isinstance(views, DictConfig) or "views" not in cfg:
+        return
+    known = list(cfg.views.keys())
+    for name in views.keys():
+        if name in known:
+            continue
+        node = views[name]
+        if not isinstance(node, DictConfig) or "kind" not in node:
+            item = next((o for o in overrides if o.split("=", 1)[0].strip().startswith(f"views.{name}")),
+                        f"views.{name}")
+            raise ConfigError(f"command line: '{item}' names an unknown view '{name}' (known views: "
+                              f"{', '.join(known) or 'none'}); to add a view, also set "
+                              f"views.{name}.kind=<{' | '.join(k.value for k in ViewKind)}>")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                schema: type = ExperimentConfig) -> DictConfig:
-    """Load ``path`` (YAML, any fsspec URL) over the schema's defaults, then apply ``overrides``.
+                schema: type = ExperimentConfig, check: bool = True) -> DictConfig:
+    """Load ``path`` (YAML, any fsspec URL) over the schema's defaults, then apply ``overrides``,
+    then (for an `ExperimentConfig`, unless ``check=False``) run `bootdiff.config_check.check`.
 
     Raises ``ConfigError`` naming the key and the file (or the command line) for an unknown key,
-    a value of the wrong type, or malformed YAML.
+    a value of the wrong type or outside a choice's values, malformed YAML, an override that
+    would add a view without a kind, or a broken cross-field rule.
     """
     cfg = structured(schema)
+    overrides = list(overrides or [])
     if path:
         from bootdiff.util import url_fs
 
@@ -274,18 +432,23 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             loaded = OmegaConf.create(text)
         except Exception as exc:  # yaml.YAMLError and friends
             raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
-        try:
-            cfg = OmegaConf.merge(cfg, loaded)
-        except OmegaConfBaseException as exc:
-            raise _error(exc, path) from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got a list")
+        cfg = _merge(cfg, loaded, path)
     if overrides:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"command line: override '{item}' is not of the form key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            dot = OmegaConf.from_dotlist(overrides)
         except OmegaConfBaseException as exc:
             raise _error(exc, "command line") from None
+        _check_new_views(cfg, dot, overrides)
+        cfg = _merge(cfg, dot, "command line")
+    if check and issubclass(schema, ExperimentConfig):
+        from bootdiff.config_check import check as check_config
+
+        check_config(cfg, path or "defaults", overrides)
     return cfg
 
 
