@@ -14,7 +14,8 @@ Bootstrapped model (``kind: "bootstrap"``)::
     {url}/bootdiff.json    fusion, fusion_weights, range_adapter (exact tensor values),
                            residual (sigma_data, net_class, time_scale), views: one entry per
                            view model: name, folder, and the view operator's parameters
-                           (patch grid / factor / clip windows) so the view is rebuilt exactly
+                           (the view class's ``to_json``: patch grid / factor / clip windows)
+                           so the view is rebuilt exactly (`bootdiff.views.view_from_json`)
     {url}/views/NN/        a complete view-model folder (above) per view
     {url}/residual/net/    diffusers folder of the residual net (in_channels = 2·C)
 
@@ -37,8 +38,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from bootdiff.config import ConfigError, ViewConfig, to_object
 from bootdiff.nets import ImageUNet, VideoUNet
-from bootdiff.precond import EDMPrecond, RangeAdapter, ResidualPrecond
+from bootdiff.precond import EDMPrecond
+from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
 from bootdiff.util import _is_local, atomic_dir, url_fs
+from bootdiff.views import View, view_from_json
 
 FORMAT = "bootdiff"
 FORMAT_VERSION = 1
@@ -189,7 +192,8 @@ def _save_view_dir(folder: str, denoiser: EDMPrecond, view_cfg, extra: Optional[
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "view",
                 "precond": "edm", "sigma_data": float(denoiser.sigma_data), **net_info,
                 "net_folder": "net",
-                "view": OmegaConf.to_container(OmegaConf.structured(_view_config(view_cfg))),
+                "view": OmegaConf.to_container(OmegaConf.structured(_view_config(view_cfg)),
+                                               enum_to_str=True),
                 "extra": dict(extra or {})}
     _write_manifest(folder, manifest)
 
@@ -224,75 +228,13 @@ def load_view_model(url: str, device=None) -> Tuple[EDMPrecond, ViewConfig]:
         return _load_view_dir(folder, str(url), device)
 
 
-# ----------------------------------------------------------------------------- views
-
-
-def _view_to_json(view) -> Dict[str, Any]:
-    """The parameters that rebuild a view operator exactly (bootdiff.views)."""
-    from bootdiff import views as V
-
-    if isinstance(view, V.MaskedPatchView):
-        return {"class": "MaskedPatchView", "image_size": list(view.image_size),
-                "patch_size": list(view.patch_size), "stride": view.stride,
-                "locations": view.locations.tolist(),
-                "mask": [[int(b) for b in row] for row in view.mask.tolist()]}
-    if isinstance(view, V.PatchView):
-        return {"class": "PatchView", "image_size": list(view.image_size),
-                "patch_size": list(view.patch_size), "locations": view.locations.tolist()}
-    if isinstance(view, V.DownsampleView):
-        return {"class": "DownsampleView", "factor": view.factor}
-    if isinstance(view, V.ClipView):
-        return {"class": "ClipView", "num_frames": view.num_frames, "clip_len": view.clip_len,
-                "starts": view.starts.tolist()}
-    if isinstance(view, V.FullView):
-        return {"class": "FullView"}
-    raise TypeError(f"save_bootstrap_model: cannot export a view of type {type(view).__name__}")
-
-
-def _view_from_json(d: Dict[str, Any], where: str):
-    from bootdiff import views as V
-
-    cls = d.get("class")
-    if cls == "PatchView":
-        return V.PatchView(d["image_size"], d["patch_size"], locations=d["locations"])
-    if cls == "MaskedPatchView":
-        view = V.MaskedPatchView(d["image_size"], d["patch_size"],
-                                 torch.tensor(d["mask"], dtype=torch.bool), stride=d["stride"])
-        if view.locations.tolist() != d["locations"]:
-            raise ValueError(f"{where}: the mask and stride do not give the saved patch locations")
-        return view
-    if cls == "DownsampleView":
-        return V.DownsampleView(d["factor"])
-    if cls == "ClipView":
-        return V.ClipView(d["num_frames"], d["clip_len"], starts=d["starts"])
-    if cls == "FullView":
-        return V.FullView()
-    raise ValueError(f"{where}: unknown view class {cls!r}")
-
-
-def _default_view_cfg(view) -> ViewConfig:
-    """A ViewConfig describing a view operator (when the view model does not carry one)."""
-    from bootdiff import views as V
-
-    if isinstance(view, V.MaskedPatchView):
-        return ViewConfig(kind="clean_patch", patch_size=view.patch_size[0])
-    if isinstance(view, V.PatchView):
-        return ViewConfig(kind="patch", patch_size=view.patch_size[0])
-    if isinstance(view, V.DownsampleView):
-        return ViewConfig(kind="downsample", factor=view.factor)
-    if isinstance(view, V.ClipView):
-        return ViewConfig(kind="clip", clip_len=view.clip_len)
-    return ViewConfig(kind="full")
-
-
 # ----------------------------------------------------------------------------- bootstrapped model
 
 
 def save_bootstrap_model(model, url: str, extra: Optional[dict] = None) -> None:
-    """Export a `bootdiff.bootstrap.BootstrapDenoiser` (view models, fusion, range adapter,
-    residual) to the folder ``url`` (see module docstring)."""
-    from bootdiff.bootstrap import BootstrapDenoiser
-
+    """Export a `bootdiff.residual.BootstrapDenoiser` (view models, fusion, range adapter,
+    residual) to the folder ``url`` (see module docstring). The fitted stage-2 constants (fusion
+    weights, r(σ); docs/METHOD.md §3, §5) are written as exact values."""
     if not isinstance(model, BootstrapDenoiser):
         raise TypeError(f"save_bootstrap_model: expected a BootstrapDenoiser, got {type(model).__name__}")
     combined, residual = model.combined, model.residual
@@ -305,16 +247,19 @@ def save_bootstrap_model(model, url: str, extra: Optional[dict] = None) -> None:
         views = []
         for i, vm in enumerate(combined.view_models):
             folder = f"views/{i:02d}"
-            denoiser = combined._denoiser(vm)
+            denoiser = combined.denoiser(vm)
             if not isinstance(denoiser, EDMPrecond):
                 raise TypeError(f"save_bootstrap_model: view model '{vm.name}' is a "
                                 f"{type(denoiser).__name__}, expected an EDMPrecond")
-            view_cfg = getattr(denoiser, "view_cfg", None) or _default_view_cfg(vm.view)
+            if not isinstance(vm.view, View):
+                raise TypeError(f"save_bootstrap_model: view model '{vm.name}' has a view of type "
+                                f"{type(vm.view).__name__}; expected a bootdiff.views view")
+            view_cfg = getattr(denoiser, "view_cfg", None) or _view_config(vm.view.config())
             os.makedirs(os.path.join(stage, folder))
             _save_view_dir(os.path.join(stage, folder), denoiser, view_cfg, {"name": vm.name})
             with open(os.path.join(stage, folder, "COMPLETE"), "w") as f:
                 f.write("ok\n")
-            views.append({"name": vm.name, "folder": folder, "view": _view_to_json(vm.view)})
+            views.append({"name": vm.name, "folder": folder, "view": vm.view.to_json()})
         res_info = _save_net(residual.net, os.path.join(stage, "residual", "net"), "save_bootstrap_model")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "bootstrap",
@@ -329,9 +274,9 @@ def save_bootstrap_model(model, url: str, extra: Optional[dict] = None) -> None:
 
 
 def load_bootstrap_model(url: str, device=None):
-    """Load a folder written by `save_bootstrap_model` as a `BootstrapDenoiser` in eval mode."""
-    from bootdiff.bootstrap import BootstrapDenoiser, CombinedDenoiser, ViewModel
-    from bootdiff.fusion import FusionWeights
+    """Load a folder written by `save_bootstrap_model` as a `BootstrapDenoiser` in eval mode. The
+    fusion weights and r(σ) are the saved values, never re-estimated (no data is read)."""
+    from bootdiff.fusion import CombinedDenoiser, FusionWeights, ViewModel
 
     url = str(url)
     with _read_folder(url) as folder:
@@ -340,7 +285,7 @@ def load_bootstrap_model(url: str, device=None):
         for i, v in enumerate(m["views"]):
             where = f"{url}/{MANIFEST}: views[{i}]"
             denoiser, _ = _load_view_dir(os.path.join(folder, v["folder"]), f"{url}/{v['folder']}")
-            view_models.append(ViewModel(v["name"], _view_from_json(v["view"], where), denoiser))
+            view_models.append(ViewModel(v["name"], view_from_json(v["view"], where), denoiser))
         weights = None
         if m.get("fusion_weights") is not None:
             state = _tensors_from_json(m["fusion_weights"])

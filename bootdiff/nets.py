@@ -12,7 +12,7 @@
 
 Both backbones save/load as diffusers folders (``save_pretrained`` / ``from_pretrained``).
 The residual denoiser's net is built with ``in_channels = 2·C`` (noisy input and D_comb
-concatenated, see `bootdiff.precond.ResidualPrecond`), ``out_channels = C``.
+concatenated, see `bootdiff.residual.ResidualPrecond`), ``out_channels = C``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Samplers for the VE / EDM process x_σ = x + σ·n, talking only to a denoiser ``D(x, sigma)``.
 
+Sampling of docs/METHOD.md §7.
+
 * ``heun_sampler``           — EDM Algorithm 2 (Karras et al. 2022): 2nd-order Heun on the
                                probability-flow ODE dx/dσ = (x − D(x; σ))/σ, with optional
                                stochastic "churn" (S_churn, S_min, S_max, S_noise); last step Euler.
@@ -16,8 +18,9 @@ Every sampler takes ``latents`` already at noise level ``sigmas[0]`` and a sched
 (descending, ending with 0), calls ``D(x, sigma)`` with ``sigma`` a ``[N]`` tensor of ``x``'s
 dtype (float32, or float64 for exact tests), and returns the final (denoised) batch. The stochastic
 samplers replace their last transition to σ = 0 by the denoiser output (Song et al.'s
-"denoise" step). Randomness comes from an explicit ``generator``. ``progress(step, num_steps, x)``
-is called after every step when given.
+"denoise" step). Randomness comes from an explicit ``generator`` (`bootdiff.util.randn`: drawn
+on the generator's device, so a CPU generator gives the same samples on any device).
+``progress(step, num_steps, x)`` is called after every step when given.
 """
 
 from __future__ import annotations
@@ -27,19 +30,12 @@ from typing import Callable, Optional
 
 import torch
 
-from bootdiff.schedules import make_schedule, randn
+from bootdiff.schedules import make_schedule
+from bootdiff.util import broadcast_sigma, randn
 
 SAMPLERS = ("heun", "euler_maruyama", "pc")
 
 Progress = Optional[Callable[[int, int, torch.Tensor], None]]
-
-
-def _sig(sigma, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
-
-
-def _noise(x: torch.Tensor, generator) -> torch.Tensor:
-    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _check(latents: torch.Tensor, sigmas: torch.Tensor) -> list:
@@ -67,16 +63,16 @@ def heun_sampler(D, latents: torch.Tensor, sigmas: torch.Tensor, S_churn: float 
         gamma = min(S_churn / n, math.sqrt(2.0) - 1.0) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
-            eps = S_noise * _noise(x_cur, generator)
+            eps = S_noise * randn(x_cur.shape, generator, x_cur.device, x_cur.dtype)
             x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * eps
         else:
             x_hat = x_cur
         # Euler step.
-        d_cur = (x_hat - D(x_hat, _sig(t_hat, x_hat))) / t_hat
+        d_cur = (x_hat - D(x_hat, broadcast_sigma(t_hat, x_hat))) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         # 2nd-order correction (not on the last step to σ = 0).
         if i < n - 1:
-            d_prime = (x_next - D(x_next, _sig(t_next, x_next))) / t_next
+            d_prime = (x_next - D(x_next, broadcast_sigma(t_next, x_next))) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         if progress is not None:
             progress(i + 1, n, x_next)
@@ -84,7 +80,16 @@ def heun_sampler(D, latents: torch.Tensor, sigmas: torch.Tensor, S_churn: float 
 
 
 def _score(D, x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return (D(x, _sig(sigma, x)) - x) / sigma ** 2
+    return (D(x, broadcast_sigma(sigma, x)) - x) / sigma ** 2
+
+
+def _reverse_step(D, x: torch.Tensor, t_cur: float, t_next: float, g2: float, generator) -> torch.Tensor:
+    """One stochastic transition σ_i → σ_{i+1}: ``x + g²·s(x, σ_i) + g·z``, or on the last one (to
+    σ = 0) the denoiser output ``D(x, σ_i)`` (METHOD §7)."""
+    if t_next == 0.0:
+        return D(x, broadcast_sigma(t_cur, x))
+    z = randn(x.shape, generator, x.device, x.dtype)
+    return x + g2 * _score(D, x, t_cur) + math.sqrt(g2) * z
 
 
 @torch.no_grad()
@@ -100,11 +105,7 @@ def euler_maruyama_sampler(D, latents: torch.Tensor, sigmas: torch.Tensor,
     n = len(t) - 1
     x = latents
     for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
-        if t_next == 0.0:
-            x = D(x, _sig(t_cur, x))
-        else:
-            g2dt = 2.0 * t_cur * (t_cur - t_next)
-            x = x + g2dt * _score(D, x, t_cur) + math.sqrt(g2dt) * _noise(x, generator)
+        x = _reverse_step(D, x, t_cur, t_next, 2.0 * t_cur * (t_cur - t_next), generator)
         if progress is not None:
             progress(i + 1, n, x)
     return x
@@ -131,16 +132,12 @@ def pc_sampler(D, latents: torch.Tensor, sigmas: torch.Tensor, snr: float = 0.1,
     for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
         for _ in range(int(n_corrector)):  # Langevin corrector at σ_i
             grad = _score(D, x, t_cur)
-            z = _noise(x, generator)
+            z = randn(x.shape, generator, x.device, x.dtype)
             grad_norm = grad.flatten(1).norm(dim=1).mean()
             noise_norm = z.flatten(1).norm(dim=1).mean()
             eps = 2.0 * (snr * noise_norm / grad_norm.clamp_min(1e-20)) ** 2
             x = x + eps * grad + torch.sqrt(2.0 * eps) * z
-        if t_next == 0.0:  # final denoising step
-            x = D(x, _sig(t_cur, x))
-        else:  # reverse-diffusion predictor
-            g2 = t_cur ** 2 - t_next ** 2
-            x = x + g2 * _score(D, x, t_cur) + math.sqrt(g2) * _noise(x, generator)
+        x = _reverse_step(D, x, t_cur, t_next, t_cur ** 2 - t_next ** 2, generator)  # predictor
         if progress is not None:
             progress(i + 1, n, x)
     return x

@@ -26,19 +26,11 @@ from typing import Optional
 
 import torch
 
+from bootdiff.util import randn
+
 SIGMA_DISTS = ("lognormal", "loguniform")
 WEIGHTINGS = ("edm", "snr", "uniform")
 SCHEDULES = ("edm", "ve", "linear")
-
-
-def randn(shape, generator: Optional[torch.Generator] = None, device=None,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``N(0, I)`` of ``shape`` drawn on the generator's device, then moved to ``device``.
-
-    Lets a CPU generator drive reproducible noise for CUDA tensors (and vice versa)."""
-    gen_device = generator.device if generator is not None else device
-    out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
-    return out.to(device) if device is not None else out
 
 
 def _rand(n: int, generator: Optional[torch.Generator], device) -> torch.Tensor:

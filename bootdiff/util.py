@@ -1,23 +1,64 @@
-"""Small shared helpers: σ broadcasting and URL-based (fsspec) storage with atomic writes."""
+"""Small shared helpers: σ broadcasting, reproducible noise, and URL-based (fsspec) storage with
+atomic writes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import uuid
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import fsspec
 import torch
 
 
-def expand_like(sigma, x: torch.Tensor) -> torch.Tensor:
-    """σ as a tensor of shape ``[N, 1, ..., 1]`` (or 0-d) broadcastable against ``x``."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype if x.is_floating_point() else torch.float32,
-                            device=x.device)
-    if sigma.ndim == 0:
-        return sigma.reshape([1] * x.ndim)
-    return sigma.reshape([-1] + [1] * (x.ndim - 1))
+def broadcast_sigma(sigma, like: Optional[torch.Tensor] = None, *, dtype: Optional[torch.dtype] = None,
+                    repeat: int = 1, column: bool = False) -> torch.Tensor:
+    """σ (or any per-sample scalar: c_in(σ), r(σ), w_k(σ)) as a tensor for a batch — the one
+    σ-broadcast helper (docs/METHOD.md §1, §2).
+
+    With ``like`` (a batch ``[N, ...]``): a float, 0-d or 1-element σ is broadcast to ``[N]``,
+    otherwise σ must have ``N`` entries; dtype ``dtype``, else ``like``'s floating dtype, else
+    float32; on ``like``'s device. ``column=True`` shapes it ``[N, 1, ..., 1]`` to broadcast
+    against ``like``. Without ``like``: σ as a tensor (``dtype``, else its own floating dtype, else
+    the default dtype); a 0-d σ stays 0-d (it broadcasts against any batch).
+
+    ``repeat=L`` repeats each sample's σ ``L`` times, sample-major (``[N·L]``): the noise levels of
+    the ``L`` view outputs cut from each sample; a 0-d σ stays 0-d. The σ of a view with
+    variance ratio ``c`` (σ_k = σ·√c, METHOD §1) is ``broadcast_sigma(sigma, repeat=L) * math.sqrt(c)``.
+    """
+    if like is not None:
+        dtype = dtype or (like.dtype if like.is_floating_point() else torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=dtype, device=like.device).reshape(-1)
+        n = like.shape[0]
+        if sigma.numel() == 1 and n != 1:
+            sigma = sigma.expand(n).contiguous()
+        elif sigma.numel() != n:
+            raise ValueError(f"sigma has {sigma.numel()} entries but the batch has {n} samples")
+    else:
+        sigma = torch.as_tensor(sigma, dtype=dtype)
+        if not sigma.is_floating_point():
+            sigma = sigma.to(torch.get_default_dtype())
+        if sigma.ndim == 0:
+            return sigma
+        sigma = sigma.reshape(-1)
+    if repeat != 1:
+        sigma = sigma.repeat_interleave(int(repeat))
+    if column:
+        if like is None:
+            raise ValueError("broadcast_sigma: column=True needs the batch `like` to broadcast against")
+        sigma = sigma.reshape([-1] + [1] * (like.ndim - 1))
+    return sigma
+
+
+def randn(shape, generator: Optional[torch.Generator] = None, device=None,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``N(0, I)`` of ``shape`` drawn on the generator's device, then moved to ``device`` — the one
+    reproducible-noise helper: a CPU generator drives the same noise for CUDA tensors (and vice
+    versa), so results do not depend on where the model runs."""
+    gen_device = generator.device if generator is not None else device
+    out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
+    return out.to(device) if device is not None else out
 
 
 def url_fs(url: str, **storage_options) -> Tuple[fsspec.AbstractFileSystem, str]:

@@ -1,5 +1,6 @@
 """Export round trips (bootdiff.export): view models and whole bootstrapped models."""
 
+import copy
 import json
 import os
 
@@ -7,13 +8,13 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from bootdiff.bootstrap import BootstrapDenoiser, CombinedDenoiser, ViewModel
 from bootdiff.config import ConfigError, NetConfig, ViewConfig
 from bootdiff.export import (load_bootstrap_model, load_view_model, read_manifest,
                              save_bootstrap_model, save_view_model)
-from bootdiff.fusion import FusionWeights
+from bootdiff.fusion import CombinedDenoiser, FusionWeights, ViewModel
 from bootdiff.nets import make_net
-from bootdiff.precond import EDMPrecond, RangeAdapter, ResidualPrecond
+from bootdiff.precond import EDMPrecond
+from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
 from bootdiff.views import ClipView, DownsampleView, MaskedPatchView, PatchView
 
 torch.set_num_threads(1)
@@ -109,6 +110,17 @@ def test_bootstrap_model_round_trip(tmp_path):
     # every view model inside is itself a loadable view-model folder
     D_low, cfg_low = load_view_model(os.path.join(url, m["views"][2]["folder"]))
     assert cfg_low.kind == "downsample" and cfg_low.factor == 2
+    # the views are saved by their classes (to_json); a view model saved without a ViewConfig gets
+    # the one its view class describes
+    assert [v["view"] for v in m["views"]] == [vm.view.to_json() for vm in views]
+    assert m["views"][1]["view"]["class"] == "MaskedPatchView"
+    _, cfg_clean = load_view_model(os.path.join(url, m["views"][1]["folder"]))
+    assert (cfg_clean.kind, cfg_clean.patch_size) == ("clean_patch", 8)
+    m["views"][2]["view"]["class"] = "Tile"
+    with open(os.path.join(url, "bootdiff.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(ValueError, match=r"bootdiff.json: views\[2\]: unknown view class 'Tile'"):
+        load_bootstrap_model(url)
 
 
 def test_bootstrap_video_model_round_trip_remote():
@@ -123,3 +135,131 @@ def test_bootstrap_video_model_round_trip_remote():
     assert loaded.range_adapter is None and loaded.combined.weights is None
     x, sigma = torch.randn(2, 1, 6, 8, 8), torch.tensor([0.1, 4.0])
     assert torch.equal(model(x, sigma), loaded(x, sigma))
+
+
+# ----------------------------------------------------------------------------- build vs fit (stage 2)
+
+
+def _residual_experiment(tmp_path, monkeypatch):
+    """A tiny experiment (16×16 grey; an 8×8 patch view and a ×2 downsample view) whose view
+    models are exported; its full-resolution data comes from a patched `experiment.load_all`
+    that counts its calls and raises once the data is "gone"."""
+    from bootdiff import experiment
+    from bootdiff.config import load_config, to_object
+    from bootdiff.layout import RunLayout
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = to_object(load_config(os.path.join(repo, "configs", "quickstart.yaml"), [
+        f"storage={tmp_path / 'store'}", "data.resolution=16", "views.patch.patch_size=8",
+        "views.patch.stride=8", "residual.fit_fusion_weights=true", "residual.fusion_sigmas=5"]))
+    manifest = {"root": str(tmp_path / "store"), "splits": {
+        "full": {"shape": [1, 16, 16], "sigma_data": 0.45, "count": 4},
+        "patch": {"shape": [1, 8, 8], "sigma_data": 0.5}, "low": {"shape": [1, 8, 8], "sigma_data": 0.4}}}
+    for i, (name, vcfg) in enumerate(cfg.views.items()):
+        info = manifest["splits"][name]
+        torch.manual_seed(i)
+        D = experiment.build_view_denoiser(vcfg, info["shape"], info["sigma_data"])
+        save_view_model(_perturb(D, i).eval(), RunLayout.of(cfg).model(name), vcfg)
+    full = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    data = {"calls": 0, "gone": False}
+
+    def load_all(cfg_, manifest_, split, max_samples):
+        if data["gone"]:
+            raise RuntimeError("the full-resolution data is gone")
+        assert split == "full" and max_samples == 4
+        data["calls"] += 1
+        return full
+
+    monkeypatch.setattr(experiment, "load_all", load_all)
+    return cfg, manifest, full, data
+
+
+def test_bootstrap_build_reads_no_data_fit_is_the_estimate_load_refits_nothing(tmp_path, monkeypatch):
+    from bootdiff import experiment
+    from bootdiff.fusion import fit_fusion_weights, fusion_sigma_grid
+    from bootdiff.residual import estimate_range_adapter
+
+    cfg, manifest, full, data = _residual_experiment(tmp_path, monkeypatch)
+    rcfg = cfg.residual
+    data["gone"] = True
+    model = experiment.build_bootstrap(cfg, manifest, rcfg)
+    # placeholders of the configured shapes: fusion weights ≡ 1 on 5 σ points, r ≡ 1 on 100 bins
+    assert model.combined.fusion == "split"
+    assert torch.equal(model.combined.weights.weights, torch.ones(5, 2, dtype=torch.float64))
+    assert torch.equal(model.range_adapter.values, torch.ones(100))
+    with pytest.raises(RuntimeError, match="data is gone"):
+        experiment.fit_bootstrap(cfg, manifest, model, rcfg)
+
+    data["gone"] = False
+    experiment.fit_bootstrap(cfg, manifest, model, rcfg)
+    assert data["calls"] == 1
+    # the same numbers as estimating them in one go (fusion weights, then r(σ) with those weights)
+    combined = experiment.build_combined(cfg, manifest)
+    gen = torch.Generator().manual_seed(rcfg.train.seed)
+    lcfg = rcfg.train.loss
+    combined.weights = fit_fusion_weights(combined.components, iter(full.split(64)),
+                                          fusion_sigma_grid(lcfg.sigma_min, lcfg.sigma_max, 5), generator=gen)
+    adapter = estimate_range_adapter(combined, iter(full.split(64)), lcfg.sigma_min, lcfg.sigma_max, generator=gen)
+    assert torch.equal(model.combined.weights.log_sigma, combined.weights.log_sigma)
+    assert torch.equal(model.combined.weights.weights, combined.weights.weights)
+    assert torch.equal(model.range_adapter.values, adapter.values)
+    assert torch.equal(model.range_adapter.log_sigma_min, adapter.log_sigma_min)
+    assert not torch.equal(adapter.values, torch.ones(100))
+
+    # nothing to fit: no data is read, r stays ≡ 1
+    rcfg_off = copy.deepcopy(rcfg)
+    rcfg_off.fit_fusion_weights, rcfg_off.range_adapter = False, False
+    data["gone"] = True
+    off = experiment.fit_bootstrap(cfg, manifest, experiment.build_bootstrap(cfg, manifest, rcfg_off), rcfg_off)
+    assert off.combined.weights is None and torch.equal(off.range_adapter.values, torch.ones(100))
+    # fitting asks for the grid the model was built with
+    with pytest.raises(ValueError, match="fusion weights on None σ points, fitting asks for 5"):
+        experiment.fit_bootstrap(cfg, manifest, experiment.build_bootstrap(cfg, manifest, rcfg_off), rcfg)
+
+    # A trained model's fitted constants come from its checkpoint (`ema_model`) or its export
+    # (`load_bootstrap_model`): loading never reads the full-resolution data.
+    _perturb(model.residual, 3)  # "trained"
+    state = {"model": model.state_dict(), "ema": model.state_dict()}
+    url = str(tmp_path / "boot")
+    save_bootstrap_model(model.eval(), url)
+    x, sigma = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.05, 0.9, 20.0])
+    loaded = experiment.ema_model(experiment.build_bootstrap(cfg, manifest, rcfg), state)
+    exported = load_bootstrap_model(url)
+    assert data["calls"] == 1  # the fit above, nothing since
+    for m in (loaded, exported):
+        assert torch.equal(m.combined.weights.weights, model.combined.weights.weights)
+        assert torch.equal(m.range_adapter.values, model.range_adapter.values)
+        with torch.no_grad():
+            assert torch.equal(m(x, sigma), model(x, sigma))
+
+
+def test_resumed_residual_run_takes_its_constants_from_the_checkpoint(tmp_path, monkeypatch):
+    from bootdiff import experiment
+    from bootdiff.config import TrainConfig
+    from bootdiff.train import train
+
+    cfg, manifest, full, data = _residual_experiment(tmp_path, monkeypatch)
+    rcfg = cfg.residual
+    run_dir = str(tmp_path / "run")
+    tcfg = TrainConfig(total_kimg=0.008, batch_size=4, checkpoint_every_kimg=0.004, report_every=0)
+    batches = lambda step: iter(full.roll(i, 0) for i in range(step, 10 ** 6))  # noqa: E731
+
+    model, loss, _ = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir)
+    assert data["calls"] == 1
+    fitted = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("range_adapter", "combined.weights"))}
+    assert not torch.equal(fitted["range_adapter.values"], torch.ones(100))
+    res = train(model, loss, batches, tcfg, run_dir=run_dir)
+    assert res.step == 2 and res.checkpoint_url
+    for k, v in res.ema.state_dict().items():  # the EMA copy carries the fitted buffers
+        if k in fitted:
+            assert torch.equal(v, fitted[k]), k
+
+    data["gone"] = True  # a resumed run reads no full-res data before training: no refit
+    model2, loss2, _ = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir)
+    assert torch.equal(model2.range_adapter.values, torch.ones(100))  # placeholders until train resumes
+    tcfg.total_kimg = 0.012
+    res2 = train(model2, loss2, batches, tcfg, run_dir=run_dir)
+    assert res2.step == 3
+    for m in (res2.model, res2.ema):
+        state = m.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in fitted.items())

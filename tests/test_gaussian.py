@@ -6,7 +6,7 @@ against the exact answer.
     exact patch posterior means *is* the exact full posterior mean.
 (b) Σ smooth and stationary over the whole image (patches coupled): the combined estimate is
     strictly worse than the exact posterior; a residual trained on a scarce full-resolution set
-    (``bootdiff.losses.ResidualLoss`` + ``bootdiff.train.train``) closes most of the gap on
+    (``bootdiff.residual.ResidualLoss`` + ``bootdiff.train.train``) closes most of the gap on
     held-out data, and with a very large variance penalty μ_var the trained residual goes to ~0.
 """
 
@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from bootdiff.bootstrap import BootstrapDenoiser, CombinedDenoiser, ViewModel
 from bootdiff.config import LossConfig, TrainConfig
-from bootdiff.losses import ResidualLoss
-from bootdiff.precond import ResidualPrecond, estimate_range_adapter, measure_sigma_data
+from bootdiff.fusion import CombinedDenoiser, ViewModel
+from bootdiff.precond import measure_sigma_data
+from bootdiff.residual import BootstrapDenoiser, ResidualLoss, ResidualPrecond, estimate_range_adapter
 from bootdiff.train import train
 from bootdiff.views import PatchView
 

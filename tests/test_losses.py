@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from bootdiff.config import LossConfig
-from bootdiff.losses import EDMLoss, ResidualLoss
+from bootdiff.losses import EDMLoss
+from bootdiff.residual import ResidualLoss
 from bootdiff.schedules import sample_training_sigma, weighting
 
 try:

@@ -1,4 +1,5 @@
-"""Backbones (bootdiff.nets) and preconditioning / σ_data / range adapter (bootdiff.precond)."""
+"""Backbones (bootdiff.nets), preconditioning / σ_data (bootdiff.precond) and the residual's
+preconditioning / range adapter (bootdiff.residual)."""
 
 import math
 
@@ -7,8 +8,8 @@ import torch
 
 from bootdiff.config import NetConfig
 from bootdiff.nets import ImageUNet, VideoUNet, make_net
-from bootdiff.precond import (EDMPrecond, RangeAdapter, ResidualPrecond, estimate_range_adapter,
-                              measure_sigma_data)
+from bootdiff.precond import EDMPrecond, measure_sigma_data
+from bootdiff.residual import RangeAdapter, ResidualPrecond, estimate_range_adapter
 
 torch.set_num_threads(1)
 TINY = NetConfig(channels=[16, 32], attention=[False, True], layers_per_block=1, norm_groups=8)
