@@ -77,10 +77,11 @@ def with_views(cfg, views):
 
 def fresh_stage1(cfg) -> None:
     """Remove the Ray Train runs and exported models, so `train_views.run` starts from scratch."""
-    from bootdiff import experiment, util
+    from bootdiff import util
+    from bootdiff.layout import RunLayout
 
     for sub in ("views", "models"):
-        fs, path = util.url_fs(util.join(experiment.root(cfg), sub))
+        fs, path = util.url_fs(util.join(RunLayout.of(cfg).root, sub))
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
@@ -278,12 +279,13 @@ def main(argv=None) -> int:
             import torch
 
             from bootdiff.data.ingest import ingest
+            from bootdiff.layout import absolute_url
             from ray_jobs import common
 
             result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "cuda": torch.cuda.is_available(), "torch": torch.__version__,
                                  "ray": ray.__version__, "loadavg_start": os.getloadavg()}
-            cfg = make_config(common.absolute_url(storage), args.limit, views, args.kimg)
+            cfg = make_config(absolute_url(storage), args.limit, views, args.kimg)
             t0 = time.time()
             manifest = ingest(cfg, progress=False)
             result["ingest_s"] = round(time.time() - t0, 2)

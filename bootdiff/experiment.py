@@ -2,14 +2,7 @@
 
 This is the one place that turns an ``ExperimentConfig`` into models, losses and data streams, so
 the single-process quickstart (`bootdiff.quickstart`) and the Ray jobs (`ray_jobs/`) run the
-same code. Storage layout under ``{storage}/{name}/``::
-
-    data/                 WebDataset shards per view + manifest.json      (ingest)
-    views/view-<v>/       Ray Train runs of stage 1 (checkpoints)         (train_views)
-    models/<v>/           exported view models, diffusers format         (train_views)
-    models/full_res/      exported full-resolution baseline               (sweep baseline)
-    sweep/                Ray Tune experiment of stage 2 + sweep.json     (sweep_residual)
-    sweep/report/         report.html, report.md, trials.csv              (evaluate)
+same code. Where a run's files live (data, models, sweep, report) is `bootdiff.layout.RunLayout`.
 """
 
 from __future__ import annotations
@@ -19,31 +12,8 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from bootdiff import util
-from bootdiff.config import ResidualConfig, ViewConfig, to_yaml
-
-# ----------------------------------------------------------------------------- storage layout
-
-
-def root(cfg) -> str:
-    return util.join(cfg.storage, cfg.name)
-
-
-def data_root(cfg) -> str:
-    return util.join(root(cfg), "data")
-
-
-def model_url(cfg, view: str) -> str:
-    return util.join(root(cfg), "models", view)
-
-
-def sweep_root(cfg) -> str:
-    return util.join(root(cfg), "sweep")
-
-
-def report_root(cfg) -> str:
-    return util.join(sweep_root(cfg), "report")
-
+from bootdiff.config import ResidualConfig, ViewConfig
+from bootdiff.layout import RunLayout
 
 # ----------------------------------------------------------------------------- data
 
@@ -51,7 +21,7 @@ def report_root(cfg) -> str:
 def read_manifest(cfg) -> dict:
     from bootdiff.data.shards import read_manifest as _read
 
-    return _read(data_root(cfg))
+    return _read(RunLayout.of(cfg).data)
 
 
 def view_info(manifest: dict, view: str) -> dict:
@@ -66,6 +36,16 @@ def view_info(manifest: dict, view: str) -> dict:
 def full_shape(manifest: dict) -> Tuple[int, ...]:
     """Shape of one full-resolution sample: (C, H, W) or (C, T, H, W)."""
     return tuple(view_info(manifest, "full")["shape"])
+
+
+def run_split(cfg, run: str) -> Tuple[ViewConfig, str]:
+    """(view config, data split) of a view-model run: a view's name, or ``"full_res"`` — the
+    full-resolution baseline, trained with ``cfg.full_res`` on the scarce ``full`` split."""
+    if run == "full_res":
+        return cfg.full_res, "full"
+    if run not in cfg.views:
+        raise KeyError(f"views.{run}: no such view (views: {sorted(cfg.views)})")
+    return cfg.views[run], run
 
 
 def stream(cfg, manifest: dict, view: str, batch_size: int, mode: str = "train", seed: int = 0,
@@ -103,7 +83,7 @@ def load_all(cfg, manifest: dict, split: str, max_samples: int) -> torch.Tensor:
     parts = list(stream(cfg, manifest, split, batch_size=min(256, max_samples), mode="eval",
                         max_samples=max_samples))
     if not parts:
-        raise ValueError(f"split '{split}' of {data_root(cfg)} is empty")
+        raise ValueError(f"split '{split}' of {RunLayout.of(cfg).data} is empty")
     return torch.cat(parts)
 
 
@@ -142,89 +122,108 @@ def view_training(cfg, manifest: dict, view: str, vcfg: ViewConfig, rank: int = 
 
 def load_view_models(cfg, manifest: dict, names: Optional[Sequence[str]] = None):
     """The exported stage-1 view models as `ViewModel`s, with views set up for full samples."""
-    from bootdiff.bootstrap import ViewModel
     from bootdiff.export import load_view_model
+    from bootdiff.fusion import ViewModel
     from bootdiff.views import make_view
 
     shape = full_shape(manifest)
     out = []
     for name in names if names is not None else list(cfg.views):
         vcfg = cfg.views[name]
-        denoiser, _ = load_view_model(model_url(cfg, name))
+        denoiser, _ = load_view_model(RunLayout.of(cfg).model(name))
         out.append(ViewModel(name, make_view(vcfg, shape), denoiser))
     return out
 
 
 def build_combined(cfg, manifest: dict, names: Optional[Sequence[str]] = None, fusion: Optional[str] = None):
-    """Stage-1 output: the fixed linear fusion of the frozen view models (DESIGN.md §1)."""
-    from bootdiff.bootstrap import CombinedDenoiser
+    """Stage-1 output: the fixed linear fusion of the frozen view models (docs/METHOD.md §3)."""
+    from bootdiff.fusion import CombinedDenoiser
 
     combined = CombinedDenoiser(load_view_models(cfg, manifest, names), fusion=fusion or cfg.residual.fusion)
     return combined.eval()
 
 
-def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
-    """Stage 2: ``D_boot = D_comb + r(σ)·R_θ(x_σ, D_comb, σ)`` and its residual loss.
+def _fusion_grid(rcfg: ResidualConfig) -> list:
+    """The σ grid of the fitted fusion weights: ``residual.fusion_sigmas`` log-spaced levels over
+    the residual's training σ range (docs/METHOD.md §3)."""
+    from bootdiff.fusion import fusion_sigma_grid
 
-    The range adapter r(σ) is measured on the scarce full-resolution training set (RMS of
-    x − D_comb) when ``rcfg.range_adapter`` is on, else fixed to 1.
-    """
-    from bootdiff.bootstrap import BootstrapDenoiser
-    from bootdiff.fusion import fit_fusion_weights
-    from bootdiff.losses import ResidualLoss
-    from bootdiff.nets import make_net
-    from bootdiff.precond import RangeAdapter, ResidualPrecond, estimate_range_adapter
-
-    combined = combined if combined is not None else build_combined(cfg, manifest)
-    shape = full_shape(manifest)
-    info = view_info(manifest, "full")
-    sigma_data = float(info["sigma_data"])
     lcfg = rcfg.train.loss
-    full = load_all(cfg, manifest, "full", max_samples=max(1, info["count"]))
-    gen = torch.Generator().manual_seed(rcfg.train.seed)
-    batches = lambda: iter(full.split(64))  # noqa: E731
-    if rcfg.fit_fusion_weights:
-        import numpy as np
+    return fusion_sigma_grid(lcfg.sigma_min, lcfg.sigma_max, rcfg.fusion_sigmas)
 
-        grid = np.exp(np.linspace(math.log(lcfg.sigma_min), math.log(lcfg.sigma_max), 16)).tolist()
-        combined.weights = fit_fusion_weights(combined.components, batches(), grid, generator=gen)
-    if rcfg.range_adapter:
-        adapter = estimate_range_adapter(combined, batches(), lcfg.sigma_min, lcfg.sigma_max, generator=gen)
-    else:
-        adapter = RangeAdapter.ones(math.log(lcfg.sigma_min), math.log(lcfg.sigma_max))
+
+def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
+    """Stage 2, ``D_boot = D_comb + r(σ)·R_θ(x_σ, D_comb, σ)`` (docs/METHOD.md §4), built from the
+    config and the exported view models alone — no training data is read.
+
+    Its fitted constants are placeholders of the right shape: `FusionWeights` of all ones on the
+    ``residual.fusion_sigmas``-point grid when ``residual.fit_fusion_weights`` (else none), and a
+    `RangeAdapter` ≡ 1 on its 100 bins over the training σ range (METHOD §5). `fit_bootstrap`
+    fills them when a run starts fresh; a checkpoint (`ema_model`, a resumed `train`) or an
+    export (`bootdiff.export.load_bootstrap_model`) restores them otherwise.
+    """
+    from bootdiff.fusion import FusionWeights
+    from bootdiff.nets import make_net
+    from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
+
+    combined = combined if combined is not None else build_combined(cfg, manifest, fusion=rcfg.fusion)
+    if rcfg.fit_fusion_weights:
+        combined.weights = FusionWeights(_fusion_grid(rcfg), combined.num_components)
+    lcfg = rcfg.train.loss
+    adapter = RangeAdapter.ones(math.log(lcfg.sigma_min), math.log(lcfg.sigma_max))
+    shape = full_shape(manifest)
     net = make_net(rcfg.net, in_channels=2 * shape[0], out_channels=shape[0], resolution=shape[-1],
                    video=_is_video(shape))
-    model = BootstrapDenoiser(combined, ResidualPrecond(net, sigma_data=sigma_data), adapter)
-    loss = ResidualLoss(lcfg, sigma_data, mu_var=rcfg.mu_var, mu_l1=rcfg.mu_l1, l1_decay=rcfg.l1_decay)
-    return model, loss
+    sigma_data = float(view_info(manifest, "full")["sigma_data"])
+    return BootstrapDenoiser(combined, ResidualPrecond(net, sigma_data=sigma_data), adapter)
 
 
-def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, world_size: int = 1):
-    """(model, loss_fn, data) of one residual run (a sweep trial)."""
-    model, loss = build_bootstrap(cfg, manifest, rcfg)
+def fit_bootstrap(cfg, manifest: dict, model, rcfg: ResidualConfig):
+    """Fit the stage-2 constants of a model from `build_bootstrap` (same ``rcfg``), in place, on
+    the scarce full-resolution training set: the fusion weights when ``residual.fit_fusion_weights``
+    (METHOD §3), then r(σ) — the RMS of x − D_comb per bin — when ``residual.range_adapter``
+    (METHOD §5); noise from a generator seeded with ``residual.train.seed``
+    (`bootdiff.residual.fit_constants`). Reads no data when there is nothing to fit."""
+    from bootdiff.residual import check_placeholders, fit_constants
+
+    if not (rcfg.fit_fusion_weights or rcfg.range_adapter):
+        return model
+    grid = _fusion_grid(rcfg) if rcfg.fit_fusion_weights else None
+    check_placeholders(model, grid, rcfg.range_adapter)  # before reading any data
+    info = view_info(manifest, "full")
+    full = load_all(cfg, manifest, "full", max_samples=max(1, info["count"]))
+    gen = torch.Generator().manual_seed(rcfg.train.seed)
+    return fit_constants(model, lambda: iter(full.split(64)), gen, fusion_grid=grid,
+                         range_adapter=rcfg.range_adapter)
+
+
+def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, world_size: int = 1,
+                      run_dir: Optional[str] = None, resume_from: Optional[str] = None):
+    """(model, loss_fn, data) of one residual run (a sweep trial; docs/METHOD.md §4).
+
+    ``run_dir`` / ``resume_from``: what the run's `bootdiff.train.train` call gets. The stage-2
+    constants are fitted (`fit_bootstrap`) only when that run starts fresh; when it resumes (from
+    ``resume_from`` or the latest checkpoint in ``run_dir``) they come from the checkpoint, which
+    `train` loads into the model, buffers included.
+    """
+    from bootdiff.checkpoint import latest_checkpoint
+    from bootdiff.residual import ResidualLoss
+
+    model = build_bootstrap(cfg, manifest, rcfg)
+    if not (resume_from or latest_checkpoint(run_dir)):
+        fit_bootstrap(cfg, manifest, model, rcfg)
+    sigma_data = float(view_info(manifest, "full")["sigma_data"])
+    loss = ResidualLoss(rcfg.train.loss, sigma_data, mu_var=rcfg.mu_var, mu_l1=rcfg.mu_l1,
+                        l1_decay=rcfg.l1_decay)
     return model, loss, train_data(cfg, manifest, "full", rcfg.train, rank, world_size)
-
-
-def trial_residual_config(cfg, trial: dict) -> ResidualConfig:
-    """The residual config of a sweep trial: cfg.residual with the trial's μ_var, μ_L1, r(σ)."""
-    from omegaconf import OmegaConf
-
-    rcfg = OmegaConf.to_object(OmegaConf.structured(cfg.residual)) if not isinstance(cfg.residual, ResidualConfig) else cfg.residual
-    import copy
-
-    rcfg = copy.deepcopy(rcfg)
-    rcfg.mu_var = float(trial.get("mu_var", rcfg.mu_var))
-    rcfg.mu_l1 = float(trial.get("mu_l1", rcfg.mu_l1))
-    rcfg.range_adapter = bool(trial.get("range_adapter", rcfg.range_adapter))
-    return rcfg
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 def generalization(cfg, manifest: dict, D, split: str = "test", max_samples: Optional[int] = None) -> dict:
-    """G per σ and in total (DESIGN.md §1) of denoiser ``D`` on a full-resolution split."""
-    from bootdiff.evaluate import generalization_error, sigma_grid
+    """G per σ and in total (docs/METHOD.md §6) of denoiser ``D`` on a full-resolution split."""
+    from bootdiff.metrics import generalization_error, sigma_grid
 
     ecfg = cfg.eval
     n = max_samples or ecfg.max_samples
@@ -244,8 +243,3 @@ def ema_model(model, state: dict):
     if trainable & set(missing):
         raise KeyError(f"checkpoint lacks trainable weights: {sorted(trainable & set(missing))[:5]}")
     return model.eval()
-
-
-def config_yaml(cfg) -> str:
-    return to_yaml(cfg)
-

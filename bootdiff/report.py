@@ -1,8 +1,8 @@
 """The sweep report: a self-contained HTML page, its Markdown twin and a CSV of all trials.
 
-Shows the quantities of DESIGN.md §1 "What we measure" for a stage-2 sweep: the generalization
-error G on held-out full-resolution data (total, and per σ next to the training-set figure, whose
-gap is over-fitting), the per-σ (1−δ) quantile of the per-sample error, a heatmap of test G over
+Shows what docs/METHOD.md §6 and §8 measure for a stage-2 sweep: the generalization error G on
+held-out full-resolution data (total, and per σ next to the training-set figure, whose gap is
+over-fitting), the per-σ (1−δ) quantile of the per-sample error, a heatmap of test G over
 (μ_var, μ_L1) per range-adapter setting, and sample grids per model. Pure data in, files out
 through fsspec URLs (`bootdiff.util`). The pictures themselves (sample grids, heatmap, per-σ
 curves) are drawn in `bootdiff.report_plots`; their public names are re-exported here.
@@ -22,15 +22,16 @@ import re
 import numpy as np
 from PIL import Image
 
-from bootdiff.report_plots import (OK_STATUS, _fmt, _num, _ok, _png, grid_scale, image_grid,
-                                   plot_curves, plot_heatmap, sample_grid, to_uint8_images)
+from bootdiff.report_plots import (OK_STATUS, _fmt, _ok, _png, grid_scale, image_grid, plot_curves,
+                                   plot_heatmap, sample_grid, to_uint8_images)
+from bootdiff.sweep import KINDS, select_best
+from bootdiff.sweep import num as _num
 from bootdiff.util import atomic_write_bytes, join
 
 __all__ = ["KINDS", "REQUIRED", "OK_STATUS", "KIND_LABEL", "to_uint8_images", "image_grid",
            "sample_grid", "grid_scale", "plot_heatmap", "plot_curves", "validate_trials",
            "select_best", "manifest_tables", "write_report"]
 
-KINDS = ("residual", "combined", "full_res")
 REQUIRED = ("trial_id", "kind", "mu_var", "mu_l1", "range_adapter", "test_G", "train_G", "step",
             "status", "checkpoint")
 KIND_LABEL = {"residual": "bootstrapped (residual)", "combined": "combined denoiser (baseline)",
@@ -56,20 +57,6 @@ def validate_trials(trials) -> list:
             raise ValueError(f"trials[{i}]: duplicate trial_id {t['trial_id']!r}")
         seen.add(t["trial_id"])
     return list(trials)
-
-
-def select_best(trials, best_trial_id=None):
-    """The named trial, else the residual trial (else any trial) with the lowest finite test G."""
-    if best_trial_id is not None:
-        for t in trials:
-            if t["trial_id"] == best_trial_id:
-                return t
-        raise ValueError(f"best_trial_id {best_trial_id!r} is not among the trials")
-    for pool in ([t for t in trials if t["kind"] == "residual"], trials):
-        scored = [t for t in pool if math.isfinite(_num(t["test_G"]))]
-        if scored:
-            return min(scored, key=lambda t: _num(t["test_G"]))
-    return None
 
 
 def _columns(trials) -> list:
@@ -336,7 +323,7 @@ def _figures(trials, curves, samples, best):
         figures.append(("heatmap.png", "Test generalization error over (μ_var, μ_L1)",
                         "Lower is better; the best trial is outlined in red; hatched cells have no "
                         "trial or no finite G.", hm, False, "heatmap"))
-    # the best trial's curve: keyed by its id, or "bootstrapped" (as ray_jobs/evaluate.py does)
+    # the best trial's curve: keyed by its id, or "bootstrapped" (as bootdiff/evaluate.py does)
     best_name = next((n for n in ((best or {}).get("trial_id"), "bootstrapped") if n in curves), None)
     if curves:
         png = plot_curves(curves, [("test_mean", "-", "test (held-out)"), ("train_mean", "--", "train")],
@@ -371,12 +358,13 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     any other keys are extra CSV/table columns. ``curves``: {model: {"sigma", "test_mean",
     "train_mean"?, "test_quantile"?, "delta"?}}. ``samples``: {model: uint8 ``[N,H,W,C]`` /
     ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
-    default the residual trial with the lowest test G. ``extra``: {section title: str | dict |
-    dict of dicts | list of dicts}, shown as text or tables after the trials.
+    default as `bootdiff.sweep.select_best` picks it (lowest finite test G, residual trials
+    first). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
+    or tables after the trials.
     """
     trials = validate_trials(trials)
     curves, samples, extra = dict(curves or {}), dict(samples or {}), dict(extra or {})
-    best = select_best(trials, best_trial_id)
+    best = select_best(trials, best_trial_id, baselines=True)
     figures = _figures(trials, curves, samples, best)
     written = {"images": {}}
     for fname, _title, _cap, png, _pixel, _group in figures:

@@ -1,11 +1,11 @@
 """The sweep report's pictures: sample grids (numpy → uint8 tiles → PNG) and matplotlib plots.
 
-Draws the figures of DESIGN.md §1 "What we measure" for `bootdiff.report`: the heatmap of test G
+Draws the figures of docs/METHOD.md §6 and §8 for `bootdiff.report`: the heatmap of test G
 over (μ_var, μ_L1) per range-adapter setting, per-σ curves (mean error test vs train, and the
 (1−δ) quantile of the per-sample error) on log-log axes, and the unscaled sample grids (images:
 a tile grid; videos: one frame strip per clip). Pure data in, PNG bytes out; plots are drawn on
 matplotlib's Agg canvas (no pyplot, no global state). Also holds the small value helpers
-(`_num`, `_fmt`, `_ok`) that the plots and the report's tables share.
+(`_fmt`, `_ok`) that the plots and the report's tables share (numbers: `bootdiff.sweep.num`).
 """
 
 from __future__ import annotations
@@ -21,19 +21,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from bootdiff.sweep import num as _num
+
 OK_STATUS = {"completed", "complete", "terminated", "done", "finished", "ok", "success"}
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def _num(v) -> float:
-    if v is None or isinstance(v, bool):
-        return float("nan")
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def _fmt(v) -> str:

@@ -1,6 +1,7 @@
-"""What every Ray entry point shares: the command line, joining or starting Ray, Ray storage for
-``file``/``s3://`` URLs, and the hook that hands `bootdiff.train` reports and checkpoints to
-``ray.train.report``. Thin on purpose: the work itself is `bootdiff`'s."""
+"""What every Ray entry point shares: the command line and `main`, joining or starting Ray, Ray
+storage for ``file``/``s3://`` URLs, and the hook that hands `bootdiff.train` reports and
+checkpoints (with held-out G) to ``ray.train.report``. Thin on purpose: the work itself is
+`bootdiff`'s."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from bootdiff import util
 from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object, to_yaml
+from bootdiff.layout import absolute_url
 
-# Ray Train's dashboard tab needs this before the cluster starts (RAY_NOTES.md).
+# Ray Train's dashboard tab needs this before the cluster starts (docs/RAY.md).
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
 
@@ -31,15 +32,19 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
         print(f"[bootdiff] WARNING: storage '{cfg.storage}' is relative to this Ray job's temporary working "
               f"directory ({os.getcwd()}); pass storage=/absolute/path or s3://... to keep the results",
               file=sys.stderr, flush=True)
-    cfg.storage = absolute_url(cfg.storage)
+    cfg.storage = absolute_url(cfg.storage)  # so Ray workers in other directories agree on it
     return cfg, to_yaml(cfg)
 
 
-def absolute_url(url: str) -> str:
-    """Local storage paths become absolute, so Ray workers in other directories agree on them."""
-    if "://" in url and not url.startswith("file://"):
-        return url
-    return os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+def main(job: Callable, description: str, argv: Optional[List[str]] = None) -> int:
+    """The body of every ``python -m ray_jobs.<stage>``: parse ``--config FILE [key=value ...]``,
+    run ``job(cfg, cfg_yaml)`` and print what it returns (if anything) as one JSON line."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cfg, cfg_yaml = parse_args(argv, description)
+    out = job(cfg, cfg_yaml)
+    if out is not None:
+        print(json.dumps(out, default=str))
+    return 0
 
 
 def cfg_from_yaml(text: str) -> ExperimentConfig:
@@ -75,19 +80,29 @@ def ray_storage(url: str):
     return absolute_url(url), None
 
 
-def storage_url(cfg: ExperimentConfig, path: str) -> str:
-    """A path Ray reports (inside its storage filesystem) as a bootdiff URL."""
-    if cfg.storage.startswith("s3://") and not path.startswith("s3://"):
-        return "s3://" + path.lstrip("/")
-    return path
-
-
 def write_json(url: str, obj) -> None:
     util.atomic_write_bytes(url, json.dumps(obj, indent=2, default=str).encode())
 
 
 def read_json(url: str):
     return json.loads(util.read_bytes(url))
+
+
+def checkpoint_evaluator(cfg, manifest: dict, model, final_only_kimg: Optional[float] = None):
+    """``extra_metrics`` for `RayReportHooks`: held-out and training G of the EMA weights at each
+    checkpoint (`bootdiff.evaluate.evaluate_checkpoint`), reported as ``test_G`` / ``train_G``.
+
+    With ``final_only_kimg`` (the full-res baseline) intermediate evaluations are reported as
+    ``baseline_test_G`` and only the final one as ``test_G``: ASHA acts only on results that carry
+    its metric, so a baseline is never stopped early."""
+    from bootdiff.evaluate import evaluate_checkpoint
+
+    def extra(checkpoint_dir: str) -> dict:
+        m = evaluate_checkpoint(cfg, manifest, model, checkpoint_dir)
+        final = final_only_kimg is None or m["kimg"] >= final_only_kimg - 1e-9
+        return {"test_G" if final else "baseline_test_G": m["test_G"], "train_G": m["train_G"]}
+
+    return extra
 
 
 class RayReportHooks:
@@ -147,7 +162,3 @@ def worker_setup(cpus: float) -> Tuple[int, int, "object", str]:
 def cleanup(path: Optional[str]) -> None:
     if path and os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
-
-
-def now() -> float:
-    return time.time()

@@ -8,15 +8,15 @@ Shards already complete are skipped, so an interrupted ingest re-submitted carri
 
 from __future__ import annotations
 
-import os
 import sys
 
 from bootdiff import experiment, util
+from bootdiff.layout import RunLayout
 from ray_jobs import common
 
 
 def ingest_done(cfg) -> bool:
-    return util.exists(util.join(experiment.data_root(cfg), "manifest.json"))
+    return util.exists(RunLayout.of(cfg).manifest)
 
 
 def run(cfg) -> dict:
@@ -26,7 +26,7 @@ def run(cfg) -> dict:
     from bootdiff.data.ingest import finalize_manifest, plan_ingest, run_shard_task
 
     if ingest_done(cfg):
-        print(f"[bootdiff] data already ingested: {experiment.data_root(cfg)}/manifest.json", flush=True)
+        print(f"[bootdiff] data already ingested: {RunLayout.of(cfg).manifest}", flush=True)
         return experiment.read_manifest(cfg)
     ray = common.init_ray(cfg)
     tasks = plan_ingest(cfg)
@@ -39,16 +39,13 @@ def run(cfg) -> dict:
             infos.extend(ray.get(done))
             bar.update(len(done))
     manifest = finalize_manifest(cfg, infos)
-    print(f"[bootdiff] ingested {len(infos)} shards to {experiment.data_root(cfg)}", flush=True)
+    print(f"[bootdiff] ingested {len(infos)} shards to {RunLayout.of(cfg).data}", flush=True)
     return manifest
 
 
-def main(argv=None) -> int:
-    cfg, _ = common.parse_args(argv, __doc__)
+def _job(cfg, cfg_yaml: str) -> None:
     run(cfg)
-    return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(common.main(_job, __doc__))

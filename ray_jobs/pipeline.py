@@ -11,19 +11,20 @@ checkpoints, the Tune experiment), so a failed pipeline is simply submitted agai
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-from bootdiff import experiment, util
+from bootdiff import util
+from bootdiff.layout import RunLayout
 from ray_jobs import common, evaluate, ingest, sweep_residual, train_views
 
 
 def run(cfg, cfg_yaml: str) -> dict:
     t0 = time.time()
+    layout = RunLayout.of(cfg)
     common.init_ray(cfg)
-    print(f"[bootdiff] pipeline '{cfg.name}' -> {experiment.root(cfg)}", flush=True)
-    common.write_json(util.join(experiment.root(cfg), "config.json"), {"yaml": cfg_yaml})
+    print(f"[bootdiff] pipeline '{cfg.name}' -> {layout.root}", flush=True)
+    common.write_json(layout.config, {"yaml": cfg_yaml})
     stages = {}
     for name, fn in (("ingest", lambda: ingest.run(cfg)),
                      ("train_views", lambda: train_views.run(cfg, cfg_yaml)),
@@ -35,24 +36,20 @@ def run(cfg, cfg_yaml: str) -> dict:
     s = time.time()
     print("[bootdiff] === stage evaluate ===", flush=True)
     if evaluate.report_done(cfg):
-        print(f"[bootdiff] report already written: {experiment.report_root(cfg)}", flush=True)
+        print(f"[bootdiff] report already written: {layout.report}", flush=True)
     else:
-        outcome = common.read_json(util.join(experiment.sweep_root(cfg), "sweep.json"))
-        evaluate.run(cfg, cfg_yaml, outcome)
+        evaluate.run(cfg, cfg_yaml, common.read_json(layout.sweep_json))
     stages["evaluate"] = time.time() - s
-    report = util.join(experiment.report_root(cfg), "report.html")
+    report = util.join(layout.report, "report.html")
     print(f"[bootdiff] pipeline done in {time.time() - t0:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())})", flush=True)
     print(f"[bootdiff] sweep report: {report}", flush=True)
     return {"report": report, "stages": stages}
 
 
-def main(argv=None) -> int:
-    cfg, cfg_yaml = common.parse_args(argv, __doc__)
+def _job(cfg, cfg_yaml: str) -> None:
     run(cfg, cfg_yaml)
-    return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(common.main(_job, __doc__))

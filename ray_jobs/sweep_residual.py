@@ -10,24 +10,23 @@ against reported ``kimg``. The baselines run in the same sweep: the combined den
 residual; evaluated, not trained) and a full-resolution model trained on the scarce set alone.
 An interrupted sweep is restored with ``Tuner.restore`` and only unfinished trials run; each
 trial's Train run resumes from its own latest checkpoint. The outcome goes to
-``{storage}/{name}/sweep/sweep.json``.
+``{storage}/{name}/sweep/sweep.json``. The trials, their rows and the best trial are
+`bootdiff.sweep`'s; the G reported at checkpoints is `bootdiff.evaluate`'s.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 import os
-import random
 import sys
 import time
 
 from bootdiff import experiment, util
+from bootdiff.evaluate import generalization_pair
+from bootdiff.layout import TUNE_NAME, RunLayout
+from bootdiff.sweep import select_best, trial_list, trial_residual_config, trial_row
 from ray_jobs import common
-from ray_jobs.train_views import _evaluator, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
+from ray_jobs.train_views import make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
-SWEEP_NAME = "tune"
 # Each trial is a driver holding a token CPU share; its Train worker gets the rest of trial_cpus,
 # so one trial's whole footprint is trial_cpus and `concurrency` trials fit the cluster exactly.
 TRIAL_TOKEN_CPU = 0.01
@@ -37,48 +36,22 @@ def worker_cpus(cfg) -> float:
     return max(cfg.sweep.trial_cpus - TRIAL_TOKEN_CPU, TRIAL_TOKEN_CPU)
 
 
-def trial_label(t: dict) -> str:
-    if t["kind"] != "residual":
-        return t["kind"]
-    return f"residual-mv{t['mu_var']:g}-ml{t['mu_l1']:g}-ra{int(bool(t['range_adapter']))}"
-
-
-def trial_list(cfg) -> list:
-    """The sweep's trials: the grid (or random samples) of residual settings, then baselines."""
-    sw = cfg.sweep
-    if sw.search == "grid":
-        combos = list(itertools.product(sw.mu_var, sw.mu_l1, sw.range_adapter))
-    elif sw.search == "random":
-        rng = random.Random(cfg.seed)
-        combos = [(rng.choice(sw.mu_var), rng.choice(sw.mu_l1), rng.choice(sw.range_adapter))
-                  for _ in range(sw.num_samples)]
-    else:
-        raise ValueError(f"sweep.search must be 'grid' or 'random', got '{sw.search}'")
-    trials = [{"kind": "residual", "mu_var": float(a), "mu_l1": float(b), "range_adapter": bool(c)}
-              for a, b, c in dict.fromkeys(combos)]
-    if sw.baseline_combined:
-        trials.append({"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None})
-    if sw.baseline_full_res:
-        trials.append({"kind": "full_res", "mu_var": None, "mu_l1": None, "range_adapter": None})
-    for t in trials:
-        t["label"] = trial_label(t)
-    return trials
-
-
 def residual_worker(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` of one residual trial."""
     from bootdiff.train import train
 
     cfg = common.cfg_from_yaml(config["cfg_yaml"])
-    rcfg = experiment.trial_residual_config(cfg, config["trial"])
+    rcfg = trial_residual_config(cfg, config["trial"])
     rank, world, device, run_dir = common.worker_setup(cfg.sweep.trial_cpus)
     manifest = experiment.read_manifest(cfg)
-    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world)
-    hooks = common.RayReportHooks({"label": config["trial"]["label"]},
-                                  extra_metrics=_evaluator(cfg, manifest, model) if rank == 0 else None)
+    resume = common.resume_dir()  # a resumed run takes its fitted constants from the checkpoint
+    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world,
+                                                     run_dir=run_dir, resume_from=resume)
+    extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
+    hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra)
     try:
         train(model, loss, data, rcfg.train, run_dir=run_dir, hooks=hooks, device=device,
-              resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
+              resume_from=resume, config_yaml=config["cfg_yaml"])
     finally:
         common.cleanup(run_dir)
 
@@ -93,15 +66,13 @@ def sweep_trial(config: dict, cfg_yaml: str = "") -> None:
     config = {**config, "cfg_yaml": cfg_yaml}
     cfg = common.cfg_from_yaml(cfg_yaml)
     trial = config["trial"]
-    runs = util.join(experiment.sweep_root(cfg), "runs")
+    layout = RunLayout.of(cfg)
+    runs = layout.trial_runs
     # Audit trail: one object per trial start (a restored sweep starts only unfinished trials).
-    common.write_json(util.join(experiment.sweep_root(cfg), "events", f"{trial['label']}.{time.time_ns()}.start"),
-                      {"trial": trial, "time": time.time()})
+    common.write_json(layout.trial_start_event(trial["label"], time.time_ns()), {"trial": trial, "time": time.time()})
     if trial["kind"] == "combined":
         manifest = experiment.read_manifest(cfg)
-        combined = experiment.build_combined(cfg, manifest)
-        test = experiment.generalization(cfg, manifest, combined, "test")
-        train = experiment.generalization(cfg, manifest, combined, "full")
+        test, train = generalization_pair(cfg, manifest, experiment.build_combined(cfg, manifest))
         tune.report({"kimg": cfg.residual.train.total_kimg, "step": 0, "test_G": test["total"],
                      "train_G": train["total"], "label": trial["label"]})
         return
@@ -138,7 +109,7 @@ def concurrency(cfg, ray) -> int:
 
 
 def sweep_done(cfg) -> bool:
-    return util.exists(util.join(experiment.sweep_root(cfg), "sweep.json"))
+    return util.exists(RunLayout.of(cfg).sweep_json)
 
 
 def run(cfg, cfg_yaml: str) -> dict:
@@ -147,7 +118,8 @@ def run(cfg, cfg_yaml: str) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    out = util.join(experiment.sweep_root(cfg), "sweep.json")
+    layout = RunLayout.of(cfg)
+    out = layout.sweep_json
     if sweep_done(cfg):
         print(f"[bootdiff] sweep already complete: {out}", flush=True)
         return common.read_json(out)
@@ -155,11 +127,11 @@ def run(cfg, cfg_yaml: str) -> dict:
     # Only reports made at checkpoints carry the held-out test_G (evaluating costs time); the others
     # show training progress. ASHA acts on the reports that carry test_G and skips the rest.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # A token share per trial: the trial's own Train workers hold the real resources (RAY_NOTES.md).
+    # A token share per trial: the trial's own Train workers hold the real resources (docs/RAY.md).
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml), {"CPU": TRIAL_TOKEN_CPU})
-    storage_path, storage_fs = common.ray_storage(experiment.sweep_root(cfg))
-    tune_path = util.join(experiment.sweep_root(cfg), SWEEP_NAME)
-    restore_path = tune_path if not cfg.storage.startswith("s3://") else storage_path + "/" + SWEEP_NAME
+    storage_path, storage_fs = common.ray_storage(layout.sweep)
+    tune_path = layout.tune
+    restore_path = tune_path if not cfg.storage.startswith("s3://") else storage_path + "/" + TUNE_NAME
     if tune.Tuner.can_restore(restore_path, storage_filesystem=storage_fs):
         print(f"[bootdiff] restoring interrupted sweep at {tune_path}: only unfinished trials run", flush=True)
         tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True,
@@ -178,26 +150,17 @@ def run(cfg, cfg_yaml: str) -> dict:
             tune_config=tune.TuneConfig(metric="test_G", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=cfg.sweep.max_concurrent or concurrency(cfg, ray),
                                         trial_dirname_creator=lambda t: f"trial-{t.config['trial']['label']}"),
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
                                       verbose=1),
         )
     print(f"[bootdiff] sweep of {len(trials)} trials ({', '.join(t['label'] for t in trials)})", flush=True)
     grid = tuner.fit()
-    rows = []
-    for result in grid:
-        t = result.config["trial"]
-        m = result.metrics or {}
-        rows.append({"trial_id": t["label"], "kind": t["kind"], "mu_var": t["mu_var"], "mu_l1": t["mu_l1"],
-                     "range_adapter": t["range_adapter"], "test_G": _num(m.get("test_G")),
-                     "train_G": _num(m.get("train_G")), "kimg": _num(m.get("kimg")), "step": m.get("step"),
-                     "status": _status(cfg, t, m, result.error),
-                     "checkpoint": m.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None),
-                     "error": str(result.error)[:500] if result.error else None})
+    rows = [trial_row(cfg, result.config["trial"], result.metrics,
+                      result.checkpoint.path if result.checkpoint else None, result.error) for result in grid]
     errors = [r for r in rows if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))
-    residuals = [r for r in rows if r["kind"] == "residual" and r["checkpoint"] and math.isfinite(r["test_G"])]
-    best = min(residuals, key=lambda r: r["test_G"]) if residuals else None
+    best = select_best(rows)
     outcome = {"trials": rows, "best": best["trial_id"] if best else None, "tune_path": tune_path}
     common.write_json(out, outcome)
     print(f"[bootdiff] sweep done; best {outcome['best']} (test G {best['test_G']:.4f})" if best else
@@ -205,30 +168,10 @@ def run(cfg, cfg_yaml: str) -> dict:
     return outcome
 
 
-def _status(cfg, trial: dict, metrics: dict, error) -> str:
-    """complete / stopped (early, by ASHA) / error."""
-    if error:
-        return "error"
-    total = {"residual": cfg.residual.train.total_kimg, "full_res": cfg.full_res.train.total_kimg}.get(trial["kind"])
-    if total is None or _num(metrics.get("kimg")) >= total - 1e-6:
-        return "complete"
-    return "stopped"
-
-
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def main(argv=None) -> int:
-    cfg, cfg_yaml = common.parse_args(argv, __doc__)
+def _job(cfg, cfg_yaml: str) -> dict:
     outcome = run(cfg, cfg_yaml)
-    print(json.dumps({"best": outcome["best"], "trials": len(outcome["trials"])}))
-    return 0
+    return {"best": outcome["best"], "trials": len(outcome["trials"])}
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(common.main(_job, __doc__))

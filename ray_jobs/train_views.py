@@ -7,17 +7,18 @@ per worker; DDP across a view's workers), streams its view's shards split by wor
 loss (also per σ band), kimg, img/s and lr, checkpoints to ``{storage}/{name}/views/view-<v>``
 (local or s3://), retries through FailureConfig, and resumes from its latest checkpoint when the
 same run is submitted again. The final checkpoint's EMA weights are exported in diffusers format to
-``{storage}/{name}/models/<v>``. The training itself is `bootdiff.train.train`.
+``{storage}/{name}/models/<v>`` (`bootdiff.evaluate.export_result`). The training itself is
+`bootdiff.train.train`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
 from bootdiff import experiment, util
+from bootdiff.evaluate import export_result
+from bootdiff.layout import RunLayout
 from ray_jobs import common
 
 
@@ -26,42 +27,21 @@ def train_worker(config: dict) -> None:
     from bootdiff.train import train
 
     cfg = common.cfg_from_yaml(config["cfg_yaml"])
-    view, split = config["view"], config["split"]
-    vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
+    view = config["view"]
+    vcfg, split = experiment.run_split(cfg, view)
     rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker)
     manifest = experiment.read_manifest(cfg)
     model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
-    extra = _evaluator(cfg, manifest, model, final_only_kimg=vcfg.train.total_kimg) if config.get("evaluate") else None
-    hooks = common.RayReportHooks(
-        {"view": view}, extra_metrics=extra if rank == 0 else None,
-        fail_at_step=cfg.ray.inject_failure_step,
-        fail_marker=util.join(experiment.root(cfg), "views", f"injected-failure-{view}"))
+    extra = None
+    if config.get("evaluate") and rank == 0:
+        extra = common.checkpoint_evaluator(cfg, manifest, model, final_only_kimg=vcfg.train.total_kimg)
+    hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
+                                  fail_marker=RunLayout.of(cfg).failure_marker(view))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
     finally:
         common.cleanup(run_dir)
-
-
-def _evaluator(cfg, manifest, model, final_only_kimg=None):
-    """Held-out and training G of the EMA weights at each checkpoint (used by the sweep).
-
-    With ``final_only_kimg`` (the full-res baseline) intermediate evaluations are reported as
-    ``baseline_test_G`` and only the final one as ``test_G``: ASHA acts only on results that carry
-    its metric, so a baseline is never stopped early."""
-    import copy
-
-    from bootdiff.checkpoint import load_checkpoint
-
-    def extra(checkpoint_dir: str) -> dict:
-        state = load_checkpoint(checkpoint_dir)
-        m = experiment.ema_model(copy.deepcopy(model).cpu(), state)
-        test = experiment.generalization(cfg, manifest, m, "test")
-        train = experiment.generalization(cfg, manifest, m, "full")
-        final = final_only_kimg is None or state["nimg"] / 1000 >= final_only_kimg - 1e-9
-        return {"test_G" if final else "baseline_test_G": test["total"], "train_G": train["total"]}
-
-    return extra
 
 
 def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, callbacks=None,
@@ -70,7 +50,7 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
+    vcfg, _ = experiment.run_split(cfg, view)
     sc = vcfg.scaling
     resources = {"CPU": cpus_per_worker or sc.cpus_per_worker, **dict(sc.resources_per_worker)}
     if sc.use_gpu:
@@ -78,8 +58,7 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
     storage_path, storage_fs = common.ray_storage(storage)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg_yaml": cfg_yaml, "view": view,
-                           "split": "full" if view == "full_res" else view, "evaluate": evaluate},
+        train_loop_config={"cfg_yaml": cfg_yaml, "view": view, "evaluate": evaluate},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -90,42 +69,25 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
     )
 
 
-def export_result(cfg, view: str, checkpoint_path: str) -> str:
-    """Export a run's final checkpoint (EMA weights) to ``models/<view>`` in diffusers format."""
-    from bootdiff.checkpoint import load_checkpoint
-    from bootdiff.export import save_view_model
-
-    manifest = experiment.read_manifest(cfg)
-    split = "full" if view == "full_res" else view
-    vcfg = cfg.full_res if view == "full_res" else cfg.views[view]
-    info = experiment.view_info(manifest, split)
-    model = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
-    state = load_checkpoint(common.storage_url(cfg, checkpoint_path))
-    experiment.ema_model(model, state)
-    url = experiment.model_url(cfg, view)
-    save_view_model(model, url, vcfg, extra={"shape": list(info["shape"]), "step": state.get("step"),
-                                             "kimg": state.get("kimg"), "checkpoint": checkpoint_path})
-    return url
-
-
 def fit_view(cfg_yaml: str, view: str) -> dict:
     """Fit one view's trainer to completion (resuming if it ran before) and export it."""
     cfg = common.cfg_from_yaml(cfg_yaml)
+    layout = RunLayout.of(cfg)
     start = time.time()
-    trainer = make_trainer(cfg, cfg_yaml, view, f"view-{view}", util.join(experiment.root(cfg), "views"))
+    trainer = make_trainer(cfg, cfg_yaml, view, f"view-{view}", layout.view_runs)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"view '{view}': training finished without a checkpoint")
     url = export_result(cfg, view, result.checkpoint.path)
     info = {"view": view, "start": start, "end": time.time(), "metrics": result.metrics,
             "checkpoint": result.checkpoint.path, "model": url}
-    common.write_json(util.join(experiment.root(cfg), "views", f"view-{view}.json"), info)
+    common.write_json(layout.view_run_info(view), info)
     return info
 
 
 def check_fits(cfg, views, total: dict) -> None:
     """Fail fast (naming the view) when a view's worker group can never be scheduled: Train V2
-    would otherwise wait and retry forever (RAY_NOTES.md)."""
+    would otherwise wait and retry forever (docs/RAY.md)."""
     for v in views:
         sc = cfg.views[v].scaling
         need = {"CPU": sc.cpus_per_worker, **dict(sc.resources_per_worker)}
@@ -139,7 +101,7 @@ def check_fits(cfg, views, total: dict) -> None:
 
 
 def view_done(cfg, view: str) -> bool:
-    return util.exists(util.join(experiment.model_url(cfg, view), "bootdiff.json"))
+    return util.exists(util.join(RunLayout.of(cfg).model(view), "bootdiff.json"))
 
 
 def run(cfg, cfg_yaml: str) -> list:
@@ -149,10 +111,10 @@ def run(cfg, cfg_yaml: str) -> list:
     check_fits(cfg, todo, ray.cluster_resources())
     for v in cfg.views:
         if v not in todo:
-            print(f"[bootdiff] view '{v}': already exported at {experiment.model_url(cfg, v)}, skipped", flush=True)
+            print(f"[bootdiff] view '{v}': already exported at {RunLayout.of(cfg).model(v)}, skipped", flush=True)
     if not todo:
         return []
-    # fit() blocks its caller: each trainer runs in its own zero-CPU task (RAY_NOTES.md).
+    # fit() blocks its caller: each trainer runs in its own zero-CPU task (docs/RAY.md).
     remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_view)
     refs = {v: remote_fit.remote(cfg_yaml, v) for v in todo}
     print(f"[bootdiff] training {len(todo)} view model(s) concurrently: {', '.join(todo)}", flush=True)
@@ -169,13 +131,9 @@ def run(cfg, cfg_yaml: str) -> list:
     return infos
 
 
-def main(argv=None) -> int:
-    cfg, cfg_yaml = common.parse_args(argv, __doc__)
-    infos = run(cfg, cfg_yaml)
-    print(json.dumps([{k: i[k] for k in ("view", "start", "end", "model")} for i in infos]))
-    return 0
+def _job(cfg, cfg_yaml: str) -> list:
+    return [{k: i[k] for k in ("view", "start", "end", "model")} for i in run(cfg, cfg_yaml)]
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(common.main(_job, __doc__))

@@ -1,15 +1,19 @@
-"""Generalization error with fixed noise, sliced Wasserstein distance, memorisation metrics."""
+"""Metrics (`bootdiff.metrics`: generalization error with fixed noise, sliced Wasserstein distance,
+memorisation), the sweep's bookkeeping (`bootdiff.sweep`) and the run's URLs (`bootdiff.layout`).
+The evaluation procedure itself runs end to end in tests/test_experiment.py."""
 
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bootdiff.config import EvalConfig
-from bootdiff.evaluate import (fixed_noise, generalization_error, laplacian_pyramid, memorization_rate,
-                               nearest_neighbour_distance, sigma_grid, sliced_wasserstein,
-                               sliced_wasserstein_levels)
+from bootdiff.metrics import (fixed_noise, generalization_error, laplacian_pyramid, memorization_rate,
+                              nearest_neighbour_distance, sigma_grid, sliced_wasserstein,
+                              sliced_wasserstein_levels)
 
 try:
     from gmm import GaussianMixture
@@ -189,3 +193,113 @@ def test_memorization_and_nearest_neighbour():
     assert abs(nn_fresh - float(brute)) < 1e-4 and nn_fresh > 5
     with pytest.raises(ValueError, match="2 training"):
         memorization_rate(fresh, train[:1])
+
+
+# ----------------------------------------------------------------------------- run layout
+
+
+def test_run_layout_urls(tmp_path, monkeypatch):
+    from bootdiff.config import ExperimentConfig
+    from bootdiff.layout import RunLayout
+
+    monkeypatch.chdir(tmp_path)
+    lay = RunLayout.of(ExperimentConfig(name="exp", storage="runs"))  # relative -> absolute, once
+    root = f"{tmp_path}/runs/exp"
+    assert lay.root == root and lay == RunLayout(f"file://{tmp_path}/runs", "exp")
+    assert (lay.data, lay.manifest, lay.split_data("test")) == (
+        f"{root}/data", f"{root}/data/manifest.json", f"{root}/data/test")
+    assert (lay.view_runs, lay.view_run_info("low"), lay.model("bootstrap")) == (
+        f"{root}/views", f"{root}/views/view-low.json", f"{root}/models/bootstrap")
+    assert (lay.sweep, lay.tune, lay.sweep_json, lay.trial_runs) == (
+        f"{root}/sweep", f"{root}/sweep/tune", f"{root}/sweep/sweep.json", f"{root}/sweep/runs")
+    assert lay.trial_start_event("combined", 7) == f"{root}/sweep/events/combined.7.start"
+    assert (lay.report, lay.summary, lay.config) == (
+        f"{root}/sweep/report", f"{root}/sweep/report/summary.json", f"{root}/config.json")
+    assert lay.url("/x/checkpoint_000001") == "/x/checkpoint_000001"
+    s3 = RunLayout("s3://bucket/runs/", "exp")
+    assert s3.root == "s3://bucket/runs/exp" and s3.model("low") == "s3://bucket/runs/exp/models/low"
+    # Ray reports paths inside its (pyarrow) S3 filesystem without the scheme
+    assert s3.url("bucket/runs/exp/sweep/runs/ck") == "s3://bucket/runs/exp/sweep/runs/ck"
+    assert s3.url("s3://bucket/k") == "s3://bucket/k"
+
+
+def test_ingest_writes_where_the_layout_says(tmp_path, monkeypatch):
+    """Ingest and the experiment glue agree on the data folder (a relative storage included)."""
+    from bootdiff import experiment
+    from bootdiff.config import load_config
+    from bootdiff.data.ingest import ingest
+    from bootdiff.layout import RunLayout
+
+    class Tiny:
+        kind, description, fixed_test, ids = "image", "tiny", None, [str(i) for i in range(12)]
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return np.full((8, 8, 1), 20 * i, np.uint8)
+
+        def mask(self, i):
+            return None
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["storage=rel", "name=lay", "data.resolution=8", "data.channels=1",
+                             "data.num_full=4", "data.num_test=4", "views.low.kind=downsample",
+                             "views.low.factor=2"])
+    manifest = ingest(cfg, progress=False, source=Tiny())
+    assert manifest["root"] == RunLayout.of(cfg).data == f"{tmp_path}/rel/lay/data"
+    assert os.path.exists(RunLayout.of(cfg).manifest)
+    assert experiment.read_manifest(cfg)["splits"]["low"]["shape"] == [1, 4, 4]
+
+
+# ----------------------------------------------------------------------------- the sweep's bookkeeping
+
+
+def _sweep_cfg(*overrides):
+    from bootdiff.config import load_config, to_object
+
+    return to_object(load_config(None, ["views.low.kind=downsample", "views.low.factor=2", *overrides]))
+
+
+def test_trial_list_labels_and_residual_config():
+    from bootdiff.sweep import trial_list, trial_residual_config
+
+    cfg = _sweep_cfg("sweep.mu_var=[0.0,0.5,0.5]", "sweep.mu_l1=[0.01]", "sweep.range_adapter=[true,false]")
+    trials = trial_list(cfg)
+    assert [t["label"] for t in trials] == ["residual-mv0-ml0.01-ra1", "residual-mv0-ml0.01-ra0",
+                                            "residual-mv0.5-ml0.01-ra1", "residual-mv0.5-ml0.01-ra0",
+                                            "combined", "full_res"]
+    cfg.sweep.search, cfg.sweep.num_samples = "random", 5
+    assert trial_list(cfg) == trial_list(cfg) and len(trial_list(cfg)) <= 5 + 2
+    cfg.sweep.search = "bogus"
+    with pytest.raises(ValueError, match="sweep.search"):
+        trial_list(cfg)
+    rcfg = trial_residual_config(cfg, trials[3])
+    assert (rcfg.mu_var, rcfg.mu_l1, rcfg.range_adapter) == (0.5, 0.01, False)
+    assert (cfg.residual.mu_var, cfg.residual.range_adapter) == (0.0, True)  # the config is untouched
+
+
+def test_trial_rows_status_and_best():
+    from bootdiff.sweep import num, select_best, trial_row
+
+    cfg = _sweep_cfg("residual.train.total_kimg=2.0")
+    res = {"kind": "residual", "mu_var": 0.0, "mu_l1": 0.0, "range_adapter": True, "label": "r0"}
+    done = trial_row(cfg, res, {"test_G": 0.5, "train_G": 0.4, "kimg": 2.0, "step": 9}, "/ck/r0", None)
+    assert done["status"] == "complete" and done["checkpoint"] == "/ck/r0" and done["error"] is None
+    early = trial_row(cfg, dict(res, label="r1"), {"test_G": 0.3, "kimg": 1.0,
+                                                   "checkpoint_path": "/ck/r1"}, None, None)
+    assert early["status"] == "stopped" and early["checkpoint"] == "/ck/r1" and math.isnan(early["train_G"])
+    failed = trial_row(cfg, dict(res, label="r2"), None, None, RuntimeError("boom"))
+    assert failed["status"] == "error" and failed["error"] == "boom" and math.isnan(failed["test_G"])
+    nock = trial_row(cfg, dict(res, label="r3"), {"test_G": 0.1, "kimg": 2.0}, None, None)
+    comb = trial_row(cfg, {"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None,
+                           "label": "combined"}, {"test_G": 0.05, "kimg": 2.0}, None, None)
+    assert comb["status"] == "complete" and num(None) != num(None) and num("x") != num("x")
+    rows = [done, early, failed, nock, comb]
+    # the residual trial with a checkpoint and the lowest finite test G (r3 has no checkpoint)
+    assert select_best(rows)["trial_id"] == "r1"
+    assert select_best(rows, "r0") is done
+    with pytest.raises(ValueError, match="'nope'"):
+        select_best(rows, "nope")
+    assert select_best([failed, comb]) is None  # no residual trial finished: nothing to export
+    assert select_best([failed, comb], baselines=True) is comb  # the report still highlights one

@@ -1,6 +1,6 @@
 """The experiment glue without Ray, in latent space: a tiny random AutoencoderKL (a local folder,
 as a user's SD VAE would be) → latent ingest of real MNIST → view models trained with bare
-`bootdiff.train` and exported → one residual trial → `ray_jobs.evaluate.evaluate` (Ray-free),
+`bootdiff.train` and exported → one residual trial → `bootdiff.evaluate.evaluate` (stage 3),
 whose report shows VAE-decoded pictures."""
 
 import os
@@ -8,9 +8,13 @@ import os
 import torch
 
 from bootdiff import experiment
+from bootdiff.checkpoint import load_checkpoint
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
-from bootdiff.export import load_bootstrap_model, save_view_model
+from bootdiff.evaluate import evaluate, evaluate_checkpoint, export_result, generalization_pair, load_trial
+from bootdiff.export import load_bootstrap_model, load_view_model
+from bootdiff.layout import RunLayout
+from bootdiff.sweep import trial_residual_config
 from bootdiff.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +30,6 @@ def _tiny_vae(path):
 
 
 def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
-    from ray_jobs.evaluate import evaluate
-
     torch.set_num_threads(1)
     _tiny_vae(tmp_path / "vae")
     short = ["total_kimg=0.128", "batch_size=32", "checkpoint_every_kimg=0.064", "report_every=2"]
@@ -41,24 +43,33 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     manifest = ingest(cfg, progress=False)
     assert manifest["splits"]["full"]["shape"] == [4, 16, 16] and manifest["splits"]["full"]["dtype"] == "float16"
     manifest = experiment.read_manifest(cfg)
+    layout = RunLayout.of(cfg)
 
     for v, vcfg in cfg.views.items():  # stage 1, as each Ray Train worker runs it
         model, loss, data = experiment.view_training(cfg, manifest, v, vcfg)
         res = train(model, loss, data, vcfg.train, run_dir=str(tmp_path / "runs" / v))
         assert res.step == 4 and res.checkpoint_url
-        save_view_model(res.ema, experiment.model_url(cfg, v), vcfg)
+        assert export_result(cfg, v, res.checkpoint_url) == layout.model(v)
+        exported, _ = load_view_model(layout.model(v))
+        x, s = torch.randn(2, *manifest["splits"][v]["shape"]), torch.tensor([0.3, 3.0])
+        with torch.no_grad():  # the exported model is the run's EMA
+            assert torch.allclose(exported(x, s), res.ema.eval()(x, s), atol=1e-5)
 
     trial = {"kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True, "label": "residual-a"}
-    rcfg = experiment.trial_residual_config(cfg, trial)
+    rcfg = trial_residual_config(cfg, trial)
     assert (rcfg.mu_var, rcfg.range_adapter) == (0.1, True) and cfg.residual.mu_var == 0.0
     model, loss, data = experiment.residual_training(cfg, manifest, rcfg)
     r = model.range_adapter(torch.tensor([0.01, 1.0, 50.0]))
     assert torch.all(r > 0) and r[2] > r[0]  # RMS of x − D_comb grows with σ
     res = train(model, loss, data, rcfg.train, run_dir=str(tmp_path / "runs" / "residual"))
-    G = experiment.generalization(cfg, manifest, res.ema, "test")
+    G, G_train = generalization_pair(cfg, manifest, res.ema)
     combined = experiment.build_combined(cfg, manifest)
     G_comb = experiment.generalization(cfg, manifest, combined, "test")
     assert len(G["mean"]) == 4 and G["total"] > 0 and G_comb["total"] > 0
+    # what the Ray hooks report at a checkpoint: the same pair, from the checkpoint's EMA weights
+    at_ckpt = evaluate_checkpoint(cfg, manifest, model, res.checkpoint_url)
+    assert at_ckpt["kimg"] == res.kimg and abs(at_ckpt["test_G"] - G["total"]) < 1e-6 * G["total"]
+    assert abs(at_ckpt["train_G"] - G_train["total"]) < 1e-6 * G_train["total"]
 
     outcome = {"best": "residual-a", "trials": [
         {"trial_id": "residual-a", "kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True,
@@ -68,14 +79,18 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
          "test_G": G_comb["total"], "train_G": G_comb["total"], "kimg": 0, "step": 0, "status": "complete",
          "checkpoint": None}]}
     urls = evaluate(cfg, to_yaml(cfg), outcome)
+    assert urls["html"] == f"{layout.report}/report.html" and os.path.exists(layout.summary)
     html = open(urls["html"]).read()
     assert "32×32" in html and "16×16" not in html.split("Samples")[1].split("Trials")[0]  # decoded pictures
     assert html.count("data:image/png;base64,") >= 5
 
-    # The exported bootstrapped model is the evaluated one.
-    loaded = load_bootstrap_model(experiment.model_url(cfg, "bootstrap"))
+    # The exported bootstrapped model is the evaluated one, and the trained one.
+    loaded = load_bootstrap_model(layout.model("bootstrap"))
     x, s = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 3.0])
-    best = experiment.ema_model(experiment.build_bootstrap(cfg, manifest, rcfg)[0],
-                                __import__("bootdiff.checkpoint", fromlist=["x"]).load_checkpoint(res.checkpoint_url))
+    best = load_trial(cfg, manifest, outcome["trials"][0])
+    direct = experiment.ema_model(experiment.build_bootstrap(cfg, manifest, rcfg),
+                                  load_checkpoint(res.checkpoint_url))
     with torch.no_grad():
         assert torch.allclose(loaded(x, s), best(x, s), atol=1e-5)
+        assert torch.allclose(best(x, s), direct(x, s), atol=1e-6)
+        assert torch.allclose(best(x, s), res.ema.eval()(x, s), atol=1e-5)

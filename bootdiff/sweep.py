@@ -1,0 +1,118 @@
+"""The stage-2 sweep as data: its trials, each trial's residual config, the row a finished trial
+leaves in ``sweep.json``, and the choice of the best trial.
+
+A sweep runs the residual denoiser (docs/METHOD.md §4–§5) over μ_var × μ_L1 × range adapter (a
+grid, or seeded random draws) next to two baselines: the combined denoiser alone (stage 1's
+fusion, not trained) and a full-resolution model trained on the scarce set alone. The best trial
+is the residual trial with the lowest held-out generalization error G (docs/METHOD.md §6). Running
+the trials is Ray Tune's job (``ray_jobs/sweep_residual.py``); the report (`bootdiff.report`)
+and the evaluation (`bootdiff.evaluate`) read the same rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+
+from bootdiff.config import ResidualConfig
+
+KINDS = ("residual", "combined", "full_res")
+
+
+def num(v) -> float:
+    """A metric value as a float; NaN when it is missing or not a number."""
+    if v is None or isinstance(v, bool):
+        return float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def trial_label(t: dict) -> str:
+    """A trial's id: its kind for baselines, e.g. ``residual-mv0.1-ml0-ra1`` for residual trials."""
+    if t["kind"] != "residual":
+        return t["kind"]
+    return f"residual-mv{t['mu_var']:g}-ml{t['mu_l1']:g}-ra{int(bool(t['range_adapter']))}"
+
+
+def trial_list(cfg) -> list:
+    """The sweep's trials: the grid (or random samples) of residual settings, then baselines."""
+    sw = cfg.sweep
+    search = getattr(sw.search, "value", sw.search)
+    if search == "grid":
+        combos = list(itertools.product(sw.mu_var, sw.mu_l1, sw.range_adapter))
+    elif search == "random":
+        rng = random.Random(cfg.seed)
+        combos = [(rng.choice(sw.mu_var), rng.choice(sw.mu_l1), rng.choice(sw.range_adapter))
+                  for _ in range(sw.num_samples)]
+    else:
+        raise ValueError(f"sweep.search must be 'grid' or 'random', got '{sw.search}'")
+    trials = [{"kind": "residual", "mu_var": float(a), "mu_l1": float(b), "range_adapter": bool(c)}
+              for a, b, c in dict.fromkeys(combos)]
+    if sw.baseline_combined:
+        trials.append({"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None})
+    if sw.baseline_full_res:
+        trials.append({"kind": "full_res", "mu_var": None, "mu_l1": None, "range_adapter": None})
+    for t in trials:
+        t["label"] = trial_label(t)
+    return trials
+
+
+def trial_residual_config(cfg, trial: dict) -> ResidualConfig:
+    """The residual config of a sweep trial: cfg.residual with the trial's μ_var, μ_L1, r(σ)."""
+    rcfg = cfg.residual
+    if not isinstance(rcfg, ResidualConfig):
+        from omegaconf import OmegaConf
+
+        rcfg = OmegaConf.to_object(OmegaConf.structured(rcfg))
+    rcfg = copy.deepcopy(rcfg)
+    rcfg.mu_var = float(trial.get("mu_var", rcfg.mu_var))
+    rcfg.mu_l1 = float(trial.get("mu_l1", rcfg.mu_l1))
+    rcfg.range_adapter = bool(trial.get("range_adapter", rcfg.range_adapter))
+    return rcfg
+
+
+def trial_status(cfg, trial: dict, metrics: dict, error) -> str:
+    """complete / stopped (early, by the scheduler) / error."""
+    if error:
+        return "error"
+    total = {"residual": cfg.residual.train.total_kimg, "full_res": cfg.full_res.train.total_kimg}.get(trial["kind"])
+    if total is None or num(metrics.get("kimg")) >= total - 1e-6:
+        return "complete"
+    return "stopped"
+
+
+def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error) -> dict:
+    """A finished trial's row in ``sweep.json`` (the report's trial table reads these keys)."""
+    m = metrics or {}
+    return {"trial_id": trial["label"], "kind": trial["kind"], "mu_var": trial["mu_var"],
+            "mu_l1": trial["mu_l1"], "range_adapter": trial["range_adapter"],
+            "test_G": num(m.get("test_G")), "train_G": num(m.get("train_G")), "kimg": num(m.get("kimg")),
+            "step": m.get("step"), "status": trial_status(cfg, trial, m, error),
+            "checkpoint": m.get("checkpoint_path") or checkpoint,
+            "error": str(error)[:500] if error else None}
+
+
+def select_best(trials, best_trial_id=None, baselines: bool = False):
+    """The best trial of ``trials`` (rows as `trial_row` writes them), or None.
+
+    The trial named ``best_trial_id`` (unknown ids raise ValueError); else the residual trial with
+    a checkpoint and the lowest finite test G; else, with ``baselines``, the trial of any kind with
+    the lowest finite test G (so a report still highlights a model when no residual trial finished).
+    """
+    if best_trial_id is not None:
+        for t in trials:
+            if t["trial_id"] == best_trial_id:
+                return t
+        raise ValueError(f"best_trial_id {best_trial_id!r} is not among the trials")
+    pools = [[t for t in trials if t["kind"] == "residual" and t.get("checkpoint")]]
+    if baselines:
+        pools.append(list(trials))
+    for pool in pools:
+        scored = [t for t in pool if math.isfinite(num(t["test_G"]))]
+        if scored:
+            return min(scored, key=lambda t: num(t["test_G"]))
+    return None
