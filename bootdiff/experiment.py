@@ -7,6 +7,7 @@ same code. Where a run's files live (data, models, sweep, report) is `bootdiff.l
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Iterator, Optional, Sequence, Tuple
 
@@ -66,14 +67,39 @@ def stream(cfg, manifest: dict, view: str, batch_size: int, mode: str = "train",
         yield batch
 
 
-def train_data(cfg, manifest: dict, view: str, tcfg, rank: int, world_size: int) -> Callable[[int], Iterator[torch.Tensor]]:
-    """``data(start_step) -> iterator`` for `bootdiff.train.train`: a resampled stream whose seed
-    depends on the step it starts from, so a resumed run sees fresh (and reproducible) batches."""
+# Micro-batches per rank in one epoch of a training stream: bounds the fast-forward on resume.
+EPOCH_BATCHES = 1000
+
+
+def train_data(cfg, manifest: dict, view: str, tcfg, rank: int, world_size: int,
+               epoch_batches: int = EPOCH_BATCHES) -> Callable[[int], Iterator[torch.Tensor]]:
+    """``data(start_step) -> iterator`` for `bootdiff.train.train`, positioned exactly: it yields
+    what ``data(0)`` yields from micro-batch ``start_step · tcfg.accum_steps`` on.
+
+    This rank's stream is a sequence of epochs of ``epoch_batches`` micro-batches; epoch ``e`` is
+    the shard loader's resampled stream (`bootdiff.data.loader`, train mode) with seed
+    ``tcfg.seed · 1000003`` at epoch ``e``, so its order depends on (seed, e, rank, loader worker)
+    alone. ``data(k)`` opens epoch ``k·accum // epoch_batches`` and skips the micro-batches of it
+    already consumed — reading at most one epoch, never the run so far. The DataLoader of
+    ``tcfg.num_workers > 0`` draws its workers' base seed from torch's global RNG; that draw is
+    kept off the training's RNG (`bootdiff.train` restores that RNG from the checkpoint)."""
+    from bootdiff.data.loader import make_loader, view_urls
+
+    if epoch_batches < 1:
+        raise ValueError(f"train_data: epoch_batches must be positive, got {epoch_batches}")
 
     def data(start_step: int) -> Iterator[torch.Tensor]:
-        seed = tcfg.seed * 1_000_003 + start_step
-        return stream(cfg, manifest, view, tcfg.batch_size, mode="train", seed=seed, rank=rank,
-                      world_size=world_size, num_workers=tcfg.num_workers)
+        loader = make_loader(view_urls(manifest, view), tcfg.batch_size, mode="train",
+                             seed=tcfg.seed * 1_000_003, rank=rank, world_size=world_size,
+                             num_workers=tcfg.num_workers,
+                             epoch_samples=epoch_batches * world_size * tcfg.batch_size)
+        loader.epoch, skip = divmod(start_step * tcfg.accum_steps, epoch_batches)
+        while True:
+            batches = iter(loader)  # the next epoch
+            with torch.random.fork_rng(devices=[]):
+                first = next(batches)  # starts the DataLoader, if any
+            yield from itertools.islice(itertools.chain([first], batches), skip, None)
+            skip = 0
 
     return data
 
@@ -104,7 +130,7 @@ def build_view_denoiser(vcfg: ViewConfig, shape: Sequence[int], sigma_data: floa
     from bootdiff.precond import EDMPrecond
 
     net = make_net(vcfg.net, in_channels=shape[0], out_channels=shape[0], resolution=shape[-1],
-                   video=_is_video(shape))
+                   video=_is_video(shape), seed=vcfg.train.seed)
     return EDMPrecond(net, sigma_data=sigma_data)
 
 
@@ -173,7 +199,7 @@ def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
     adapter = RangeAdapter.ones(math.log(lcfg.sigma_min), math.log(lcfg.sigma_max))
     shape = full_shape(manifest)
     net = make_net(rcfg.net, in_channels=2 * shape[0], out_channels=shape[0], resolution=shape[-1],
-                   video=_is_video(shape))
+                   video=_is_video(shape), seed=rcfg.train.seed)
     sigma_data = float(view_info(manifest, "full")["sigma_data"])
     return BootstrapDenoiser(combined, ResidualPrecond(net, sigma_data=sigma_data), adapter)
 

@@ -17,7 +17,7 @@ concatenated, see `bootdiff.residual.ResidualPrecond`), ``out_channels = C``.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -238,12 +238,18 @@ def _validate(cfg, in_channels: int, out_channels: int, resolution: int) -> None
 
 
 def make_net(cfg: NetConfig, in_channels: int, out_channels: int, resolution: int,
-             video: bool = False) -> nn.Module:
+             video: bool = False, seed: Optional[int] = None) -> nn.Module:
     """Build the backbone ``F(x, c_noise)`` described by ``cfg`` (see the module docstring).
 
     ``resolution`` is the spatial side of the net's input (the patch size for patch views).
-    Residual nets: ``in_channels = 2·C``.
+    Residual nets: ``in_channels = 2·C``. With ``seed`` the initial weights are drawn from
+    ``torch.manual_seed(seed)`` without touching the caller's RNG state, so a run's starting point
+    is reproducible (torch seeds its default generator randomly in every new process).
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return make_net(cfg, in_channels, out_channels, resolution, video)
     if isinstance(cfg, dict):
         cfg = NetConfig(**cfg)
     kind = cfg.kind

@@ -173,3 +173,20 @@ def test_estimate_range_adapter_known_denoisers():
     ra = estimate_range_adapter(lambda x, s: torch.zeros_like(x), iter(data), 0.01, 10.0,
                                 num_bins=4, samples_per_bin=16, generator=g)
     assert torch.allclose(ra.values, data[0].pow(2).mean().sqrt().expand(4), rtol=1e-5)
+
+
+def test_make_net_seed_gives_the_same_weights_in_any_process_and_keeps_the_callers_rng():
+    """torch seeds its default generator randomly per process: a seeded build is reproducible
+    across processes and leaves the caller's RNG where it was."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from bootdiff.config import NetConfig; from bootdiff.nets import make_net; "
+            "n = make_net(NetConfig(channels=[8, 16], attention=[False, False]), 1, 1, 8, seed=3); "
+            "print(repr(sum(float(p.double().sum()) for p in n.parameters())))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1
+    state = torch.random.get_rng_state()
+    make_net(NetConfig(channels=[8, 16], attention=[False, False]), 1, 1, 8, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
