@@ -3,8 +3,13 @@
 For the best residual trial (bootstrapped denoiser), the combined denoiser alone, the full-res
 baseline and each view model alone: per-σ generalization error G on the held-out and the
 training full-resolution sets (mean and 1−δ quantile, docs/METHOD.md §6), samples with the
-configured sampler (§7), and their sliced Wasserstein distance to held-out data, memorisation rate
-and nearest-neighbour distance to the training set (§8). Writes ``report.html``, ``report.md``,
+configured sampler (§7), and their sliced Wasserstein distance to held-out data (in total and per
+pyramid level: Figure 1 of the paper as numbers — which model lacks fine detail, which lacks
+coarse structure), memorisation rate and nearest-neighbour distance to the training set, and the
+Fréchet distance to the test split in a local feature network when ``eval.features`` names one
+(§8; `sample_quality`), and the training budget of each model (`budgets`: the full-res baseline
+gets the bootstrapped model's kimg by default, `bootdiff.config.full_res_budget`). Writes
+``report.html``, ``report.md``,
 ``trials.csv`` and ``summary.json`` to the run's report folder (`bootdiff.layout.RunLayout.report`)
 and exports the bootstrapped model and the full-res baseline in diffusers format under
 ``models/``. Also the held-out/training G pair that the Ray jobs report at each checkpoint, and
@@ -16,13 +21,17 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 
-from bootdiff import experiment, util
+from bootdiff import experiment, fd, util
 from bootdiff.layout import RunLayout
-from bootdiff.sweep import trial_residual_config
+from bootdiff.sweep import num, trial_residual_config
+
+TEST_KEY = "\0test split"  # the test split among the sets `decode_latents` decodes
+ROW_METRICS = ("swd_test", "swd_fine", "swd_coarse", "fd", "memorization_rate", "nn_distance_train")
 
 # ----------------------------------------------------------------------------- G at checkpoints
 
@@ -106,8 +115,8 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     returns the report's URLs (`bootdiff.report.write_report`)."""
     from bootdiff.export import save_bootstrap_model, save_view_model
     from bootdiff.fusion import CombinedDenoiser
-    from bootdiff.metrics import memorization_rate, nearest_neighbour_distance, sliced_wasserstein
     from bootdiff.report import write_report
+    from bootdiff.tb import read_runs
 
     layout = RunLayout.of(cfg)
     manifest = experiment.read_manifest(cfg)
@@ -144,24 +153,26 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     n_ref = cfg.eval.max_samples
     test_x = experiment.load_all(cfg, manifest, "test", n_ref)
     train_x = experiment.load_all(cfg, manifest, "full", n_ref)
-    quality = {}
-    for name, s in samples.items():
-        quality[name] = {"swd_test": float(sliced_wasserstein(s, test_x)),
-                         "memorization_rate": float(memorization_rate(s, train_x)),
-                         "nn_distance_train": float(nearest_neighbour_distance(s, train_x))}
+    pictures = decode_latents(manifest, {**samples, TEST_KEY: test_x})  # FD and SWD levels: on pictures
+    test_pictures = pictures.pop(TEST_KEY)
+    quality = sample_quality(cfg, samples, test_x, train_x, pictures, test_pictures)
+    budget = budgets(cfg, manifest, outcome)
     trials = []
     for r in outcome["trials"]:
         row = dict(r)
         key = {"combined": "combined", "full_res": "full_res"}.get(r["kind"])
         key = key or ("bootstrapped" if r["trial_id"] == outcome.get("best") else None)
         if key in quality:
-            row.update(quality[key])
+            row.update({k: v for k, v in quality[key].items() if k in ROW_METRICS})
         trials.append(row)
-    pictures = decode_latents(manifest, samples)
+    roles = model_roles(cfg, manifest, samples)
+    fd_off = fd_note(cfg.eval.features, cfg.eval.num_images, len(test_x))
     urls = write_report(layout.report, trials, curves, pictures, cfg_yaml, manifest,
                         best_trial_id=outcome.get("best"), title=f"bootdiff sweep report — {cfg.name}",
-                        extra={"sample quality": quality})
-    summary = {"best": outcome.get("best"), "quality": quality,
+                        quality=quality, roles=roles, fd_note=fd_off, budget=budget,
+                        training=read_runs(layout.tb, ("loss", "test_G", "train_G")))
+    summary = {"best": outcome.get("best"), "quality": quality, "budget_kimg": budget,
+               "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},
                "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}}
     util.atomic_write_bytes(layout.summary, json.dumps(summary, indent=2, default=str).encode())
@@ -170,13 +181,109 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
 
 def decode_latents(manifest: dict, samples: dict) -> dict:
     """Latent-space experiments: decode samples with the same local VAE for the report's
-    pictures (scores above are computed in latent space, where the data lives)."""
+    pictures, FD and the SWD's pyramid levels (G, ``swd_test``, memorisation and nearest
+    neighbours are measured in latent space, where the data lives); other experiments: a new dict
+    of the same tensors."""
     latent = manifest.get("latent")
     if not latent:
-        return samples
+        return dict(samples)
     from bootdiff.data.latent import decode, load_vae
 
     vae = load_vae(latent["vae_path"])
     print(f"[bootdiff] decoding latent samples with the VAE at {latent['vae_path']}", flush=True)
     with torch.no_grad():
         return {k: decode(vae, v, latent.get("scaling_factor")).clamp(-1, 1) for k, v in samples.items()}
+
+
+# ----------------------------------------------------------------------------- sample quality
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """Videos ``[N, C, T, H, W]`` as their frames ``[N·T, C, H, W]``; images unchanged."""
+    return x.transpose(1, 2).flatten(0, 1) if x.ndim == 5 else x
+
+
+def frechet_distances(features_cfg, pictures: dict, reference: torch.Tensor, device=None) -> dict:
+    """FD (docs/METHOD.md §8, `bootdiff.fd`) of every picture set in ``pictures`` ({name: [-1, 1]
+    images [N, C, H, W] or videos [N, C, T, H, W], scored frame by frame}) against ``reference``
+    (the test split's pictures: decoded when the experiment is latent), in the feature network
+    that ``features_cfg`` (`bootdiff.config.FeaturesConfig`) names; {} when its kind is none.
+    The reference's features are computed once. Public for the data-efficiency benchmark."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = fd.load_feature_network(features_cfg.kind, features_cfg.path, device)
+    if net is None:
+        return {}
+    bs = features_cfg.batch_size
+    ref = fd.features(net, _frames(reference), bs)
+    return {name: fd.fd_features(fd.features(net, _frames(x), bs), ref) for name, x in pictures.items()}
+
+
+def sample_quality(cfg, samples: dict, test_x, train_x, pictures=None, test_pictures=None) -> dict:
+    """Sample quality per model (docs/METHOD.md §8): {name: {swd_test, memorization_rate,
+    nn_distance_train, swd_levels, swd_resolutions, swd_fine, swd_coarse, fd?}}.
+
+    ``samples`` and ``test_x`` / ``train_x`` are in data space (latents for latent experiments),
+    where ``swd_test``, memorisation and nearest neighbours are measured. ``pictures`` /
+    ``test_pictures`` are the same sets as pictures (default: the samples themselves): the pyramid
+    levels of the SWD (finest first; ``swd_fine`` / ``swd_coarse``: the finest and the coarsest,
+    Figure 1 of the paper as numbers) and FD (when ``cfg.eval.features`` names a network) are
+    measured on them. Public for the data-efficiency benchmark."""
+    from bootdiff.metrics import memorization_rate, nearest_neighbour_distance, sliced_wasserstein_levels
+
+    same = pictures is None  # the pictures are the samples: one SWD computation serves both
+    pictures = samples if same else pictures
+    test_pictures = test_x if test_pictures is None else test_pictures
+    quality = {}
+    for name, s in samples.items():
+        levels = sliced_wasserstein_levels(pictures[name], test_pictures)
+        same_set = same or (pictures[name] is s and test_pictures is test_x)
+        swd = levels["swd"] if same_set else sliced_wasserstein_levels(s, test_x)["swd"]
+        quality[name] = {"swd_test": float(swd), "memorization_rate": float(memorization_rate(s, train_x)),
+                         "nn_distance_train": float(nearest_neighbour_distance(s, train_x)),
+                         "swd_levels": levels["per_level"], "swd_resolutions": levels["resolutions"],
+                         "swd_fine": levels["per_level"][0], "swd_coarse": levels["per_level"][-1]}
+    for name, value in frechet_distances(cfg.eval.features, pictures, test_pictures).items():
+        quality[name]["fd"] = value
+    return quality
+
+
+def fd_note(features_cfg, n_samples: int, n_test: int) -> str:
+    """The report's one line on FD: skipped (``eval.features.kind`` none), or how it was measured."""
+    if str(features_cfg.kind) == "none":
+        return fd.check_features_config(features_cfg)
+    return (f"FD: {features_cfg.kind} features ({features_cfg.path}), {n_samples} samples per model against "
+            f"{n_test} test images; few samples bias FD upwards: compare the models of this report with "
+            f"each other, not with published figures.")
+
+
+def model_roles(cfg, manifest: dict, samples: dict) -> dict:
+    """{sample set: what its model was trained on}, for the report's Figure-1 table."""
+    n = experiment.view_info(manifest, "full")["count"]
+    roles = {"combined": "the view models fused, no full-res training",
+             "bootstrapped": f"the view models + a residual on the {n} full-res samples",
+             "full_res": f"the {n} full-res samples alone"}
+    for name, v in cfg.views.items():
+        what = {"downsample": f"×{v.factor} downsampled copies", "patch": f"{v.patch_size} px patches",
+                "clean_patch": f"clean {v.patch_size} px patches", "clip": f"{v.clip_len}-frame clips"}
+        roles[f"{name} only"] = f"{what.get(str(v.kind), f'{v.kind} views')} alone"
+    return {k: v for k, v in roles.items() if k in samples}
+
+
+def _kimg(row) -> Optional[float]:
+    x = num(row.get("kimg")) if row else math.nan
+    return x if math.isfinite(x) else None
+
+
+def budgets(cfg, manifest: dict, outcome: dict) -> dict:
+    """The training budgets (kimg) the report states side by side: each view model's and the
+    residual's (the bootstrapped model stands on their sum) and the full-res baseline's, as
+    configured and as the sweep's rows (``outcome``: ``sweep.json``) say they trained
+    (``*_trained``: None when unknown)."""
+    rows = {r["trial_id"]: r for r in outcome["trials"]}
+    full = next((r for r in outcome["trials"] if r["kind"] == "full_res"), None)
+    views = {n: float(v.train.total_kimg) for n, v in cfg.views.items()}
+    return {"n_full": int(experiment.view_info(manifest, "full")["count"]), "views": views,
+            "residual": float(cfg.residual.train.total_kimg),
+            "bootstrapped": float(sum(views.values()) + cfg.residual.train.total_kimg),
+            "full_res": float(cfg.full_res.train.total_kimg), "full_res_trained": _kimg(full),
+            "residual_trained": _kimg(rows.get(outcome.get("best")))}

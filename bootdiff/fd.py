@@ -128,7 +128,11 @@ def _load_dinov2(path: str) -> torch.nn.Module:
     if model_type != "dinov2":
         raise ValueError(f"eval.features.path={path!r}: {config_file} has model_type={model_type!r}, not 'dinov2'; "
                          f"expected {DINOV2_FORMAT}")
-    from transformers import Dinov2Model  # imported here: transformers takes seconds to import
+    try:  # imported here: transformers takes seconds to import
+        from transformers import Dinov2Model
+    except ImportError as e:
+        raise ImportError(f"eval.features.kind='dinov2' needs the optional dependency transformers, which is "
+                          f"not installed ({e}); install it with: pip install 'bootdiff[features]'") from e
     try:  # a local folder and local_files_only: transformers never goes to the network
         return Dinov2Model.from_pretrained(path, local_files_only=True)
     except Exception as e:

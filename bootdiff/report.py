@@ -3,7 +3,9 @@
 Shows what docs/METHOD.md §6 and §8 measure for a stage-2 sweep: the generalization error G on
 held-out full-resolution data (total, and per σ next to the training-set figure, whose gap is
 over-fitting), the per-σ (1−δ) quantile of the per-sample error, a heatmap of test G over
-(μ_var, μ_L1) per range-adapter setting, and sample grids per model. Pure data in, files out
+(μ_var, μ_L1) per range-adapter setting, and sample grids per model (videos: frame strips and an
+animated GIF each), and training curves read from the runs' TensorBoard event files (loss of the
+view models and the full-res baseline, test/train G of every trial). Pure data in, files out
 through fsspec URLs (`bootdiff.util`). The pictures themselves (sample grids, heatmap, per-σ
 curves) are drawn in `bootdiff.report_plots`; their public names are re-exported here.
 """
@@ -23,14 +25,16 @@ import numpy as np
 from PIL import Image
 
 from bootdiff.report_plots import (OK_STATUS, _fmt, _ok, _png, grid_scale, image_grid, plot_curves,
-                                   plot_heatmap, sample_grid, to_uint8_images)
+                                   plot_heatmap, sample_grid, to_uint8_images, training_figures, video_animation)
+from bootdiff.report_quality import _change, budget_lines, figure1_sentence, figure1_table
 from bootdiff.sweep import KINDS, select_best
 from bootdiff.sweep import num as _num
 from bootdiff.util import atomic_write_bytes, join
 
 __all__ = ["KINDS", "REQUIRED", "OK_STATUS", "KIND_LABEL", "to_uint8_images", "image_grid",
-           "sample_grid", "grid_scale", "plot_heatmap", "plot_curves", "validate_trials",
-           "select_best", "manifest_tables", "write_report"]
+           "sample_grid", "video_animation", "grid_scale", "plot_heatmap", "plot_curves", "validate_trials",
+           "select_best", "manifest_tables", "figure1_table", "figure1_sentence", "budget_lines",
+           "write_report"]
 
 REQUIRED = ("trial_id", "kind", "mu_var", "mu_l1", "range_adapter", "test_G", "train_G", "step",
             "status", "checkpoint")
@@ -72,12 +76,6 @@ def _settings(t) -> str:
             f"{'on' if t['range_adapter'] else 'off'}")
 
 
-def _change(g, ref) -> str:
-    if not (math.isfinite(g) and math.isfinite(ref) and ref > 0):
-        return "no finite G"
-    return f"{abs(g - ref) / ref * 100:.1f}% {'lower' if g < ref else 'higher'}"
-
-
 def _summary(trials, best):
     """The summary: table rows (best, then baselines), headline sentences and the page's cards
     ``(label, value, note)`` — the same numbers in each."""
@@ -85,7 +83,9 @@ def _summary(trials, best):
     bg, btr = (_num(best["test_G"]), _num(best["train_G"])) if best else (math.nan, math.nan)
     n_ok, n_res = sum(_ok(t) for t in trials), sum(t["kind"] == "residual" for t in trials)
     lines = [f"{len(trials)} trials ({n_res} residual, {len(trials) - n_res} baseline(s)); {n_ok} "
-             f"completed, {len(trials) - n_ok} stopped early or failed."]
+             f"completed" + "".join(f", {sum(t.get('status') == st for t in trials)} {st.replace('_', ' ')}"
+                                    for st in ("stopped_early", "interrupted", "error")
+                                    if any(t.get("status") == st for t in trials)) + "."]
     if best is None:
         lines.append("No trial has a finite test G: no best trial.")
     else:
@@ -250,8 +250,11 @@ if(im[i].complete&&im[i].naturalWidth>0)n++;}document.body.dataset.imagesLoaded=
 document.body.dataset.imagesTotal=im.length;}window.addEventListener('load',mark);mark();})();
 </script>"""
 
+FIGURE1_TITLE = ("Figure 1 as numbers: sliced Wasserstein distance to the test split per pyramid "
+                 "level (lower is closer)")
 GROUPS = (("heatmap", "Sweep heatmap", ""), ("curves", "Error per σ", "grid2"),
-          ("samples", "Samples", "grid2"))
+          ("training", "Training curves", "grid2"),
+          ("samples", "Samples", "grid2"), ("animations", "Sampled videos, animated", "grid2"))
 
 
 def _markdown(d) -> str:
@@ -259,7 +262,11 @@ def _markdown(d) -> str:
     md += [f"- {_md(line)}" for line in d["lines"]] + ["", _md_table(*d["summary"], d["best_row"])]
     for group, heading, _ in GROUPS:
         figs = [f for f in d["figures"] if f[5] == group]
-        md += ["", f"## {heading}", ""] if figs else []
+        fig1 = d.get("figure1") if group == "samples" else None
+        md += ["", f"## {heading}", ""] if figs or fig1 else []
+        if fig1:
+            md += [f"### {FIGURE1_TITLE}", "", _md_table(fig1[0], fig1[1]), ""]
+            md += [f"{_md(line)}" for line in fig1[2]] + [""]
         for fname, ftitle, cap, *_ in figs:
             md += [f"### {_md(ftitle)}", "", f"![{_md(ftitle)}](report_files/{fname})", "",
                    f"*{_md(cap)}*", ""]
@@ -278,7 +285,8 @@ def _html(d) -> str:
     def fig(f):
         fname, ftitle, cap, png, pixel, _ = f
         wd, ht = Image.open(io.BytesIO(png)).size
-        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        mime = "image/gif" if fname.endswith(".gif") else "image/png"
+        src = f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
         return (f'<figure><img src="{src}" width="{wd}" height="{ht}" alt="{_e(ftitle)}"'
                 f'{" class=px" if pixel else ""}><figcaption><b>{_e(ftitle)}</b>{_e(cap)}'
                 f'</figcaption></figure>')
@@ -294,8 +302,11 @@ def _html(d) -> str:
     h.append(_html_table(*d["summary"], d["best_row"]) + "</section>")
     for group, heading, cls in GROUPS:
         figs = [f for f in d["figures"] if f[5] == group]
-        if figs:
-            h.append(f"<section><h2>{heading}</h2><div class='{cls}'>{''.join(map(fig, figs))}"
+        fig1 = d.get("figure1") if group == "samples" else None
+        pre = (f"<h3>{_e(FIGURE1_TITLE)}</h3>{_html_table(fig1[0], fig1[1])}"
+               + "".join(f"<p>{_e(line)}</p>" for line in fig1[2])) if fig1 else ""
+        if figs or fig1:
+            h.append(f"<section><h2>{heading}</h2>{pre}<div class='{cls}'>{''.join(map(fig, figs))}"
                      f"</div></section>")
     h.append(f"<section><h2>Trials</h2>{_html_table(*d['trials'], d['best_index'], ('checkpoint',))}"
              f"</section>")
@@ -316,7 +327,8 @@ def _html(d) -> str:
 
 
 def _figures(trials, curves, samples, best):
-    """``[(file name, title, caption, png, pixel-art?, group)]`` of the report's images."""
+    """``[(file name, title, caption, png, pixel-art?, group)]`` of the report's images (a video's
+    animation: GIF bytes, its file name ending in ``.gif``)."""
     figures = []
     hm = plot_heatmap(trials, best)
     if hm is not None:
@@ -345,12 +357,18 @@ def _figures(trials, curves, samples, best):
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")[:40] or "model"
         figures.append((f"samples_{k:02d}_{slug}.png", str(name), text,
                         _png(grid, grid_scale(grid)), True, "samples"))
+    for k, (name, s) in enumerate(samples.items()):  # videos: also an animated GIF each
+        anim = video_animation(s, str(name))
+        if anim is not None:
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")[:40] or "model"
+            figures.append((f"video_{k:02d}_{slug}.gif", str(name), anim[1], anim[0], True, "animations"))
     return figures
 
 
 def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_trial_id=None,
-                 title="bootdiff sweep report", extra=None) -> dict:
-    """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``) and
+                 title="bootdiff sweep report", extra=None, quality=None, roles=None, fd_note=None,
+                 budget=None, training=None) -> dict:
+    """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``, ``*.gif``) and
     ``trials.csv`` into the folder ``out_url``; returns their URLs (``html``, ``markdown``,
     ``csv``, ``images``: {file name: URL}).
 
@@ -360,12 +378,17 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
     default as `bootdiff.sweep.select_best` picks it (lowest finite test G, residual trials
     first). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
-    or tables after the trials.
+    or tables after the trials. ``quality``: {sample set: metrics} (`bootdiff.evaluate.sample_quality`),
+    shown beside the sample grids as Figure 1 (`figure1_table`, `figure1_sentence`), with
+    ``roles`` ({sample set: what it was trained on}) and ``fd_note`` (one line: FD skipped, or how it
+    was measured). ``budget`` (`bootdiff.evaluate.budgets`): the budget sentences of the summary
+    (`budget_lines`). ``training``: the runs of the TensorBoard tree (`bootdiff.tb.read_runs`),
+    drawn as training curves (`bootdiff.report_plots.training_figures`).
     """
     trials = validate_trials(trials)
     curves, samples, extra = dict(curves or {}), dict(samples or {}), dict(extra or {})
     best = select_best(trials, best_trial_id, baselines=True)
-    figures = _figures(trials, curves, samples, best)
+    figures = _figures(trials, curves, samples, best) + training_figures(trials, training, best)
     written = {"images": {}}
     for fname, _title, _cap, png, _pixel, _group in figures:
         written["images"][fname] = join(out_url, "report_files", fname)
@@ -380,8 +403,16 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     gap_at = cols.index("train_G") + 1
     table_cols = cols[:gap_at] + ["gap"] + cols[gap_at:]
     summary_rows, lines, cards = _summary(trials, best)
+    if budget:
+        lines += budget_lines(budget, trials, best)
+        cards.append(("budgets (kimg)", f"{_fmt(budget['bootstrapped'])} vs {_fmt(budget['full_res'])}",
+                      "bootstrapped (views + residual) vs full-res only"))
     sum_cols = list(summary_rows[0]) if summary_rows else ["model"]
+    fig1 = None
+    if quality:
+        fig1 = (*figure1_table(quality, roles), [figure1_sentence(quality)] + ([fd_note] if fd_note else []))
     d = {"title": str(title), "lines": lines, "cards": cards, "figures": figures, "extra": extra,
+         "figure1": fig1,
          "stamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
          "summary": (sum_cols, [[r[c] for c in sum_cols] for r in summary_rows]),
          "best_row": 0 if best else None,

@@ -3,7 +3,7 @@
 Draws the figures of docs/METHOD.md §6 and §8 for `bootdiff.report`: the heatmap of test G
 over (μ_var, μ_L1) per range-adapter setting, per-σ curves (mean error test vs train, and the
 (1−δ) quantile of the per-sample error) on log-log axes, and the unscaled sample grids (images:
-a tile grid; videos: one frame strip per clip). Pure data in, PNG bytes out; plots are drawn on
+a tile grid; videos: one frame strip per video, and an animated GIF). Pure data in, PNG bytes out; plots are drawn on
 matplotlib's Agg canvas (no pyplot, no global state). Also holds the small value helpers
 (`_fmt`, `_ok`) that the plots and the report's tables share (numbers: `bootdiff.sweep.num`).
 """
@@ -114,11 +114,37 @@ def sample_grid(samples, name: str = "samples", max_images: int = 64, max_frames
         n, t = x.shape[:2]
         keep = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
         grid = image_grid(x[:, keep].reshape(-1, *x.shape[2:]), nrow=len(keep))
-        text = f"{n} clips × {t} frames ({len(keep)} shown), {x.shape[2]}×{x.shape[3]}, one row per clip"
+        text = (f"{n} videos × {t} frames ({len(keep)} shown), {x.shape[2]}×{x.shape[3]}, one row per "
+                f"video, frames left to right")
     else:
         grid = image_grid(x, nrow=min(8, x.shape[0]))
         text = f"{x.shape[0]} samples, {x.shape[1]}×{x.shape[2]}, {x.shape[3]} channel(s)"
     return grid, text
+
+
+def video_animation(samples, name: str = "samples", max_videos: int = 8, fps: float = 4.0):
+    """An animated GIF of sampled videos, or None for images: the first ``max_videos`` videos
+    side by side (as one row of `image_grid`), all at frame t in GIF frame t, looping at ``fps``
+    frames per second, nearest-upscaled as the frame strip (`grid_scale`). Returns
+    ``(gif bytes, one-line description)``; PIL writes the GIF (an adaptive palette per frame)."""
+    x = to_uint8_images(samples, name)
+    if x.ndim != 5:
+        return None
+    if x.shape[0] == 0:
+        raise ValueError(f"samples {name!r}: no samples")
+    if fps <= 0:
+        raise ValueError(f"video_animation: fps must be positive, got {fps}")
+    x = x[:max_videos]
+    n, t = x.shape[:2]
+    grids = [image_grid(x[:, i], nrow=n) for i in range(t)]
+    k = grid_scale(grids[0])
+    frames = [Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g[..., :3])
+              for g in (g.repeat(k, axis=0).repeat(k, axis=1) for g in grids)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=int(round(1000 / fps)), disposal=1)
+    text = f"{n} videos × {t} frames, {x.shape[2]}×{x.shape[3]}, side by side, looping at {fps:g} frames/s"
+    return buf.getvalue(), text
 
 
 def grid_scale(grid: np.ndarray, target: int = 480) -> int:
@@ -254,3 +280,124 @@ def plot_curves(curves, pairs, ylabel, title, best_name=None):
                fontsize=8,
                frameon=False)
     return _fig_png(fig)
+
+
+# ----------------------------------------------------------------------------- training curves
+
+
+def _log_if_wide(ax, values) -> None:
+    """Log y axis once the positive values span more than a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    v = np.asarray([x for x in values if math.isfinite(x) and x > 0])
+    if v.size and v.max() / v.min() > 10:
+        ax.set_yscale("log")  # 1-2-5 ticks as plain numbers: easier to read than 10^k
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_training_loss(runs):
+    """PNG of the training loss vs kimg, one line per run, or None. ``runs``: {label: (kimg,
+    loss)} as the TensorBoard event files hold them (`bootdiff.tb.read_runs`)."""
+    runs = {k: v for k, v in runs.items() if len(v[0])}
+    if not runs:
+        return None
+    fig = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for k, (label, (kimg, loss)) in enumerate(runs.items()):
+        ax.plot(kimg, loss, color=f"C{k % 10}", lw=1.6, label=label)
+    _log_if_wide(ax, [x for _, y in runs.values() for x in y])
+    ax.set_xlabel("kimg (thousands of training images)")
+    ax.set_ylabel("training loss (EDM-weighted, per report)")
+    ax.set_title("Training loss")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, frameon=False)
+    return _fig_png(fig)
+
+
+def plot_training_G(series, references=None):
+    """PNG of held-out (left) and training (right) G vs kimg for every trial, or None.
+
+    ``series``: [{"name", "test": (kimg, G), "train": (kimg, G), "stopped": bool, "best": bool}];
+    a stopped trial (ASHA) ends in a large ×, a finished one in a dot, the best is drawn thick.
+    ``references``: {name: (test G, train G)} of untrained baselines, drawn as dashed lines."""
+    series = [s for s in series if len(s["test"][0]) or len(s["train"][0])]
+    if not series:
+        return None
+    references = references or {}
+    fig = Figure(figsize=(11.5, 4.9), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    if len(series) <= 10:
+        colours = [f"C{i}" for i in range(10)]
+    else:
+        from matplotlib import colormaps
+
+        colours = [colormaps["tab20"](i) for i in range(20)]
+    values = []
+    for k, s in enumerate(series):
+        c, lw = colours[k % len(colours)], 2.8 if s.get("best") else 1.5
+        for ax, key in zip(axes, ("test", "train")):
+            kimg, g = (np.asarray(a, dtype=float) for a in s[key])
+            if not kimg.size:
+                continue
+            values += list(g)
+            ax.plot(kimg, g, color=c, lw=lw, marker="o" if kimg.size < 30 else None, ms=3)
+            ax.plot(kimg[-1:], g[-1:], color=c, marker="X" if s.get("stopped") else "o",
+                    ms=11 if s.get("stopped") else 5, mec="black" if s.get("stopped") else c, mew=0.8)
+    for j, (name, pair) in enumerate(references.items()):
+        for ax, g in zip(axes, pair):
+            if math.isfinite(_num(g)):
+                ax.axhline(_num(g), color="0.35", ls=(0, (5, 3 + 2 * j)), lw=1.2)
+                values.append(_num(g))
+    _log_if_wide(axes[0], values)
+    for ax, what in zip(axes, ("held-out (test) G", "training G")):
+        ax.set_xlabel("kimg (thousands of training images)")
+        ax.set_title(what)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].set_ylabel("generalization error G (lower is better)")
+    handles = [Line2D([], [], color=colours[k % len(colours)], lw=2.8 if s.get("best") else 1.5,
+                      marker="X" if s.get("stopped") else None, ms=8, mec="black",
+                      label=s["name"] + (" (best)" if s.get("best") else "") + s.get("note", "")
+                      + (" — stopped early" if s.get("stopped") else ""))
+               for k, s in enumerate(series)]
+    handles += [Line2D([], [], color="0.35", ls=(0, (5, 3 + 2 * j)), label=f"{name} (not trained)")
+                for j, name in enumerate(references)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8,
+               frameon=False)
+    return _fig_png(fig)
+
+
+def training_figures(trials, training, best=None) -> list:
+    """The report's training-curve figures ``[(file name, title, caption, png, False, "training")]``
+    from the runs of a ``tb`` tree (`bootdiff.tb.read_runs`: ``view-<v>`` runs and one
+    ``trial-<trial_id>`` run per trained trial): the loss of each view model and of the full-res
+    baseline, and test/train G of every trial. Nothing is re-computed."""
+    training = training or {}
+    figures = []
+
+    def xy(run, tag):
+        c = training.get(run, {}).get(tag)
+        return (np.asarray(c["kimg"]), np.asarray(c["value"])) if c else (np.zeros(0), np.zeros(0))
+
+    loss = {f"view {r[len('view-'):]}": xy(r, "loss") for r in sorted(training) if r.startswith("view-")}
+    loss.update({f"full-res baseline ({t['trial_id']})": xy(f"trial-{t['trial_id']}", "loss")
+                 for t in trials if t["kind"] == "full_res"})
+    png = plot_training_loss(loss)
+    if png:
+        figures.append(("training_loss.png", "Training loss of the view models and the full-res baseline",
+                        "Read from each run's TensorBoard event files (tb/<run>/); the mean loss of each "
+                        "report window.", png, False, "training"))
+    series = [{"name": str(t["trial_id"]), "test": xy(f"trial-{t['trial_id']}", "test_G"),
+               "train": xy(f"trial-{t['trial_id']}", "train_G"),
+               "stopped": str(t.get("status", "")).lower() in ("stopped_early", "stopped"), "best": t is best,
+               "note": " (full-res baseline)" if t["kind"] == "full_res" else ""}
+              for t in trials if t["kind"] != "combined"]
+    refs = {str(t["trial_id"]): (t["test_G"], t["train_G"]) for t in trials if t["kind"] == "combined"}
+    png = plot_training_G(series, refs)
+    if png:
+        figures.append(("training_G.png", "Generalization error G of every trial during training",
+                        "Held-out (left) and training (right) G at each checkpoint, from the event files. "
+                        "Trials stopped early by ASHA end in ×; the best trial is drawn thick.",
+                        png, False, "training"))
+    return figures

@@ -1,5 +1,7 @@
 """Metrics (`bootdiff.metrics`: generalization error with fixed noise, sliced Wasserstein distance,
-memorisation), the sweep's bookkeeping (`bootdiff.sweep`) and the run's URLs (`bootdiff.layout`).
+memorisation), the sweep's bookkeeping (`bootdiff.sweep`), the run's URLs (`bootdiff.layout`), FD
+wired into `bootdiff.evaluate.sample_quality` with a random local DINOv2, the `eval.features`
+check at config load, and the full-res baseline's default budget.
 The evaluation procedure itself runs end to end in tests/test_experiment.py."""
 
 import math
@@ -17,8 +19,10 @@ from bootdiff.metrics import (fixed_noise, generalization_error, laplacian_pyram
 
 try:
     from gmm import GaussianMixture
+    from test_fd import dinov2_dir  # noqa: F401  (fixture: a random DINOv2 in a save_pretrained folder)
 except ImportError:  # tests/ imported as a package
     from tests.gmm import GaussianMixture
+    from tests.test_fd import dinov2_dir  # noqa: F401
 
 torch.set_num_threads(1)
 
@@ -288,7 +292,7 @@ def test_trial_rows_status_and_best():
     assert done["status"] == "complete" and done["checkpoint"] == "/ck/r0" and done["error"] is None
     early = trial_row(cfg, dict(res, label="r1"), {"test_G": 0.3, "kimg": 1.0,
                                                    "checkpoint_path": "/ck/r1"}, None, None)
-    assert early["status"] == "stopped" and early["checkpoint"] == "/ck/r1" and math.isnan(early["train_G"])
+    assert early["status"] == "stopped_early" and early["checkpoint"] == "/ck/r1" and math.isnan(early["train_G"])
     failed = trial_row(cfg, dict(res, label="r2"), None, None, RuntimeError("boom"))
     assert failed["status"] == "error" and failed["error"] == "boom" and math.isnan(failed["test_G"])
     nock = trial_row(cfg, dict(res, label="r3"), {"test_G": 0.1, "kimg": 2.0}, None, None)
@@ -303,3 +307,97 @@ def test_trial_rows_status_and_best():
         select_best(rows, "nope")
     assert select_best([failed, comb]) is None  # no residual trial finished: nothing to export
     assert select_best([failed, comb], baselines=True) is comb  # the report still highlights one
+
+
+# ----------------------------------------------------------------------------- FD, features config, budgets
+
+QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
+
+
+def test_fd_for_every_model_with_a_local_network(tmp_path, dinov2_dir):
+    from types import SimpleNamespace
+
+    from bootdiff import fd, report
+    from bootdiff.config import FeatureKind, FeaturesConfig
+    from bootdiff.evaluate import fd_note, frechet_distances, sample_quality
+
+    test_x = _smooth_images(24, 0).clamp(-1, 1)
+    samples = {"combined": _smooth_images(12, 1).clamp(-1, 1), "bootstrapped": test_x[:12].clone(),
+               "full_res": (_smooth_images(12, 2) + 0.5).clamp(-1, 1)}
+    feats = FeaturesConfig(kind=FeatureKind.dinov2, path=dinov2_dir, batch_size=5)
+    cfg = SimpleNamespace(eval=EvalConfig(features=feats))
+    quality = sample_quality(cfg, samples, test_x, test_x)
+    values = {k: q["fd"] for k, q in quality.items()}
+    assert set(values) == set(samples) and all(v >= -1e-6 for v in values.values())
+    # FD of the test split with itself is 0; a brightness shift raises it; videos are scored frame by frame
+    clips = _smooth_images(12, 3).clamp(-1, 1).reshape(4, 3, 3, 32, 32).transpose(1, 2)  # [N, C, T, H, W]
+    own = frechet_distances(feats, {"test": test_x, "clips": clips}, test_x)
+    assert own["test"] == pytest.approx(0.0, abs=1e-6)
+    assert values["full_res"] > values["combined"] > 0
+    net = fd.load_feature_network("dinov2", dinov2_dir)
+    frames = clips.transpose(1, 2).flatten(0, 1)
+    assert own["clips"] == pytest.approx(fd.fd_features(fd.features(net, frames), fd.features(net, test_x)), rel=1e-6)
+
+    note = fd_note(feats, 12, 24)
+    trials = [{"trial_id": "r", "kind": "residual", "mu_var": 0.0, "mu_l1": 0.0, "range_adapter": True,
+               "test_G": 0.2, "train_G": 0.1, "step": 1, "status": "complete", "checkpoint": "x"}]
+    w = report.write_report(str(tmp_path / "rep"), trials, {}, samples, "", {}, quality=quality, fd_note=note)
+    text = open(w["html"]).read()
+    assert "<th class=\"\">FD</th>" in text and f"{values['full_res']:.4g}" in text
+    assert report._e(note) in text and "dinov2 features" in note and "FD skipped" not in text
+
+    off = SimpleNamespace(eval=EvalConfig())
+    assert "fd" not in sample_quality(off, {"combined": samples["combined"]}, test_x, test_x)["combined"]
+    assert fd_note(off.eval.features, 12, 24) == ("FD skipped: eval.features.kind is 'none' (set kind and path to "
+                                                  "a local feature network)")
+
+
+def test_features_config_checked_at_load(tmp_path, dinov2_dir, monkeypatch):
+    from bootdiff.config import ConfigError, load_config
+
+    missing = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICK, ["eval.features.kind=inception", f"eval.features.path={missing}"])
+    assert str(e.value).startswith(f"command line: eval.features.path='{missing}' does not exist; kind "
+                                   "'inception' expects a file")
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not weights")
+    with pytest.raises(ConfigError, match=r"eval.features.path=.*notes.pth.*could not be read as a PyTorch state"):
+        load_config(QUICK, ["eval.features.kind=inception", f"eval.features.path={bad}"])
+    with pytest.raises(ConfigError, match=r"eval.features.path=.*is a file; kind 'dinov2' expects a folder"):
+        load_config(QUICK, ["eval.features.kind=dinov2", f"eval.features.path={bad}"])
+    with pytest.raises(ConfigError, match="eval.features.path is not set"):
+        load_config(QUICK, ["eval.features.kind=dinov2"])
+    with pytest.raises(ConfigError, match="eval.features.batch_size=0: must be an integer >= 1"):
+        load_config(QUICK, ["eval.features.kind=dinov2", f"eval.features.path={dinov2_dir}",
+                            "eval.features.batch_size=0"])
+    with pytest.raises(ConfigError, match="eval.features.kind"):
+        load_config(QUICK, ["eval.features.kind=fid"])
+    cfg = load_config(QUICK, ["eval.features.kind=dinov2", f"eval.features.path={dinov2_dir}"])
+    assert cfg.eval.features.kind == "dinov2" and cfg.eval.features.batch_size == 64
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # the optional extra not installed
+    with pytest.raises(ConfigError, match=r"eval.features.kind='dinov2' needs the optional dependency "
+                                          r"transformers.*pip install 'bootdiff\[features\]'"):
+        load_config(QUICK, ["eval.features.kind=dinov2", f"eval.features.path={dinov2_dir}"])
+
+
+def test_full_res_budget_defaults_to_the_bootstrapped_models():
+    from bootdiff.config import full_res_budget, load_config, to_object
+    from bootdiff.evaluate import budgets
+
+    cfg = to_object(load_config(QUICK))
+    views = sum(v.train.total_kimg for v in cfg.views.values())
+    assert cfg.full_res.train.total_kimg == views + cfg.residual.train.total_kimg == full_res_budget(cfg)
+    assert cfg.full_res.train.batch_size == 32  # the rest of the block is the config's
+    cfg = to_object(load_config(QUICK, ["views.patch.train.total_kimg=1", "residual.train.total_kimg=0.5"]))
+    assert cfg.full_res.train.total_kimg == 1 + cfg.views["low"].train.total_kimg + 0.5
+    cfg = to_object(load_config(QUICK, ["full_res.train.total_kimg=3"]))  # set explicitly: kept
+    assert cfg.full_res.train.total_kimg == 3
+    manifest = {"splits": {"full": {"count": 64, "shape": [1, 32, 32]}}}
+    outcome = {"best": "r", "trials": [
+        {"trial_id": "r", "kind": "residual", "kimg": 1.5, "checkpoint": "x"},
+        {"trial_id": "full_res", "kind": "full_res", "kimg": float("nan"), "checkpoint": None}]}
+    b = budgets(cfg, manifest, outcome)
+    assert b == {"n_full": 64, "views": {n: v.train.total_kimg for n, v in cfg.views.items()},
+                 "residual": cfg.residual.train.total_kimg, "bootstrapped": full_res_budget(cfg),
+                 "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5}

@@ -140,7 +140,8 @@ def test_report_files_and_chromium_render(tmp_path):
     assert re.search(r"<tr class=best><td[^>]*>res_00001</td>", text)
     assert re.search(r'class="badge warn">stopped_early<', text)
     pngs = _data_pngs(text)
-    assert len(pngs) == 3 + len(samples) == text.count("<img ")
+    gifs = text.count('<img src="data:image/gif;base64,')  # the video's animation
+    assert len(pngs) == 3 + len(samples) == text.count("<img ") - gifs and gifs == 1
     for img, w, h in pngs:
         assert img.size == (w, h) and w >= 100 and h >= 20
     for (img, _, _), s in zip(pngs[3:], samples.values()):  # nearest upscale of image_grid
@@ -168,7 +169,7 @@ def test_report_files_and_chromium_render(tmp_path):
     (dom, dom_err), _ = [r.communicate(timeout=60) for r in runs]
     m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom)
     assert m, f"no image marker in the dumped DOM; chromium stderr:\n{dom_err[-2000:]}"
-    assert int(m.group(1)) == int(m.group(2)) == len(pngs)
+    assert int(m.group(1)) == int(m.group(2)) == len(pngs) + gifs
     assert shot.exists(), "chromium wrote no screenshot"
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape == (2000, 1200, 3)
@@ -203,3 +204,95 @@ def test_report_edge_cases(tmp_path):
     with pytest.raises(ValueError, match=r"curves\['m'\]: 'test_mean' has 2 values"):
         report.write_report(str(tmp_path / "r6"), [t], {"m": {"sigma": [1, 2, 3],
                                                             "test_mean": [1, 2]}}, {}, "", {})
+
+
+# ----------------------------------------------------------------------------- Figure 1, FD, budgets
+
+
+def _scales(n, seed):
+    """Coarse structure (a bicubic 4×4 field) and fine detail (pixel noise) of 32×32 images."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.nn.functional.interpolate(torch.randn(n, 1, 4, 4, generator=g), size=32, mode="bicubic")
+    return coarse, torch.randn(n, 1, 32, 32, generator=g) * 0.5
+
+
+def _figure1_samples():
+    """Test images = structure + detail; one model's samples lack detail, another's structure."""
+    c, f = _scales(48, 0)
+    c1, f1 = _scales(16, 1)
+    c2, f2 = _scales(16, 2)
+    samples = {"low only": c1.tanh(),  # structure without detail: a lifted low-res model
+               "patch only": (f1 + c1.mean()).tanh(),  # detail on a flat field: patches without layout
+               "combined": (c1 + 0.6 * f1).tanh(), "bootstrapped": (c1 + f1).tanh(),
+               "full_res": (c2 + f2).tanh()}
+    return samples, (c + f).tanh(), (c2 + f2).tanh()
+
+
+def _budget(full_res, n=64):
+    return {"n_full": n, "views": {"patch": 6.0, "low": 6.0}, "residual": 2.0, "bootstrapped": 14.0,
+            "full_res": full_res, "full_res_trained": full_res, "residual_trained": 2.0}
+
+
+def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
+    from types import SimpleNamespace
+
+    from bootdiff.config import EvalConfig
+    from bootdiff.evaluate import fd_note, sample_quality
+
+    samples, test_x, train_x = _figure1_samples()
+    cfg = SimpleNamespace(eval=EvalConfig())  # eval.features.kind none: FD skipped
+    quality = sample_quality(cfg, samples, test_x, train_x)
+    q = {k: (v["swd_fine"], v["swd_coarse"]) for k, v in quality.items()}
+    assert q["low only"][0] > 2 * q["bootstrapped"][0] and q["patch only"][1] > 1.5 * q["bootstrapped"][1], q
+    assert quality["bootstrapped"]["swd_levels"] == [q["bootstrapped"][0], q["bootstrapped"][1]]
+    assert quality["bootstrapped"]["swd_resolutions"] == [32, 16] and "fd" not in quality["bootstrapped"]
+
+    sentence = report.figure1_sentence(quality)
+    assert re.match(r"At the fine scale \(32 px\) low only is furthest from the test set \(SWD [0-9.]+ vs "
+                    r"[0-9.]+ for \S+\): it lacks detail; at the coarse scale \(16 px\) patch only is furthest "
+                    r"from the test set \(SWD [0-9.]+ vs [0-9.]+ for [^)]+\): it lacks structure; [a-z -]+ is closest "
+                    r"over all scales \(mean SWD [0-9.]+\)\.$", sentence), sentence
+    # the sentence reads the numbers: swap the two views' numbers and it names them the other way
+    swapped = dict(quality, **{"low only": quality["patch only"], "patch only": quality["low only"]})
+    assert "fine scale (32 px) patch only" in report.figure1_sentence(swapped)
+    close = {k: dict(v, swd_levels=[1.0, 1.0], swd_fine=1.0, swd_coarse=1.0) for k, v in quality.items()}
+    assert "within 10% of each other" in report.figure1_sentence(close)
+
+    trials, curves, _, config, manifest = _inputs()
+    trials[-1]["test_G"] = 0.25  # full-res only: the best residual (0.1875) is 25% lower
+    roles = {"low only": "×2 downsampled copies alone", "bootstrapped": "the view models + a residual"}
+    note = fd_note(cfg.eval.features, 16, 48)
+    assert note.startswith("FD skipped") and "\n" not in note
+    out = tmp_path / "report"
+    w = report.write_report(str(out), trials, curves, samples, config, manifest, quality=quality,
+                            roles=roles, fd_note=note, budget=_budget(14.0))
+    md, text = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for doc, esc in ((md, report._md), (text, report._e)):
+        samples_part = doc.split("Samples")[1]
+        assert samples_part.index(esc(report.FIGURE1_TITLE)) < samples_part.index(esc("low only"))
+        for s in (sentence, note, "SWD 32 px (fine)", "SWD 16 px (coarse)", "×2 downsampled copies alone",
+                  "full-res only", f"{quality['low only']['swd_fine']:.4g}",
+                  f"{quality['patch only']['swd_coarse']:.4g}"):
+            assert esc(s) in samples_part, s
+        assert esc("Training budgets: the bootstrapped model stands on 14 kimg (view models patch 6 + low 6, "
+                   "residual 2); the full-res-only baseline trained 14 kimg on the 64 full-res samples — the "
+                   "same budget.") in doc
+        assert esc("At N = 64 full-res samples and equal budgets (14 kimg each), the partial data helped: test G "
+                   "0.1875 bootstrapped vs 0.25 full-res only (25.0% lower).") in doc
+    assert "FD" not in report.figure1_table(quality)[0]
+    assert re.search(r"<h3>Figure 1 as numbers[^<]*</h3><div class=\"tbl\"><table>", text)
+
+    # unequal budgets: stated, and no verdict on the partial data
+    lines = report.budget_lines(_budget(2.0), trials, trials[0])
+    assert "trained 2 kimg on the 64 full-res samples — 0.14× the bootstrapped model's, unequal budgets." in lines[0]
+    assert lines[1].startswith("At N = 64 the budgets differ (14 vs 2 kimg), so this run cannot say whether the "
+                               "partial data helped: test G 0.1875 bootstrapped vs 0.25 full-res only")
+    trials[-1]["test_G"] = 0.15  # at equal budgets and a better baseline: it did not help
+    assert "the partial data did not help: test G 0.1875 bootstrapped vs 0.15 full-res only (25.0% higher)." \
+        in report.budget_lines(_budget(14.0), trials, trials[0])[1]
+    no_base = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[1]
+    assert no_base == "Whether the partial data helped at N = 64 cannot be said: no full-res-only baseline with a " \
+                      "finite test G."
+    assert w["html"].endswith("report.html")
+    no_run = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[0]
+    assert "the full-res-only baseline (not in this sweep: sweep.baseline_full_res) would train 14 kimg" in no_run

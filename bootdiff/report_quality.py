@@ -1,0 +1,131 @@
+"""The sweep report's reading of sample quality and budgets (docs/METHOD.md §8): Figure 1 of the
+paper as numbers — the sliced Wasserstein distance of each model's samples to the test split per
+pyramid level (low-res only, patches only, combined, bootstrapped, full-res only), FD beside it when
+measured — with the sentence that reads it, and the two summary sentences on training budgets:
+both budgets side by side, and whether the partial data helped at this N (said only at equal
+budgets). Pure data in, tables ``(columns, rows)`` and text out; `bootdiff.report` lays them out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bootdiff.report_plots import _fmt
+from bootdiff.sweep import num as _num
+
+
+def _change(g, ref) -> str:
+    if not (math.isfinite(g) and math.isfinite(ref) and ref > 0):
+        return "no finite G"
+    return f"{abs(g - ref) / ref * 100:.1f}% {'lower' if g < ref else 'higher'}"
+
+
+MODEL_LABEL = {"bootstrapped": "bootstrapped", "combined": "combined", "full_res": "full-res only"}
+
+
+def _model(name) -> str:
+    return MODEL_LABEL.get(name, str(name))
+
+
+def _figure1_order(quality) -> list:
+    """Views alone first, then combined, bootstrapped, full-res only (Figure 1's order)."""
+    rank = {"combined": 1, "bootstrapped": 2, "full_res": 3}
+    return sorted(quality, key=lambda n: (rank.get(n, 0 if str(n).endswith(" only") else 4), str(n)))
+
+
+def figure1_table(quality, roles=None):
+    """Figure 1 of the paper as numbers (docs/METHOD.md §8): ``(columns, rows)``, one row per
+    sample set of ``quality`` (`bootdiff.evaluate.sample_quality`): what it was trained on, its
+    SWD to the test split per pyramid level (finest first), their mean, FD when measured,
+    memorisation rate and nearest-neighbour distance."""
+    order = _figure1_order(quality)
+    res = next((q["swd_resolutions"] for q in quality.values() if q.get("swd_resolutions")), [])
+    levels = [f"SWD {r} px" + (" (fine)" if i == 0 and len(res) > 1 else
+                               " (coarse)" if i == len(res) - 1 and len(res) > 1 else "")
+              for i, r in enumerate(res)]
+    has_fd = any("fd" in q for q in quality.values())
+    cols = ["model", "trained on", *levels, "SWD mean", *(["FD"] if has_fd else []), "memorised",
+            "NN distance"]
+    rows = []
+    for n in order:
+        q = quality[n]
+        lv = list(q.get("swd_levels") or [])
+        lv += [None] * (len(levels) - len(lv))
+        rows.append([_model(n), (roles or {}).get(n), *lv[:len(levels)],
+                     float(np.mean(q["swd_levels"])) if q.get("swd_levels") else q.get("swd_test"),
+                     *([q.get("fd")] if has_fd else []), q.get("memorization_rate"), q.get("nn_distance_train")])
+    return cols, rows
+
+
+def _furthest(q, key):
+    """(furthest model, closest model, their SWDs) at one scale; the furthest is None when no
+    model stands out (within 10% of the closest)."""
+    ranked = sorted(q, key=lambda n: q[n][key])
+    far, near = ranked[-1], ranked[0]
+    a, b = q[far][key], q[near][key]
+    return (far if b > 0 and a / b >= 1.1 else None), near, a, b
+
+
+def figure1_sentence(quality) -> str:
+    """The sentence that reads `figure1_table`: which model's samples lack fine detail (largest SWD
+    at the finest pyramid level, at least 10% above the closest), which lack coarse structure
+    (the same at the coarsest level), which is closest over all scales — generated from the
+    numbers."""
+    q = {n: v for n, v in quality.items()
+         if v.get("swd_levels") and all(math.isfinite(_num(x)) for x in v["swd_levels"])}
+    if len(q) < 2:
+        return "Fewer than two models have finite SWDs per pyramid level: there is nothing to compare."
+    res = next(iter(q.values()))["swd_resolutions"]
+    close = min(q, key=lambda n: float(np.mean(q[n]["swd_levels"])))
+    tail = f"{_model(close)} is closest over all scales (mean SWD {_fmt(float(np.mean(q[close]['swd_levels'])))})."
+    if len(res) < 2:
+        return f"With one pyramid level ({res[0]} px) fine and coarse scales coincide: {tail}"
+    clauses = []
+    for key, scale, px, what in (("swd_fine", "fine", res[0], "detail"), ("swd_coarse", "coarse", res[-1], "structure")):
+        far, near, a, b = _furthest(q, key)
+        if far is None:
+            clauses.append(f"at the {scale} scale ({px} px) the models are within 10% of each other "
+                           f"(SWD {_fmt(b)} to {_fmt(a)})")
+        else:
+            clauses.append(f"at the {scale} scale ({px} px) {_model(far)} is furthest from the test set (SWD "
+                           f"{_fmt(a)} vs {_fmt(b)} for {_model(near)}): it lacks {what}")
+    text = f"{clauses[0]}; {clauses[1]}; {tail}"
+    return text[0].upper() + text[1:]
+
+
+def budget_lines(budget, trials, best=None) -> list:
+    """Two sentences: the training budgets of the bootstrapped model and of the full-res baseline
+    side by side (kimg; ``budget`` as `bootdiff.evaluate.budgets` returns it), and whether the
+    partial data helped at this N, with the test G of both — said only at equal budgets."""
+    b, n = budget, budget["n_full"]
+    boot = b["bootstrapped"]
+    full = b["full_res_trained"] if b.get("full_res_trained") is not None else b["full_res"]
+    views = " + ".join(f"{k} {_fmt(v)}" for k, v in b["views"].items())
+    equal = abs(boot - full) <= 1e-6 * max(boot, full, 1.0)
+    planned = f" (of {_fmt(b['full_res'])} planned)" if abs(full - b["full_res"]) > 1e-6 else ""
+    ran = any(t["kind"] == "full_res" for t in trials)
+    lines = [f"Training budgets: the bootstrapped model stands on {_fmt(boot)} kimg (view models {views}, "
+             f"residual {_fmt(b['residual'])}); the full-res-only baseline "
+             + (f"trained {_fmt(full)} kimg{planned}" if ran else
+                f"(not in this sweep: sweep.baseline_full_res) would train {_fmt(full)} kimg")
+             + f" on the {n} full-res samples — " + ("the same budget." if equal else
+                                                    f"{full / boot:.2g}× the bootstrapped model's, unequal budgets.")]
+    fr = next((t for t in trials if t["kind"] == "full_res" and math.isfinite(_num(t["test_G"]))), None)
+    bt = best if best is not None and best["kind"] == "residual" and math.isfinite(_num(best["test_G"])) else None
+    if fr is None or bt is None:
+        lines.append(f"Whether the partial data helped at N = {n} cannot be said: no "
+                     f"{'full-res-only baseline' if fr is None else 'bootstrapped (residual) trial'} with a finite "
+                     f"test G.")
+        return lines
+    gb, gf = _num(bt["test_G"]), _num(fr["test_G"])
+    numbers = f"test G {_fmt(gb)} bootstrapped vs {_fmt(gf)} full-res only ({_change(gb, gf)})"
+    if equal:
+        lines.append(f"At N = {n} full-res samples and equal budgets ({_fmt(boot)} kimg each), the partial data "
+                     f"{'helped' if gb < gf else 'did not help'}: {numbers}.")
+    else:
+        lines.append(f"At N = {n} the budgets differ ({_fmt(boot)} vs {_fmt(full)} kimg), so this run cannot say "
+                     f"whether the partial data helped: {numbers}; leave full_res.train.total_kimg unset "
+                     f"for equal budgets.")
+    return lines
