@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -136,6 +136,14 @@ class Schedule(Choice):
     linear = "linear"
 
 
+class FeatureKind(Choice):
+    """The feature network of the Fréchet distance (`bootdiff.fd`); none: FD is skipped."""
+
+    none = "none"
+    inception = "inception"
+    dinov2 = "dinov2"
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -183,7 +191,10 @@ class TrainConfig:
     compile: bool = False
     checkpoint_every_kimg: float = 0.5
     keep_checkpoints: int = 2
-    report_every: int = 50  # steps between hook reports (Ray reports cost ~2 s each)
+    report_every: int = 50  # steps between reports to the hooks (stdout, TensorBoard)
+    # Seconds between reports that the Ray hooks pass on to ray.train.report (checkpoint reports
+    # always go): a report < ~2 s after the previous one blocks training (docs/RAY.md §3).
+    report_every_s: float = 5.0
     seed: int = 0
     num_workers: int = 0  # DataLoader workers per training process
     loss: LossConfig = field(default_factory=LossConfig)
@@ -322,6 +333,16 @@ class SamplerConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """Fréchet distance's feature network, read from the user's disk only (`bootdiff.fd`,
+    docs/METHOD.md §8); `bootdiff.config_check` loads it once at config load."""
+
+    kind: FeatureKind = FeatureKind.none  # none: FD is skipped, with a one-line note in the report
+    path: Optional[str] = None  # inception: state-dict .pth file; dinov2: save_pretrained folder
+    batch_size: int = 64  # images per forward pass of the feature network
+
+
+@dataclass
 class EvalConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -332,6 +353,7 @@ class EvalConfig:
     batch_size: int = 64
     num_images: int = 16  # samples drawn per model for the report
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 @dataclass
@@ -352,7 +374,10 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     views: Dict[str, ViewConfig] = field(default_factory=dict)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
-    full_res: ViewConfig = field(default_factory=lambda: ViewConfig(kind=ViewKind.full))  # baseline
+    # The full-res baseline. Its train.total_kimg left unset (MISSING) is filled at load with
+    # `full_res_budget`: the kimg the bootstrapped model stands on, so the comparison is fair.
+    full_res: ViewConfig = field(default_factory=lambda: ViewConfig(
+        kind=ViewKind.full, train=TrainConfig(total_kimg=MISSING)))  # type: ignore[arg-type]
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -409,10 +434,26 @@ def _check_new_views(cfg: DictConfig, dot: DictConfig, overrides: Sequence[str])
                               f"views.{name}.kind=<{' | '.join(k.value for k in ViewKind)}>")
 
 
+def full_res_budget(cfg) -> float:
+    """The full-res baseline's default budget in kimg: every view model's ``train.total_kimg``
+    plus the residual's, the training the bootstrapped model stands on (a fair baseline)."""
+    return float(sum(v.train.total_kimg for v in cfg.views.values()) + cfg.residual.train.total_kimg)
+
+
+def _fill_full_res_budget(cfg: DictConfig) -> None:
+    """``full_res.train.total_kimg`` left unset -> `full_res_budget` (set explicitly, it is kept)."""
+    if "full_res" in cfg and OmegaConf.is_missing(cfg.full_res.train, "total_kimg"):
+        try:
+            cfg.full_res.train.total_kimg = full_res_budget(cfg)
+        except OmegaConfBaseException as exc:
+            raise _error(exc, "full_res.train.total_kimg (unset: the views' total_kimg + the residual's)") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 schema: type = ExperimentConfig, check: bool = True) -> DictConfig:
     """Load ``path`` (YAML, any fsspec URL) over the schema's defaults, then apply ``overrides``,
-    then (for an `ExperimentConfig`, unless ``check=False``) run `bootdiff.config_check.check`.
+    then fill an unset ``full_res.train.total_kimg`` (`full_res_budget`), then (for an
+    `ExperimentConfig`, unless ``check=False``) run `bootdiff.config_check.check`.
 
     Raises ``ConfigError`` naming the key and the file (or the command line) for an unknown key,
     a value of the wrong type or outside a choice's values, malformed YAML, an override that
@@ -445,6 +486,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise _error(exc, "command line") from None
         _check_new_views(cfg, dot, overrides)
         cfg = _merge(cfg, dot, "command line")
+    _fill_full_res_budget(cfg)
     if check and issubclass(schema, ExperimentConfig):
         from bootdiff.config_check import check as check_config
 

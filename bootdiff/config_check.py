@@ -25,6 +25,7 @@ from bootdiff.config import (VIDEO_SOURCES, ConfigError, ExperimentConfig, Fusio
 NEEDS_PATH = (SourceKind.images, SourceKind.tar, SourceKind.idx, SourceKind.video, SourceKind.frames)
 MASK_KINDS = (SourceKind.images, SourceKind.tar)
 NAME = re.compile(r"^[^/\\\s]+$")  # view and experiment names become URL path parts
+RAY_POLL_S = 2.0  # Ray Train's controller collects reports this often (docs/RAY.md §3)
 
 
 def _show(value: Any) -> str:
@@ -107,6 +108,9 @@ def _check_train(p: _Problems, key: str, t) -> None:
                    ("checkpoint_every_kimg", "(0: one checkpoint, at the end)"),
                    ("report_every", "(0: report at checkpoints only)"), ("num_workers", "")):
         p.at_least(f"{key}.{k}", getattr(t, k), 0, f"must be a finite number >= 0 {why}".strip())
+    p.at_least(f"{key}.report_every_s", t.report_every_s, RAY_POLL_S,
+               f"must be >= {RAY_POLL_S:g} s, Ray Train's poll interval: a report sooner after the previous "
+               "one blocks training (docs/RAY.md §3)")
     betas = list(t.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         p.bad(f"{key}.betas", betas, "must be two numbers in [0, 1)")
@@ -243,6 +247,25 @@ def _check_eval(p: _Problems, cfg: ExperimentConfig) -> None:
     p.positive("eval.sampler.S_noise", s.S_noise)
     p.positive("eval.sampler.snr", s.snr)
     p.at_least("eval.sampler.n_corrector", s.n_corrector, 0, "must be an integer >= 0")
+    _check_features(p, e.features)
+
+
+def _check_features(p: _Problems, f) -> None:
+    """``eval.features``: the feature network is loaded once on the CPU (`bootdiff.fd`), so a
+    missing or wrong weights file fails here, before any training."""
+    from bootdiff import fd
+
+    if not (isinstance(f.batch_size, int) and f.batch_size >= 1):
+        p.bad("eval.features.batch_size", f.batch_size, "must be an integer >= 1")
+        return
+    try:
+        fd.check_features_config(f)
+    except ImportError as exc:
+        p.items.append(("eval.features.kind", str(exc)))
+    except (OSError, ValueError) as exc:  # fd's messages start with "eval.features.path=..."
+        msg = str(exc)
+        p.items.append(("eval.features.path", msg if msg.startswith("eval.features.") else
+                        f"eval.features.path={_show(f.path)}: {msg}"))
 
 
 def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:
