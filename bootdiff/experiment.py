@@ -247,13 +247,28 @@ def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, 
 # ----------------------------------------------------------------------------- evaluation
 
 
+def g_sigma_data(manifest: dict) -> float:
+    """σ_data of G's weighting λ(σ) (docs/METHOD.md §6): the manifest's ``g_sigma_data`` when it
+    states one (a benchmark fixes it for all its datasets), else its ``full`` split's σ_data."""
+    fixed = manifest.get("g_sigma_data")
+    if fixed is not None:
+        if not float(fixed) > 0:
+            raise ValueError(f"manifest at {manifest.get('root')}: g_sigma_data must be positive, got {fixed!r}")
+        return float(fixed)
+    return float(view_info(manifest, "full")["sigma_data"])
+
+
 def generalization(cfg, manifest: dict, D, split: str = "test", max_samples: Optional[int] = None) -> dict:
-    """G per σ and in total (docs/METHOD.md §6) of denoiser ``D`` on a full-resolution split."""
+    """G per σ and in total (docs/METHOD.md §6) of denoiser ``D`` on a full-resolution split.
+
+    The weighting λ(σ) uses `g_sigma_data` of the manifest: the σ_data of its ``full`` split, or
+    the fixed value a manifest states (``g_sigma_data``), so G is comparable across datasets
+    that differ only in the scarce set (the data-efficiency benchmark, `bootdiff.efficiency`)."""
     from bootdiff.metrics import generalization_error, sigma_grid
 
     ecfg = cfg.eval
     n = max_samples or ecfg.max_samples
-    sigma_data = float(view_info(manifest, "full")["sigma_data"])
+    sigma_data = g_sigma_data(manifest)
     batches = stream(cfg, manifest, split, batch_size=ecfg.batch_size, mode="eval", max_samples=n)
     with torch.no_grad():
         return generalization_error(D, batches, sigma_grid(ecfg), sigma_data, seed=ecfg.seed, delta=ecfg.delta)

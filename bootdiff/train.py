@@ -14,12 +14,23 @@ them make one optimizer step). It is either
 * an iterator / iterable — used as is (the caller must position it when resuming), or
 * a callable ``data(start_step) -> iterator`` — called once with the number of optimizer steps
   already done (0 for a fresh run, the checkpoint's step on resume); the iterator must begin at
-  micro-batch ``start_step * cfg.accum_steps`` of this rank's stream (fast-forward or reseed).
+  micro-batch ``start_step * cfg.accum_steps`` of this rank's stream. The checkpoint's ``step``
+  is the stream position: ``step * accum_steps`` micro-batches consumed per rank.
+  `bootdiff.experiment.train_data` is such a callable over a view's shards: epoch ``e`` of its
+  stream is a function of (seed, e, rank, loader worker) alone and it fast-forwards within the
+  epoch, so ``data(k)`` yields exactly what ``data(0)`` yields from micro-batch ``k·accum_steps``.
 
 Everything else (model, EMA, optimizer, step, kimg, Python/NumPy/torch CPU & CUDA RNG states and
-the loss's ``torch.Generator``) is restored from the checkpoint, so on CPU an interrupted and
-resumed run produces exactly the same later losses as an uninterrupted one. `TrainResult.step`
-says how many steps (``step * accum_steps`` micro-batches per rank) were consumed.
+the loss's ``torch.Generator``) is restored from the checkpoint.
+
+What resume guarantees: with a positioned ``data`` (as above), the same world size and the same
+config, an interrupted and resumed run on CPU produces bit-for-bit the same later losses and
+weights as an uninterrupted one — in process and under Ray, after a killed worker or a
+re-submission (tests/test_resume.py). On CUDA the same holds only up to the nondeterminism of the
+GPU kernels (atomics in backward passes, bf16 autocast), i.e. statistically, not bitwise. Resuming
+on a different world size reseeds the RNGs from the step and repositions each rank's stream by
+its own count, which is reproducible but not the uninterrupted run. `TrainResult.step` says how
+many steps (``step * accum_steps`` micro-batches per rank) were consumed.
 
 Losses
 ------
@@ -154,6 +165,9 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
     ``hooks.on_report(metrics, checkpoint_url)`` is called on every rank every ``cfg.report_every``
     steps and whenever a checkpoint is written (its URL on rank 0, None on the other ranks, which
     write nothing); ``hooks.should_stop()`` (optional) is polled at those steps (the ranks agree).
+    ``hooks.on_start(dict(step, kimg, rank))`` (optional) is called once the run has resumed (or
+    starts fresh) and ``hooks.on_end()`` (optional) when it ends, also on an exception
+    (`bootdiff.tb.TensorBoardHooks` writes the run's TensorBoard curves through these).
     Metrics: step, kimg, loss, loss_sigma_band/<lo>-<hi>, grad_norm_max, img_per_s, lr, rank
     (loss and bands averaged over ranks and over the steps since the last report).
     ``config_yaml`` is stored beside each checkpoint (default: the YAML of ``cfg``).
@@ -205,6 +219,8 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
             _seed_all((cfg.seed * 1_000_003 + step * world + rank) % (1 << 31), gen)
         del state
     batches = _open_data(data, step)
+    if hooks is not None and hasattr(hooks, "on_start"):  # e.g. TensorBoard continues from here
+        hooks.on_start(dict(step=step, kimg=nimg / 1000, rank=rank))
 
     # Wrap for DDP / compile; EMA and checkpoints use the unwrapped model.
     net = ddp = model
@@ -259,8 +275,8 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
             loss_val, norm_val = torch.stack([step_loss, grad_norm.float()]).tolist()
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                 what = "loss" if not math.isfinite(loss_val) else "gradient norm"
-                raise RuntimeError(f"non-finite {what} at step {step + 1} (kimg {nimg / 1000:.3f}); "
-                                   f"last good checkpoint: {last_ckpt}")
+                raise FloatingPointError(f"non-finite {what} at step {step + 1} (kimg {nimg / 1000:.3f}); "
+                                         f"last good checkpoint: {last_ckpt}")
 
             # Update weights and EMA.
             if cfg.grad_clip > 0:
@@ -318,6 +334,8 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
                 break
     finally:
         bar.close()
+        if hooks is not None and hasattr(hooks, "on_end"):  # e.g. TensorBoard uploads its files
+            hooks.on_end()
     return TrainResult(step=step, kimg=nimg / 1000, loss=loss_mean, checkpoint_url=last_ckpt,
                        model=model, ema=ema.module, stopped=stopped)
 
@@ -326,7 +344,7 @@ def _save_checkpoint(run_dir, step, nimg, model, ema, optimizer, gen, params, co
                      distributed, rank, world) -> str:
     """Gather every rank's RNG states, refuse non-finite weights, write on rank 0, then barrier."""
     if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        raise RuntimeError(f"non-finite weights at step {step} (kimg {nimg / 1000:.3f}); checkpoint not written")
+        raise FloatingPointError(f"non-finite weights at step {step} (kimg {nimg / 1000:.3f}); checkpoint not written")
     rngs = [_rng_state(gen)]
     if distributed:
         rngs = [None] * world

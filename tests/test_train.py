@@ -209,7 +209,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good(tmp_path):
     run = str(tmp_path / "run")
     loss = RecordingLoss(nan_at_call=6)
     msg = r"non-finite loss at step 6 \(kimg 0\.040\); last good checkpoint: .*checkpoint-00000003"
-    with pytest.raises(RuntimeError, match=msg):
+    with pytest.raises(FloatingPointError, match=msg):
         train(model_(), loss, gmm_data(8, 1), make_cfg(steps=12, ckpt_every=3), run_dir=run)
     assert list_checkpoints(run) == [os.path.join(run, "checkpoint-00000003")]
     state = load_checkpoint(latest_checkpoint(run))

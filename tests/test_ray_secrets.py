@@ -1,0 +1,177 @@
+"""Ray: credentials stay out of Ray's job records, deterministic failures are not retried, a killed
+Train worker is. One head started with `ray start --head` whose environment holds fake AWS keys
+(the way cluster/README.md tells users to give a cluster its credentials); jobs go in with
+`ray job submit` and train one tiny view (`ray_jobs.train_views`) on data ingested beforehand."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from bootdiff import util
+from bootdiff.config import load_config, to_object, to_yaml
+from bootdiff.data.ingest import ingest
+from test_resume import Source  # random 16² images, in memory
+from test_ray_pipeline import PY, RAY, REPO, _env, _free_port, _ray_tmp, _stop, _submit
+
+KEY_ID = "AKIAFAKE" + uuid.uuid4().hex[:12].upper()
+SECRET = "fakeSecret" + uuid.uuid4().hex
+
+
+def _config(tmp_path, storage, name, extra=()):
+    """A one-view config file (8×8 low-res view of random 16² images), its data ingested."""
+    cfg = to_object(load_config(None, [
+        f"storage={storage}", f"name={name}", "data.resolution=16", "data.num_full=10", "data.num_test=10",
+        "data.shard_size=16", "views.low.kind=downsample", "views.low.factor=2",
+        "views.low.net.channels=[8,8]", "views.low.net.attention=[false,false]", "views.low.net.norm_groups=4",
+        "views.low.train.batch_size=8", "views.low.train.total_kimg=0.048",
+        "views.low.train.checkpoint_every_kimg=0.016", "views.low.train.report_every=1",
+        "views.low.train.warmup_kimg=0", "views.low.scaling.cpus_per_worker=1", "ray.max_failures=2", *extra]))
+    ingest(cfg, progress=False, source=Source())
+    path = os.path.join(str(tmp_path), f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(to_yaml(cfg))
+    return cfg, path
+
+
+def _cmd(head, config_path, *overrides):
+    return [RAY, "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
+            PY, "-m", "ray_jobs.train_views", "--config", config_path, *overrides]
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    """`ray start --head` with fake AWS keys (and the moto endpoint) in its env; the CLI's env
+    holds no keys."""
+    tmp = _ray_tmp()
+    port, dash = _free_port(), _free_port()
+    clean = {k: v for k, v in _env(tmp).items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    head_env = dict(clean, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
+        "runtime-env-agent-port", "metrics-export-port")]
+    for _ in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait, or lose the dashboard
+        started = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                                  "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", *ports],
+                                 env=head_env, capture_output=True, text=True, cwd=REPO, timeout=180)
+        if started.returncode == 0:
+            break
+        _stop(tmp, clean)
+    try:
+        assert started.returncode == 0, (started.stdout + started.stderr)[-4000:]
+        yield {"env": clean, "address": f"http://127.0.0.1:{dash}", "tmp": tmp}
+    finally:
+        _stop(tmp, clean)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_job(head, cmd, env=None, timeout=600, while_running=None) -> tuple:
+    """Submit with ``--no-wait``, poll the Jobs API until the job ends (the CLI's log tail can
+    drop under load), calling ``while_running()`` between polls; (status, logs)."""
+    proc = _submit(cmd[:3] + ["--no-wait"] + cmd[3:], env or head["env"], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Job '" in out, out[-4000:]
+    sub_id = out.split("Job '")[1].split("'")[0]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = json.loads(_jobs_api(head, f"/{sub_id}"))["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        if while_running is not None:
+            while_running()
+        time.sleep(1)
+    return status, json.loads(_jobs_api(head, f"/{sub_id}/logs"))["logs"]
+
+
+def _jobs_api(head, path: str = "") -> str:
+    """The dashboard's Jobs API answer (``/api/jobs/``: submission and driver jobs), as text."""
+    req = urllib.request.Request(head["address"] + "/api/jobs/" + path.lstrip("/"),
+                                 headers={"Authorization": f"Bearer {head['env']['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read().decode()
+
+
+def _files_containing(root: str, needles) -> list:
+    hits = []
+    for d, _, files in os.walk(root, followlinks=False):
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                data = open(p, "rb").read()
+            except OSError:
+                continue
+            hits += [f"{p}: {n[:12]}…" for n in needles if n.encode() in data]
+    return hits
+
+
+@pytest.mark.ray
+def test_credentials_stay_out_of_job_records_and_workers_reach_s3(head, s3, tmp_path):
+    bucket, endpoint = s3
+    storage = f"{bucket}/secrets"
+    cfg, path = _config(tmp_path, storage, "sec")
+    status, out = _run_job(head, _cmd(head, path, f"storage={storage}"), dict(head["env"], AWS_ENDPOINT_URL=endpoint))
+    assert status == "SUCCEEDED", out[-6000:]
+
+    # The workers reached S3 with the head's keys: the view's checkpoints and export are there.
+    fs, root = util.url_fs(f"{storage}/sec")
+    names = fs.find(root)
+    assert any(n.endswith("models/low/bootdiff.json") for n in names), names
+    assert any("/views/view-low/checkpoint" in n for n in names), names
+
+    needles = (SECRET, KEY_ID)
+    jobs = _jobs_api(head)
+    assert "raysubmit_" in jobs and not [n for n in needles if n in jobs]
+    assert "step 6" in out and not [n for n in needles if n in out]  # the job's logs
+    assert not _files_containing(os.path.join(head["tmp"], "ray"), needles)  # Ray's session dirs
+    stored = [n for n in names if fs.isfile(n) and any(s.encode() in fs.cat(n) for s in needles)]
+    assert not stored
+
+
+@pytest.mark.ray
+def test_nonfinite_loss_fails_at_once_with_its_message(head, tmp_path):
+    cfg, path = _config(tmp_path, str(tmp_path / "store"), "nan", ["views.low.train.lr=1e6"])
+    t0 = time.time()
+    status, out = _run_job(head, _cmd(head, path))
+    assert status == "FAILED", out[-6000:]
+    assert re.search(r"FloatingPointError: non-finite (loss|gradient norm) at step \d", out), out[-6000:]
+    assert out.count("not retried") >= 1 and "worker failure 1" not in out
+    assert "FailurePolicy] RETRY" not in out
+    assert len(re.findall(r"step 1 +kimg", out)) == 1, out[-6000:]  # one attempt
+    print(f"lr=1e6 job failed after {time.time() - t0:.1f} s")
+
+
+@pytest.mark.ray
+def test_killed_worker_is_retried_from_its_checkpoint(head, tmp_path):
+    slow = ["views.low.net.channels=[32,64]", "views.low.train.batch_size=32", "views.low.train.total_kimg=2.56",
+            "views.low.train.checkpoint_every_kimg=0.32", "views.low.train.report_every=10"]
+    cfg, path = _config(tmp_path, str(tmp_path / "store"), "kill", slow)
+    runs = os.path.join(str(tmp_path / "store"), "kill", "views", "view-low")
+    killed = []
+
+    def kill_after_first_checkpoint():
+        if killed or not (os.path.isdir(runs) and any(d.startswith("checkpoint") for d in os.listdir(runs))):
+            return
+        actors = subprocess.run([RAY, "list", "actors", "--address", head["address"], "--filter",
+                                 "class_name=RayTrainWorker", "--filter", "state=ALIVE", "--format", "json"],
+                                env=head["env"], capture_output=True, text=True, timeout=60)
+        pids = [a["pid"] for a in json.loads(actors.stdout or "[]")]
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    status, out = _run_job(head, _cmd(head, path), while_running=kill_after_first_checkpoint)
+    assert killed, out[-6000:]
+    assert status == "SUCCEEDED", out[-6000:]
+    assert "worker failure 1 of at most 2, retrying" in out
+    resumed = re.findall(r"resuming from step (\d+)", out)
+    assert resumed and int(resumed[-1]) >= 10, out[-6000:]
+    assert os.path.exists(os.path.join(str(tmp_path / "store"), "kill", "models", "low", "bootdiff.json"))
