@@ -12,11 +12,13 @@
     sweep/events/             one object per trial start (audit trail)
     sweep/sweep.json          the sweep's outcome: trial rows and the best trial
     sweep/report/             report.html, report.md, trials.csv, summary.json    (evaluate)
+    tb/<run>/                 TensorBoard event files of each training run: view-<v>, trial-<label>
+                              (`tensorboard --logdir {storage}/{name}/tb`; bootdiff.tb)
     config.json               the resolved config of a pipeline run
+    lease.json                who runs this run now (`bootdiff.lease.RunLease`; every entry point)
 
-Later additions (TensorBoard logs under ``tb/``, a lease object that marks the run as owned)
-belong here too, as one more property each. ``storage`` is a local path or any fsspec URL
-(``s3://``); a local path is made absolute once, here (`absolute_url`), so Ray workers running
+Later additions belong here too, one more property each.
+``storage`` is a local path or any fsspec URL (``s3://``); a local path is made absolute once, here (`absolute_url`), so Ray workers running
 in other directories agree on it.
 """
 
@@ -61,6 +63,11 @@ class RunLayout:
     @property
     def config(self) -> str:
         return join(self.root, "config.json")
+
+    @property
+    def lease(self) -> str:
+        """The run's lease object (`bootdiff.lease.RunLease`): one submission at a time."""
+        return join(self.root, "lease.json")
 
     def url(self, path: str) -> str:
         """A path as Ray reports it (inside its storage filesystem: ``bucket/key`` for s3) as a URL."""
@@ -126,6 +133,24 @@ class RunLayout:
 
     def trial_start_event(self, label: str, stamp_ns: int) -> str:
         return join(self.events, f"{label}.{stamp_ns}.start")
+
+    def trial_final_error(self, label: str, session: str) -> str:
+        """A trial's deterministic failure in one run of the sweep (Tune's retries read it)."""
+        return join(self.events, f"{label}.{session}.error")
+
+    # ------------------------------------------------------------------------- TensorBoard
+
+    @property
+    def tb(self) -> str:
+        """TensorBoard's ``--logdir``: one folder per training run (`bootdiff.tb`)."""
+        return join(self.root, "tb")
+
+    def tb_run(self, run: str) -> str:
+        """A training run's event files: ``view-<v>``, ``trial-<label>`` or a benchmark's name."""
+        run = str(run).strip("/")
+        if not run or ".." in run.split("/"):
+            raise ValueError(f"RunLayout.tb_run: bad run name {run!r}")
+        return join(self.tb, run)
 
     # ------------------------------------------------------------------------- stage 3 (report)
 

@@ -14,7 +14,8 @@ Every change of the object is atomic and conditional, so of two contenders exact
 
 A lease is stale when its heartbeat is older than its ``ttl_s``, measured on the storage's clock
 (file mtime; S3 ``Date`` minus ``Last-Modified``, 1 s resolution), so hosts' clocks need not agree.
-A holder that is SIGKILLed stops renewing, and its lease may be taken over ``ttl_s`` later.
+A holder that is SIGKILLed stops renewing, and its lease may be taken over ``ttl_s`` later — at
+once from the same host, where the holder's pid is seen to be gone.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class RunLease:
                 self._version = current
                 return None
             ttl = float(holder.get("ttl_s") or self.ttl_s)
-            if age <= ttl:
+            if age <= ttl and not _dead_on_this_host(holder):
                 return holder, age, ttl
             version = self._store.replace(self._payload(), current)
             if version is not None:
@@ -211,6 +212,20 @@ class RunLease:
                           f"this process no longer owns the run", flush=True)
                     return
                 self._version = version
+
+
+def _dead_on_this_host(holder: dict) -> bool:
+    """The holder ran on this host and its process is gone (e.g. SIGKILLed): its lease is stale
+    now, not ``ttl_s`` later. Holders on other hosts are judged by their heartbeat alone."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _now_iso() -> str:

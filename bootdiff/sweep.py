@@ -75,23 +75,37 @@ def trial_residual_config(cfg, trial: dict) -> ResidualConfig:
     return rcfg
 
 
-def trial_status(cfg, trial: dict, metrics: dict, error) -> str:
-    """complete / stopped (early, by the scheduler) / error."""
+STATUSES = ("complete", "stopped_early", "interrupted", "error")
+
+
+def trial_status(cfg, trial: dict, metrics: dict, error, finished: bool = True) -> str:
+    """One of `STATUSES`, each a different fate:
+
+    * ``error``: the trial raised (after its retries);
+    * ``interrupted``: the sweep stopped (Ctrl-C / SIGTERM to the driver) before the trial ended —
+      its Tune state says neither terminated nor errored (``finished`` False); re-running the sweep
+      resumes it from its latest checkpoint;
+    * ``complete``: it reached its budget (``*.train.total_kimg``; baselines without one always);
+    * ``stopped_early``: it ended before its budget, stopped by the scheduler (ASHA).
+    """
     if error:
         return "error"
+    if not finished:
+        return "interrupted"
     total = {"residual": cfg.residual.train.total_kimg, "full_res": cfg.full_res.train.total_kimg}.get(trial["kind"])
     if total is None or num(metrics.get("kimg")) >= total - 1e-6:
         return "complete"
-    return "stopped"
+    return "stopped_early"
 
 
-def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error) -> dict:
-    """A finished trial's row in ``sweep.json`` (the report's trial table reads these keys)."""
+def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error, finished: bool = True) -> dict:
+    """A trial's row in ``sweep.json`` (the report's trial table reads these keys); ``finished``:
+    whether the trial ended (see `trial_status`)."""
     m = metrics or {}
     return {"trial_id": trial["label"], "kind": trial["kind"], "mu_var": trial["mu_var"],
             "mu_l1": trial["mu_l1"], "range_adapter": trial["range_adapter"],
             "test_G": num(m.get("test_G")), "train_G": num(m.get("train_G")), "kimg": num(m.get("kimg")),
-            "step": m.get("step"), "status": trial_status(cfg, trial, m, error),
+            "step": m.get("step"), "status": trial_status(cfg, trial, m, error, finished),
             "checkpoint": m.get("checkpoint_path") or checkpoint,
             "error": str(error)[:500] if error else None}
 

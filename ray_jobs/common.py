@@ -9,8 +9,11 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 from typing import Callable, List, Optional, Tuple
 
 from bootdiff import util
@@ -21,10 +24,13 @@ from bootdiff.layout import absolute_url
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
 
-def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple[ExperimentConfig, str]:
-    """``--config FILE [key=value ...]`` -> (typed config, resolved YAML)."""
+def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple[ExperimentConfig, str, float]:
+    """``--config FILE [--wait-lease S] [key=value ...]`` -> (typed config, resolved YAML, wait_lease_s)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--wait-lease", type=float, default=0.0, metavar="SECONDS",
+                        help="if another submission of this run holds its lease ({storage}/{name}/lease.json), "
+                             "wait up to SECONDS for it (default 0: fail at once, naming it)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. sweep.mu_var=[0,1]")
     args = parser.parse_args(argv)
     cfg = to_object(load_config(args.config, args.overrides))
@@ -33,15 +39,78 @@ def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple
               f"directory ({os.getcwd()}); pass storage=/absolute/path or s3://... to keep the results",
               file=sys.stderr, flush=True)
     cfg.storage = absolute_url(cfg.storage)  # so Ray workers in other directories agree on it
-    return cfg, to_yaml(cfg)
+    return cfg, to_yaml(cfg), args.wait_lease
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stage stopped by Ctrl-C (SIGINT) or SIGTERM before it completed; its "done" marker was not
+    written, so running the same command again resumes it."""
+
+
+_signals: List[str] = []  # stop signals this process received that Python does not name itself
+
+
+def _sigterm_as_sigint(signum, frame) -> None:
+    """SIGTERM (``ray job stop``, a batch scheduler) does what Ctrl-C does: it calls whatever
+    handles SIGINT now — Tune's graceful stop during a sweep (docs/RAY.md §7), else
+    KeyboardInterrupt."""
+    _signals.append("SIGTERM")
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def catch_sigterm() -> None:
+    """Handle SIGTERM as Ctrl-C (`_sigterm_as_sigint`); main thread only, as Python requires."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+
+
+def ray_submission_id() -> Optional[str]:
+    """The ``ray job submit`` submission id of this driver (None when not run as a Ray job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return (json.loads(raw).get("metadata") or {}).get("job_submission_id") if raw else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def main(job: Callable, description: str, argv: Optional[List[str]] = None) -> int:
     """The body of every ``python -m ray_jobs.<stage>``: parse ``--config FILE [key=value ...]``,
-    run ``job(cfg, cfg_yaml)`` and print what it returns (if anything) as one JSON line."""
+    take the run's lease (`bootdiff.lease.RunLease` at `RunLayout.lease`: a second submission of
+    the same run fails at once naming the first, or waits ``--wait-lease`` seconds), run
+    ``job(cfg, cfg_yaml)`` and print what it returns (if anything) as one JSON line.
+
+    SIGTERM is handled as Ctrl-C. An interrupted job exits with 130 (SIGINT) or 143 (SIGTERM) and
+    says what was interrupted; nothing unfinished is recorded as done, so the same command resumes.
+    A lease held by another submission exits with 75 (EX_TEMPFAIL)."""
+    from bootdiff.layout import RunLayout
+    from bootdiff.lease import LeaseHeld, RunLease
+
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    cfg, cfg_yaml = parse_args(argv, description)
-    out = job(cfg, cfg_yaml)
+    cfg, cfg_yaml, wait_lease = parse_args(argv, description)
+    catch_sigterm()
+    entry = "ray_jobs." + os.path.splitext(os.path.basename(sys.argv[0] or "main"))[0]
+    lease = RunLease(RunLayout.of(cfg).lease, owner=f"{entry} ({cfg.name})", job_id=ray_submission_id(),
+                     wait_s=wait_lease)
+    try:
+        lease.acquire()
+    except LeaseHeld as exc:
+        print(f"[bootdiff] {exc}", file=sys.stderr, flush=True)
+        return 75
+    try:
+        out = job(cfg, cfg_yaml)
+        lease.check()
+    except KeyboardInterrupt as exc:
+        what = str(exc) if isinstance(exc, Interrupted) and str(exc) else entry
+        sig = _signals[-1] if _signals else "SIGINT"
+        print(f"[bootdiff] INTERRUPTED ({sig}): {what}. Nothing unfinished was recorded as done; run the "
+              f"same command again to resume (finished work is kept).", file=sys.stderr, flush=True)
+        return 143 if sig == "SIGTERM" else 130
+    finally:
+        lease.release()
     if out is not None:
         print(json.dumps(out, default=str))
     return 0
@@ -51,18 +120,28 @@ def cfg_from_yaml(text: str) -> ExperimentConfig:
     return from_yaml(text, ExperimentConfig)
 
 
+# The driver's environment variables that travel to Ray workers in the job's runtime_env. Ray
+# publishes a runtime_env (the dashboard's Jobs API, its session logs), so no credential may be
+# among them: workers take AWS credentials from the cluster's own environment — the env of
+# `ray start` (inherited by every worker it starts; a local ray.init() cluster inherits the
+# driver's), an instance profile / IAM role, or a Kubernetes Secret (cluster/README.md).
+SHARED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING")
+
+
 def init_ray(cfg: ExperimentConfig):
     """Join the cluster named by cfg.ray.address / RAY_ADDRESS (as under ``ray job submit``), or
-    start a local one with the dashboard. S3 credentials and endpoint travel to the workers."""
+    start a local one with the dashboard. Non-secret settings (`SHARED_ENV`: S3 endpoint, region,
+    cache) travel to the workers; credentials never do (cluster/README.md, "Credentials")."""
     import ray
 
     if ray.is_initialized():
         return ray
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("AWS_") or k in ("BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING")}
+    env = {k: os.environ[k] for k in SHARED_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, logging_level="WARNING", **kwargs)
+    catch_sigterm()  # ray.init set its own SIGTERM handler (sys.exit), which skips Tune's state save
     ctx = ray.get_runtime_context()
     dash = getattr(ray, "_private", None) and ray._private.worker.global_worker.node.address_info.get("webui_url")
     print(f"[bootdiff] Ray {ray.__version__} job {ctx.get_job_id()}; dashboard: http://{dash}" if dash else
@@ -105,32 +184,99 @@ def checkpoint_evaluator(cfg, manifest: dict, model, final_only_kimg: Optional[f
     return extra
 
 
+def tensorboard_run(cfg, rank: int, hparams: Optional[dict] = None):
+    """Rank 0's TensorBoard run of this Ray Train run, named as the run (``view-<v>``,
+    ``trial-<label>``): ``{storage}/{name}/tb/<run>`` (`bootdiff.tb`); None on other ranks."""
+    if rank != 0:
+        return None
+    import ray.train
+
+    from bootdiff.layout import RunLayout
+    from bootdiff.tb import TensorBoardRun
+
+    return TensorBoardRun(RunLayout.of(cfg).tb_run(ray.train.get_context().get_experiment_name()), hparams)
+
+
 class RayReportHooks:
     """`bootdiff.train` hooks that report through ``ray.train.report``.
 
-    Every rank calls ``on_report`` at the same steps (Ray's report is a barrier). Rank 0 hands its
+    `bootdiff.train` calls ``on_report`` on every rank at the same steps (every
+    ``train.report_every`` steps and at each checkpoint); those go to stdout (and TensorBoard).
+    Only some are passed on to Ray (`report_to_ray`): every checkpoint report, and otherwise at
+    most one per ``report_every_s`` seconds, because a ``ray.train.report`` made less than Ray
+    Train's poll interval (2 s) after the previous one blocks training (docs/RAY.md §3). Ray's
+    report is a barrier, so rank 0 decides and broadcasts (`ray_report_due`). Rank 0 hands its
     freshly written local checkpoint directory to Ray, which persists it to the run's storage;
-    ``extra_metrics(checkpoint_dir)`` (rank 0, at checkpoints) adds e.g. held-out G.
+    ``extra_metrics(checkpoint_dir)`` (rank 0, at checkpoints) adds e.g. held-out G, and
+    ``eval_s``, its time. Reports to Ray carry ``worker_start_time`` and ``report_time`` (epoch
+    seconds) for the pipeline's time breakdown (`ray_jobs.pipeline.time_breakdown`).
     ``fail_at_step`` injects one failure (test hook): it raises once, remembered by a marker URL.
     """
 
-    def __init__(self, tag: dict, extra_metrics=None, fail_at_step: int = -1, fail_marker: str = ""):
+    def __init__(self, tag: dict, extra_metrics=None, fail_at_step: int = -1, fail_marker: str = "",
+                 report_every_s: float = 5.0, tb=None):
         self.tag = tag
         self.extra_metrics = extra_metrics
         self.fail_at_step = fail_at_step
         self.fail_marker = fail_marker
+        self.report_every_s = report_every_s
+        self.tb = tb  # rank 0's bootdiff.tb.TensorBoardRun (`tensorboard_run`), None on other ranks
+        self.last_ray_report = time.monotonic()
+        self.worker_start_time = time.time()  # for the pipeline's time breakdown (ray_jobs/pipeline.py)
+        self.ray_reports = 0  # reports passed on to Ray (all of them carry the same steps on every rank)
 
     def on_report(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
-        import ray.train
-
         metrics = {**metrics, **self.tag}
         if checkpoint_url and self.extra_metrics is not None:
+            t = time.time()
             metrics.update(self.extra_metrics(checkpoint_url))
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_url) if checkpoint_url else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+            metrics["eval_s"] = time.time() - t
+        self.to_tensorboard(metrics, checkpoint_url)
+        self.report_to_ray(metrics, checkpoint_url)
         if 0 <= self.fail_at_step <= int(metrics.get("step", -1)) and not util.exists(self.fail_marker):
             util.atomic_write_bytes(self.fail_marker, f"failed at step {metrics.get('step')}\n".encode())
             raise RuntimeError(f"injected failure at step {metrics.get('step')} (ray.inject_failure_step)")
+
+    def on_start(self, info: dict) -> None:
+        """`bootdiff.train` has (re)started at ``info["kimg"]``: rank 0 opens its TensorBoard run
+        there (a resumed run's later events are cut away: no step twice)."""
+        if self.tb is not None:
+            self.tb.open(round(info["kimg"] * 1000))
+
+    def to_tensorboard(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
+        """Every report goes to TensorBoard (rank 0); at checkpoints its files are uploaded."""
+        if self.tb is not None:
+            self.tb.log(metrics, upload=checkpoint_url is not None)
+
+    def on_end(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    def ray_report_due(self, checkpoint_url: Optional[str]) -> bool:
+        """Rank 0's decision, the same on every rank: a checkpoint (only rank 0 gets its URL), or
+        ``report_every_s`` elapsed since the last report to Ray."""
+        import torch
+        import torch.distributed as dist
+
+        due = checkpoint_url is not None or time.monotonic() - self.last_ray_report >= self.report_every_s
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            on_gpu = dist.get_backend() == "nccl"
+            flag = torch.tensor([float(due)], device=torch.cuda.current_device() if on_gpu else "cpu")
+            dist.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def report_to_ray(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
+        """``ray.train.report`` (with rank 0's checkpoint) when `ray_report_due`; else nothing."""
+        import ray.train
+
+        if not self.ray_report_due(checkpoint_url):
+            return
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_url) if checkpoint_url else None
+        metrics = {**metrics, "worker_start_time": self.worker_start_time, "report_time": time.time()}
+        ray.train.report(metrics, checkpoint=checkpoint)
+        self.last_ray_report = time.monotonic()
+        self.ray_reports += 1
 
 
 def resume_dir() -> Optional[str]:

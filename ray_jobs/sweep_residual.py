@@ -8,24 +8,31 @@ against the frozen, exported view models of stage 1, and reports held-out genera
 ``test_G`` (and ``train_G``) at each checkpoint. ASHA stops poor trials early on ``test_G``
 against reported ``kimg``. The baselines run in the same sweep: the combined denoiser alone (no
 residual; evaluated, not trained) and a full-resolution model trained on the scarce set alone.
-An interrupted sweep is restored with ``Tuner.restore`` and only unfinished trials run; each
-trial's Train run resumes from its own latest checkpoint. The outcome goes to
+An interrupted sweep (Ctrl-C / SIGTERM: Tune saves its state, `trial_rows` finds the trials
+it left unfinished) writes no ``sweep.json``; run again, it is restored with ``Tuner.restore``
+and only unfinished trials run (`RestoreSafeASHA`: none is stopped on rungs the restore emptied),
+each trial's Train run resuming from its own latest checkpoint. The outcome goes to
 ``{storage}/{name}/sweep/sweep.json``. The trials, their rows and the best trial are
 `bootdiff.sweep`'s; the G reported at checkpoints is `bootdiff.evaluate`'s.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 
+from ray.tune.schedulers import ASHAScheduler
+
 from bootdiff import experiment, util
+from bootdiff.errors import deterministic
 from bootdiff.evaluate import generalization_pair
 from bootdiff.layout import TUNE_NAME, RunLayout
 from bootdiff.sweep import select_best, trial_list, trial_residual_config, trial_row
+from bootdiff.tb import trial_hparams
 from ray_jobs import common
-from ray_jobs.train_views import make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
+from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
 # Each trial is a driver holding a token CPU share; its Train worker gets the rest of trial_cpus,
 # so one trial's whole footprint is trial_cpus and `concurrency` trials fit the cluster exactly.
@@ -48,7 +55,9 @@ def residual_worker(config: dict) -> None:
     model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world,
                                                      run_dir=run_dir, resume_from=resume)
     extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
-    hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra)
+    hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
+                                  report_every_s=rcfg.train.report_every_s,
+                                  tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])))
     try:
         train(model, loss, data, rcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=resume, config_yaml=config["cfg_yaml"])
@@ -56,11 +65,36 @@ def residual_worker(config: dict) -> None:
         common.cleanup(run_dir)
 
 
-def sweep_trial(config: dict, cfg_yaml: str = "") -> None:
-    """One Tune trial: evaluate the combined baseline, or fit a TorchTrainer for the others."""
-    from ray import tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def residual_trainer(cfg, cfg_yaml: str, trial: dict, runs: str, callbacks=None):
+    """The TorchTrainer of one residual trial: one worker of ``sweep.trial_cpus`` (less the trial
+    driver's token) and its resources; worker failures are `fit_retrying`'s to retry."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    sw = cfg.sweep
+    resources = {"CPU": worker_cpus(cfg), **dict(sw.trial_resources)}
+    if sw.trial_gpus:
+        resources["GPU"] = sw.trial_gpus
+    storage_path, storage_fs = common.ray_storage(runs)
+    return TorchTrainer(
+        residual_worker,
+        train_loop_config={"cfg_yaml": cfg_yaml, "trial": trial},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
+        run_config=RunConfig(name=f"trial-{trial['label']}", storage_path=storage_path,
+                             storage_filesystem=storage_fs, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=max(1, cfg.residual.train.keep_checkpoints))))
+
+
+def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
+    """One Tune trial: evaluate the combined baseline, or fit a TorchTrainer for the others.
+
+    A lost Train worker is retried by `fit_retrying`, a crashed trial driver by Tune's
+    FailureConfig. A deterministic failure (`bootdiff.errors.deterministic`) is recorded for this
+    sweep ``session`` (`RunLayout.trial_final_error`), so Tune's retries of the trial fail at once
+    with its message instead of training again; a new run of the sweep (a new session) tries again."""
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config = {**config, "cfg_yaml": cfg_yaml}
@@ -68,6 +102,10 @@ def sweep_trial(config: dict, cfg_yaml: str = "") -> None:
     trial = config["trial"]
     layout = RunLayout.of(cfg)
     runs = layout.trial_runs
+    final = layout.trial_final_error(trial["label"], session)
+    if session and util.exists(final):
+        raise RuntimeError(f"trial {trial['label']} failed deterministically in this sweep, not retried: "
+                           f"{common.read_json(final)['error']}")
     # Audit trail: one object per trial start (a restored sweep starts only unfinished trials).
     common.write_json(layout.trial_start_event(trial["label"], time.time_ns()), {"trial": trial, "time": time.time()})
     if trial["kind"] == "combined":
@@ -77,22 +115,69 @@ def sweep_trial(config: dict, cfg_yaml: str = "") -> None:
                      "train_G": train["total"], "label": trial["label"]})
         return
     if trial["kind"] == "full_res":
-        trainer = make_trainer(cfg, config["cfg_yaml"], "full_res", f"trial-{trial['label']}", runs,
-                               callbacks=[TuneReportCallback()], evaluate=True, cpus_per_worker=worker_cpus(cfg))
+        def make():
+            return make_trainer(cfg, config["cfg_yaml"], "full_res", f"trial-{trial['label']}", runs,
+                                callbacks=[TuneReportCallback()], evaluate=True, cpus_per_worker=worker_cpus(cfg))
     else:
-        sw = cfg.sweep
-        resources = {"CPU": worker_cpus(cfg), **dict(sw.trial_resources)}
-        if sw.trial_gpus:
-            resources["GPU"] = sw.trial_gpus
-        storage_path, storage_fs = common.ray_storage(runs)
-        trainer = TorchTrainer(
-            residual_worker,
-            train_loop_config={"cfg_yaml": config["cfg_yaml"], "trial": trial},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
-            run_config=RunConfig(name=f"trial-{trial['label']}", storage_path=storage_path,
-                                 storage_filesystem=storage_fs, callbacks=[TuneReportCallback()],
-                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
-    trainer.fit()
+        def make():
+            return residual_trainer(cfg, config["cfg_yaml"], trial, runs, callbacks=[TuneReportCallback()])
+    try:
+        fit_retrying(make, cfg.ray.max_failures, f"trial '{trial['label']}'")
+    except Exception as exc:
+        if session and deterministic(exc):
+            common.write_json(final, {"error": f"{type(exc).__name__}: {exc}"[:2000]})
+        raise
+
+
+class RestoreSafeASHA(ASHAScheduler):
+    """ASHA that never stops a trial on rung data lost to a restore (docs/RAY.md §7).
+
+    ``Tuner.restore`` re-creates the scheduler from the TuneConfig pickled when the sweep started,
+    so ASHA's rungs start empty (a known Ray limitation): a resumed trial's first report would pass
+    every milestone below its kimg at once and be judged against the few results the new rungs
+    hold. A trial that had reported before the restore (its ``last_result`` is restored with it)
+    is exempt: it runs to its budget. Its results still enter the rungs, and trials that start
+    after the restore are judged by ASHA as usual."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.restored = set()  # ids of trials that had reported before a restore
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        if self._time_attr in (trial.last_result or {}):
+            self.restored.add(trial.trial_id)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and trial.trial_id in self.restored and result.get(self._time_attr, 0) < self._max_t:
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return action
+
+
+def trial_rows(cfg, grid, experiment_path: str, storage_fs=None) -> list:
+    """The trials table (`bootdiff.sweep.trial_row` rows): each trial's last reported metrics from
+    ``ResultGrid.get_dataframe()``, its checkpoint and error from its ``Result``, and whether it
+    ended from Tune's saved experiment state. After Ctrl-C, Tune saves the state (running trials
+    RUNNING, the others PENDING) before it stops the trials, whose in-memory status then reads
+    TERMINATED like an ASHA stop (docs/RAY.md §7); the saved state tells them apart."""
+    from ray.tune import ExperimentAnalysis
+
+    df = grid.get_dataframe()
+    last = {r["config/trial/label"]: r for r in df.to_dict("records")} if "config/trial/label" in df else {}
+    # A trial that never reported has no config in its Result: found by its path instead.
+    results = {(r.config["trial"]["label"] if r.config else r.path): r for r in grid}
+    rows = []
+    for t in ExperimentAnalysis(experiment_path, storage_filesystem=storage_fs).trials:
+        trial = t.config["trial"]
+        result = results.get(trial["label"], results.get(t.path))
+        m = {k: v for k, v in last.get(trial["label"], {}).items()
+             if not (isinstance(v, float) and math.isnan(v))}
+        ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
+        rows.append(trial_row(cfg, trial, m, ckpt, result.error if result is not None else None,
+                              finished=t.status in ("TERMINATED", "ERROR")))
+    return rows
 
 
 def concurrency(cfg, ray) -> int:
@@ -116,7 +201,6 @@ def run(cfg, cfg_yaml: str) -> dict:
     """Run (or restore and finish) the sweep; write and return ``sweep.json``."""
     ray = common.init_ray(cfg)
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     layout = RunLayout.of(cfg)
     out = layout.sweep_json
@@ -128,7 +212,8 @@ def run(cfg, cfg_yaml: str) -> dict:
     # show training progress. ASHA acts on the reports that carry test_G and skips the rest.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # A token share per trial: the trial's own Train workers hold the real resources (docs/RAY.md).
-    trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml), {"CPU": TRIAL_TOKEN_CPU})
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml, session=str(time.time_ns())),
+                                    {"CPU": TRIAL_TOKEN_CPU})
     storage_path, storage_fs = common.ray_storage(layout.sweep)
     tune_path = layout.tune
     restore_path = tune_path if not cfg.storage.startswith("s3://") else storage_path + "/" + TUNE_NAME
@@ -141,22 +226,31 @@ def run(cfg, cfg_yaml: str) -> dict:
         evals = max(1.0, rt.total_kimg / max(rt.checkpoint_every_kimg, 1e-9))
         scheduler = None
         if cfg.sweep.asha.enabled:
-            scheduler = ASHAScheduler(time_attr="kimg", max_t=rt.total_kimg,
-                                      grace_period=min(rt.total_kimg, cfg.sweep.asha.grace_period * rt.total_kimg / evals),
-                                      reduction_factor=cfg.sweep.asha.reduction_factor)
+            scheduler = RestoreSafeASHA(time_attr="kimg", max_t=rt.total_kimg,
+                                        grace_period=min(rt.total_kimg, cfg.sweep.asha.grace_period * rt.total_kimg / evals),
+                                        reduction_factor=cfg.sweep.asha.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(trials)},
             tune_config=tune.TuneConfig(metric="test_G", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=cfg.sweep.max_concurrent or concurrency(cfg, ray),
                                         trial_dirname_creator=lambda t: f"trial-{t.config['trial']['label']}"),
+            # A crashed trial driver (the trial's own process) is retried from its Train checkpoint.
             run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                                       verbose=1),
         )
     print(f"[bootdiff] sweep of {len(trials)} trials ({', '.join(t['label'] for t in trials)})", flush=True)
-    grid = tuner.fit()
-    rows = [trial_row(cfg, result.config["trial"], result.metrics,
-                      result.checkpoint.path if result.checkpoint else None, result.error) for result in grid]
+    grid = tuner.fit()  # returns normally on Ctrl-C / SIGTERM, after saving its state (docs/RAY.md §7)
+    rows = trial_rows(cfg, grid, restore_path, storage_fs)
+    # Tune creates trials lazily: one the interrupted sweep had not created yet has no row at all.
+    known = {r["trial_id"] for r in rows}
+    unfinished = [r["trial_id"] for r in rows if r["status"] == "interrupted"] + \
+        [t["label"] for t in trials if t["label"] not in known]
+    if unfinished:  # nothing is recorded as finished: the next run restores the Tune experiment
+        raise common.Interrupted(
+            f"the sweep ({len(unfinished)} of {len(trials)} trials unfinished: {', '.join(unfinished)}; "
+            f"Tune saved its state at {tune_path})")
     errors = [r for r in rows if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))

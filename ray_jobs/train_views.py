@@ -5,7 +5,8 @@
 Each view's run has its own ScalingConfig (``views.<v>.scaling``: workers, GPU or CPU, resources
 per worker; DDP across a view's workers), streams its view's shards split by world rank, reports
 loss (also per σ band), kimg, img/s and lr, checkpoints to ``{storage}/{name}/views/view-<v>``
-(local or s3://), retries through FailureConfig, and resumes from its latest checkpoint when the
+(local or s3://), retries a lost worker from that checkpoint (`fit_retrying`; a deterministic
+failure is not retried), and resumes from its latest checkpoint when the
 same run is submitted again. The final checkpoint's EMA weights are exported in diffusers format to
 ``{storage}/{name}/models/<v>`` (`bootdiff.evaluate.export_result`). The training itself is
 `bootdiff.train.train`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 
 from bootdiff import experiment, util
 from bootdiff.evaluate import export_result
@@ -36,7 +38,9 @@ def train_worker(config: dict) -> None:
     if config.get("evaluate") and rank == 0:
         extra = common.checkpoint_evaluator(cfg, manifest, model, final_only_kimg=vcfg.train.total_kimg)
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
-                                  fail_marker=RunLayout.of(cfg).failure_marker(view))
+                                  fail_marker=RunLayout.of(cfg).failure_marker(view),
+                                  report_every_s=vcfg.train.report_every_s,
+                                  tb=common.tensorboard_run(cfg, rank, {"kind": "full_res"} if view == "full_res" else None))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
@@ -63,10 +67,46 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, vcfg.train.keep_checkpoints)),
             callbacks=callbacks),
     )
+
+
+def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str):
+    """``make().fit()``, retried from the run's latest checkpoint only when a retry can help.
+
+    Ray 2.60 Train V2 retries every worker-group failure alike (`DefaultFailurePolicy`: any
+    `WorkerGroupError` until ``FailureConfig.max_failures``) and offers no public way to mark an
+    error final, so the trainers run with ``max_failures=0`` and this loop decides: when any
+    worker failed deterministically (`bootdiff.errors.deterministic`: non-finite loss, config or
+    data error) that worker's exception is raised at once, with its message; otherwise (a killed
+    or lost worker, another error) a fresh trainer of the same run name fits again — Train then
+    hands the workers the latest checkpoint (docs/RAY.md §1) — up to ``max_failures`` times
+    (``ray.max_failures``; −1: forever). Preemptions stay Ray's (``max_preemption_failures``).
+    A retry starts a new Train controller, listed as another run of the same name in the
+    dashboard's Train tab."""
+    from ray.train import WorkerGroupError
+
+    from bootdiff.errors import deterministic
+
+    failures = 0
+    while True:
+        try:
+            return make().fit()
+        except WorkerGroupError as err:
+            errs = err.worker_failures
+            final = [errs[r] for r in sorted(errs) if deterministic(errs[r])]
+            if final:
+                print(f"[bootdiff] {what}: {type(final[0]).__name__}: {final[0]} — not retried "
+                      f"(a retry would fail the same way)", file=sys.stderr, flush=True)
+                raise final[0] from err
+            failures += 1
+            if 0 <= max_failures < failures:
+                raise
+            print(f"[bootdiff] {what}: worker failure {failures}"
+                  f"{'' if max_failures < 0 else f' of at most {max_failures}'}, retrying from the "
+                  f"latest checkpoint: {err}", file=sys.stderr, flush=True)
 
 
 def fit_view(cfg_yaml: str, view: str) -> dict:
@@ -74,8 +114,8 @@ def fit_view(cfg_yaml: str, view: str) -> dict:
     cfg = common.cfg_from_yaml(cfg_yaml)
     layout = RunLayout.of(cfg)
     start = time.time()
-    trainer = make_trainer(cfg, cfg_yaml, view, f"view-{view}", layout.view_runs)
-    result = trainer.fit()
+    result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, f"view-{view}", layout.view_runs),
+                          cfg.ray.max_failures, f"view '{view}'")
     if result.checkpoint is None:
         raise RuntimeError(f"view '{view}': training finished without a checkpoint")
     url = export_result(cfg, view, result.checkpoint.path)
@@ -101,7 +141,9 @@ def check_fits(cfg, views, total: dict) -> None:
 
 
 def view_done(cfg, view: str) -> bool:
-    return util.exists(util.join(RunLayout.of(cfg).model(view), "bootdiff.json"))
+    """The view's export is complete: its ``COMPLETE`` marker, written after every file (on S3 the
+    files are uploaded one by one, so ``bootdiff.json`` alone can precede a partial export)."""
+    return util.is_complete(RunLayout.of(cfg).model(view))
 
 
 def run(cfg, cfg_yaml: str) -> list:

@@ -92,10 +92,14 @@ def test_wait_mode_acquires_after_release(lease_url, capsys):
     assert got["lease"].release()
 
 
-def _holder(url, results, go, hold_s):
+def _holder(url, results, go, hold_s, host=None):
     """Acquire, report, hold ``hold_s`` s (killed or stopped meanwhile by the test); after ``go``
-    wait for the heartbeat to notice a takeover, then report lost / check() / release()."""
-    lease = RunLease(url, owner="holder", ttl_s=TTL, heartbeat_s=0.4).acquire()
+    wait for the heartbeat to notice a takeover, then report lost / check() / release().
+    ``host`` pretends the holder runs on another machine (its pid cannot be checked from here)."""
+    lease = RunLease(url, owner="holder", ttl_s=TTL, heartbeat_s=0.4)
+    if host:
+        lease.record["host"] = host
+    lease.acquire()
     results.put(("acquired", os.getpid()))
     go.wait(hold_s)
     deadline = time.time() + 5
@@ -129,9 +133,23 @@ def _race(url, start_at):
     return won[0][1], won[0][2], held[0][2], held[0][3]
 
 
-def test_stale_lease_of_sigkilled_holder_is_taken_over_by_one(lease_url):
+def test_lease_of_a_sigkilled_holder_on_this_host_is_taken_over_at_once(lease_url):
     results, go = FORK.Queue(), FORK.Event()
     proc = FORK.Process(target=_holder, args=(lease_url, results, go, 60))
+    proc.start()
+    assert results.get(timeout=30)[0] == "acquired"
+    with pytest.raises(LeaseHeld, match="'holder'"):  # alive: held
+        RunLease(lease_url, owner="next", ttl_s=TTL).acquire()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    lease = RunLease(lease_url, owner="next", ttl_s=TTL).acquire()  # heartbeat fresh, pid gone
+    assert read_lease(lease_url)[0]["owner"] == "next"
+    assert lease.release()
+
+
+def test_stale_lease_of_sigkilled_holder_is_taken_over_by_one(lease_url):
+    results, go = FORK.Queue(), FORK.Event()
+    proc = FORK.Process(target=_holder, args=(lease_url, results, go, 60, "another-host"))
     proc.start()
     assert results.get(timeout=30)[0] == "acquired"
     os.kill(proc.pid, signal.SIGKILL)

@@ -30,7 +30,9 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import functools
 import logging
+import multiprocessing
 import os
 import random
 import tarfile
@@ -47,6 +49,11 @@ from bootdiff.util import url_fs
 wds_gopen = importlib.import_module("webdataset.gopen")  # the module (wds.gopen is the function)
 
 log = logging.getLogger(__name__)
+
+# DataLoader workers start with forkserver, never fork: forking a process that runs Ray's (or
+# any) background threads can deadlock the child, so Ray's data-loading guide asks for it.
+# forkserver forks from a clean server process; spawn where forkserver does not exist (Windows).
+WORKER_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 class ShardError(RuntimeError):
@@ -231,6 +238,13 @@ class _Stages:
         return n
 
 
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", "BOOTDIFF_")  # what fsspec/s3fs read in a worker
+
+
+def _set_env(env: dict, worker_id: int) -> None:
+    os.environ.update(env)
+
+
 class ShardLoader:
     """Iterable of batches (see module docstring). ``len()`` is the batches per rank per epoch
     when known; ``skipped`` counts samples/shards skipped under ``on_error="skip"``."""
@@ -250,8 +264,12 @@ class ShardLoader:
         self.stages.epoch = self.epoch
         self.epoch += 1
         if self.num_workers > 0:
-            it = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None,
-                                                  num_workers=self.num_workers))
+            # forkserver workers inherit the environment the fork server started with, which may
+            # predate this loader (e.g. S3 settings exported later): hand them today's storage env.
+            env = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+            it = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                  multiprocessing_context=WORKER_START_METHOD,
+                                                  worker_init_fn=functools.partial(_set_env, env)))
         else:
             it = iter(self.dataset)
         n = 0

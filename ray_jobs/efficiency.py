@@ -1,0 +1,87 @@
+"""The data-efficiency benchmark's models as Ray Train runs (``benchmarks/data_efficiency.py``
+without ``--local``); the benchmark itself is `bootdiff.efficiency`.
+
+Each job trains through the pipeline's own trainers — `ray_jobs.train_views.make_trainer` for
+the view models, the N-image baselines and the oracle; `ray_jobs.sweep_residual.residual_worker`
+for the residuals — under ``{out}/ray/<model>`` (a re-submitted run resumes from its latest
+checkpoint, docs/RAY.md), then is scored by `bootdiff.efficiency.evaluate_job`. The jobs of one
+stage run concurrently, each ``fit()`` in its own zero-CPU task (``fit`` blocks its caller).
+"""
+
+from __future__ import annotations
+
+from bootdiff import efficiency, util
+from bootdiff.layout import RunLayout
+from ray_jobs import common
+
+
+def _curve(result) -> list:
+    """G at each checkpoint from a Train result's reported metrics."""
+    df = result.metrics_dataframe
+    out = []
+    if df is None:
+        return out
+    for _, r in df.iterrows():
+        g = r.get("test_G") if r.get("test_G") == r.get("test_G") else r.get("baseline_test_G")
+        if g is not None and g == g:
+            out.append({"kimg": float(r["kimg"]), "test_G": float(g), "train_G": float(r.get("train_G"))})
+    return out
+
+
+def train_ray(job: dict, b: dict, out: str) -> dict:
+    """Fit one job's TorchTrainer to completion (resuming a run of the same name) -> checkpoint, curve."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bootdiff.config import to_yaml
+    from bootdiff.evaluate import export_result
+    from ray_jobs.sweep_residual import residual_worker, worker_cpus
+    from ray_jobs.train_views import make_trainer
+
+    cfg = efficiency.job_cfg(job, b)
+    cfg_yaml = to_yaml(cfg)
+    storage = util.join(out, "ray")
+    name = job["id"].replace("/", "__")
+    if job["kind"] in ("view", "full_res"):
+        view = job["view"] if job["kind"] == "view" else "full_res"
+        trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] == "full_res")
+    else:
+        sw = cfg.sweep
+        resources = {"CPU": worker_cpus(cfg), **dict(sw.trial_resources)}
+        if sw.trial_gpus:
+            resources["GPU"] = sw.trial_gpus
+        path, fs = common.ray_storage(storage)
+        trainer = TorchTrainer(
+            residual_worker, train_loop_config={"cfg_yaml": cfg_yaml, "trial": job["trial"]},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"data-efficiency: {job['id']} finished without a checkpoint")
+    ckpt = RunLayout.of(cfg).url(result.checkpoint.path)
+    if job["kind"] == "view":
+        export_result(cfg, job["view"], ckpt)
+    return {"checkpoint": ckpt, "curve": _curve(result), "kimg": float(result.metrics.get("kimg", 0))}
+
+
+def _run_job(job: dict, b: dict, out: str, num_samples: int) -> dict:
+    return efficiency.run_job(job, b, out, num_samples, train_fn=train_ray)
+
+
+def ray_runner(cfg):
+    """A `bootdiff.efficiency.run_benchmark` runner: a stage's jobs concurrently on the cluster,
+    each finished row yielded as it arrives (so it is persisted at once)."""
+
+    def run(todo, b, out, num_samples):
+        if not todo:
+            return
+        ray = common.init_ray(cfg)
+        remote = ray.remote(num_cpus=0, max_retries=0)(_run_job)
+        pending = {remote.remote(j, b, out, num_samples): j for j in todo}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done[0])
+            yield job, ray.get(done[0])
+
+    return run

@@ -1,0 +1,151 @@
+"""DataLoader workers inside a Ray Train worker, and reports passed on to Ray by time.
+
+One local Ray cluster (``ray.init``), one TorchTrainer with one worker that trains a view model
+from shards with ``train.num_workers=2``: the DataLoader's workers must start with forkserver
+(forking a Ray worker can deadlock, docs/RAY.md §8), training must finish, and only checkpoint
+reports and reports ``report_every_s`` apart reach ``ray.train.report`` (docs/RAY.md §3)."""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from bootdiff.config import load_config, to_object, to_yaml
+from bootdiff.data.ingest import ingest
+
+torch.set_num_threads(1)
+
+
+def loop(config: dict) -> None:
+    """Ray Train worker: the real view training, data wrapped to see the DataLoader's workers."""
+    import multiprocessing
+
+    import ray.train
+
+    from bootdiff import experiment
+    from bootdiff.train import train
+    from ray_jobs import common
+
+    cfg = common.cfg_from_yaml(config["cfg_yaml"])
+    vcfg = cfg.views["patch"]
+    torch.set_num_threads(1)
+    manifest = experiment.read_manifest(cfg)
+    model, loss, data = experiment.view_training(cfg, manifest, "patch", vcfg, 0, 1)
+    kinds, batches = set(), [0]
+
+    def watched(start_step):
+        for x in data(start_step):
+            kinds.update(type(p).__name__ for p in multiprocessing.active_children())
+            batches[0] += 1
+            yield x
+
+    hooks = common.RayReportHooks({"view": "patch"}, report_every_s=vcfg.train.report_every_s)
+    calls = []
+    real = hooks.report_to_ray
+    hooks.report_to_ray = lambda m, url: (calls.append(m["step"]), real(m, url))
+    run_dir = tempfile.mkdtemp(prefix="raylo-")
+    res = train(model, loss, watched, vcfg.train, run_dir=run_dir, hooks=hooks, device="cpu")
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(config["out"], "w") as f:
+            json.dump({"kinds": sorted(kinds), "batches": batches[0], "steps": res.step, "loss": res.loss,
+                       "hook_calls": len(calls), "ray_reports": hooks.ray_reports}, f)
+
+
+@pytest.fixture
+def local_ray(tmp_path):
+    import ray
+
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    tmp = tempfile.mkdtemp(prefix="bdrl-", dir="/tmp")  # socket paths must stay short
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+
+
+def test_dataloader_workers_under_ray_train_start_with_forkserver(local_ray, mnist_wheel, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # 80 steps of batch 8 at ~10 ms: reports to the hooks every 2 steps, to Ray every 2 s.
+    cfg = to_object(load_config(None, [
+        f"storage={tmp_path / 'storage'}", "name=rl", "data.source.kind=mnist", f"data.source.path={mnist_wheel}",
+        "data.source.limit=300", "data.resolution=16", "data.num_full=16", "data.num_test=16",
+        "data.shard_size=100", "views.patch.kind=patch", "views.patch.patch_size=8",
+        "views.patch.per_sample=2", "views.patch.net.channels=[8]", "views.patch.net.attention=[false]",
+        "views.patch.net.norm_groups=4", "views.patch.train.batch_size=8", "views.patch.train.total_kimg=0.64",
+        "views.patch.train.checkpoint_every_kimg=0.32", "views.patch.train.report_every=2",
+        "views.patch.train.report_every_s=2", "views.patch.train.num_workers=2",
+        "views.low.kind=downsample", "views.low.factor=2"]))
+    manifest = ingest(cfg, progress=False)
+    assert len(manifest["splits"]["patch"]["shards"]) >= 2  # both loader workers get shards
+    out = tmp_path / "worker.json"
+    trainer = TorchTrainer(loop, train_loop_config={"cfg_yaml": to_yaml(cfg), "out": str(out)},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name="rl", storage_path=str(tmp_path / "ray")))
+    result = trainer.fit()
+    assert result.error is None
+    rec = json.loads(out.read_text())
+    assert rec["kinds"] == ["ForkServerProcess"], rec  # not ForkProcess
+    assert rec["steps"] == 80 and rec["batches"] == 80 and np.isfinite(rec["loss"])
+    assert rec["hook_calls"] == 40  # every 2 steps (checkpoints at 40 and 80 fall on them)
+    # Ray gets the two checkpoint reports plus at most one per 2 s of training in between.
+    assert 2 <= rec["ray_reports"] < rec["hook_calls"]
+    assert result.checkpoint is not None and result.metrics["step"] == 80
+
+
+def test_ray_report_due_by_time_or_checkpoint(monkeypatch):
+    from ray_jobs import common
+
+    hooks = common.RayReportHooks({}, report_every_s=2.0)
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    hooks.last_ray_report = 1000.0
+    assert not hooks.ray_report_due(None)
+    assert hooks.ray_report_due("/tmp/checkpoint-00000010")  # checkpoints always go
+    now[0] = 1001.9
+    assert not hooks.ray_report_due(None)
+    now[0] = 1002.0
+    assert hooks.ray_report_due(None)
+
+
+def test_time_breakdown_reads_the_stage_records(tmp_path, capsys):
+    from bootdiff.layout import RunLayout
+    from ray_jobs import common
+    from ray_jobs.pipeline import time_breakdown
+
+    cfg = to_object(load_config("configs/quickstart.yaml", [f"storage={tmp_path}"]))
+    layout = RunLayout.of(cfg)
+    t0 = 1_000.0
+    common.write_json(layout.view_run_info("patch"), {"start": t0 + 10, "end": t0 + 70, "metrics": {
+        "worker_start_time": t0 + 25, "report_time": t0 + 60, "kimg": 6}})
+    label = "residual-mv0-ml0-ra1"
+    common.write_json(layout.trial_start_event(label, 5), {"trial": {"label": label}, "time": t0 + 80})
+    rows = [{"worker_start_time": t0 + 95, "report_time": t0 + 100, "kimg": 0.5},
+            {"worker_start_time": t0 + 95, "report_time": t0 + 110, "kimg": 1, "eval_s": 3.0},
+            {"worker_start_time": t0 + 95, "report_time": t0 + 120, "kimg": 2, "eval_s": 4.0}]
+    res = os.path.join(layout.tune, f"trial-{label}", "result.json")
+    os.makedirs(os.path.dirname(res))
+    with open(res, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = time_breakdown(cfg, t0, {"ingest": 5.0, "train_views": 60.0})
+    v = out["views"]["patch"]
+    assert (v["startup_s"], v["train_s"], v["wrapup_s"], v["total_s"]) == (15, 35, 10, 60)
+    t = out["trials"][label]
+    assert (t["startup_s"], t["train_s"], t["eval_s"], t["evals"], t["total_s"], t["kimg"]) == (15, 25, 7, 2, 40, 2)
+    assert "view low" not in capsys.readouterr().out  # no record, no row
+    assert json.loads(open(os.path.join(layout.root, "timings.json")).read())["trials"][label]["evals"] == 2
