@@ -1,0 +1,103 @@
+"""The data-efficiency benchmark's outputs (`bootdiff.efficiency`): per N and model the scores,
+``gap_closed`` for test G and SWD against the all-data oracle, ``efficiency.json``, the plots of
+test G and SWD against N (log x; the oracle a horizontal line) and a Markdown summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict
+
+from bootdiff import util
+from bootdiff.efficiency import gap_closed
+
+def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
+    """Per N: each model's scores and gap_closed for test G and SWD (against the oracle)."""
+    oracle = results.get("oracle", {})
+    keys = ("test_G", "train_G", "swd", "swd_levels", "memorization_rate", "nn_distance_train", "fd",
+            "curve", "kimg", "wall_s", "trial")
+    per_n = {}
+    for n in plan["ns"]:
+        row = {m: {k: results[f"N{n}/{m}"].get(k) for k in keys if k in results.get(f"N{n}/{m}", {})}
+               for m in ("baseline", "combined", "bootstrap") if f"N{n}/{m}" in results}
+        row["selection"] = {k.split("/select-")[1]: r["test_G"] for k, r in results.items()
+                            if k.startswith(f"N{n}/select-")}
+        for metric in ("test_G", "swd"):
+            vals = [row.get(m, {}).get(metric, float("nan")) for m in ("baseline", "bootstrap")]
+            row[f"gap_closed_{metric}"] = gap_closed(vals[0], vals[1], oracle.get(metric, float("nan")))
+        per_n[str(n)] = row
+    wall = sum(r.get("wall_s", 0.0) for r in results.values())
+    return {"ns": plan["ns"], "budgets": b, "g_sigma_data": plan["g_sigma_data"],
+            "g_sigma_data_from": "the test split (fixed for every N and the oracle)",
+            "num_pool": len(plan["pool"]), "num_partial": len(plan["partial"]), "num_test": len(plan["test"]),
+            "oracle": {k: oracle.get(k) for k in keys if k in oracle}, "per_n": per_n,
+            "views": {v: {k: results.get(f"view-{v}", {}).get(k) for k in ("kimg", "wall_s")} for v in plan["views"]},
+            "model_wall_s": wall}
+
+
+def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = summary["ns"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-")):
+        ax.plot(ns, [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns], style, label=m)
+    o = summary["oracle"].get(metric)
+    if o is not None:
+        ax.axhline(o, color="k", ls=":", label=f"oracle (all {summary['num_pool'] + summary['num_partial']} at full res)")
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N full-resolution training images")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    util.atomic_write_bytes(url, buf.getvalue())
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
+
+
+def markdown(summary: dict) -> str:
+    b = summary["budgets"]
+    lines = ["# Data efficiency — test G and SWD vs N", "",
+             f"Budgets: baseline and residual {b['full_res_kimg']:g} kimg each; view models and oracle "
+             f"{b['view_kimg']:g} kimg. G weighting σ_data = {summary['g_sigma_data']:.4f}, "
+             f"{summary['g_sigma_data_from']}. Partial pool {summary['num_partial']} samples, test "
+             f"{summary['num_test']}.", "",
+             "| N | model | test G | train G | SWD | memorised | NN dist | μ (selected) |",
+             "|---|---|---|---|---|---|---|---|"]
+    o = summary["oracle"]
+    lines.append(f"| all | oracle | {_fmt(o.get('test_G'))} | {_fmt(o.get('train_G'))} | {_fmt(o.get('swd'))} | "
+                 f"{_fmt(o.get('memorization_rate'))} | {_fmt(o.get('nn_distance_train'))} | |")
+    for n in summary["ns"]:
+        row = summary["per_n"][str(n)]
+        for m in ("baseline", "combined", "bootstrap"):
+            r = row.get(m, {})
+            mu = r.get("trial", {}).get("label", "") if m == "bootstrap" else ""
+            lines.append(f"| {n} | {m} | {_fmt(r.get('test_G'))} | {_fmt(r.get('train_G'))} | {_fmt(r.get('swd'))} | "
+                         f"{_fmt(r.get('memorization_rate'))} | {_fmt(r.get('nn_distance_train'))} | {mu} |")
+    lines += ["", "| N | gap closed (test G) | gap closed (SWD) |", "|---|---|---|"]
+    for n in summary["ns"]:
+        row = summary["per_n"][str(n)]
+        lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} |")
+    lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
+              "full resolution, 0 = no better than the N images alone.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(out: str, summary: dict) -> None:
+    """``efficiency.json``, ``g_vs_n.png``, ``swd_vs_n.png`` and ``summary.md`` under ``out``."""
+    util.atomic_write_bytes(util.join(out, "efficiency.json"), json.dumps(summary, indent=1, default=float).encode())
+    _plot(summary, "test_G", "test G (fixed σ_data weighting)", util.join(out, "g_vs_n.png"))
+    _plot(summary, "swd", "SWD to the test split", util.join(out, "swd_vs_n.png"))
+    util.atomic_write_bytes(util.join(out, "summary.md"), markdown(summary).encode())

@@ -1,0 +1,141 @@
+"""The data-efficiency benchmark's bookkeeping (`bootdiff.efficiency`), on a tiny random source:
+the fixed partial pool (same view shards for every N, disjoint from every full-res set, the
+test split untouched), the validation carve-out, one G weighting for all datasets, the gap, and
+resuming (finished models are skipped)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bootdiff import efficiency, efficiency_report, experiment, util
+from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object
+from bootdiff.data.shards import read_manifest
+from bootdiff.layout import RunLayout
+from test_data import RandomSource  # tiny in-memory source of random 16×16 grey images
+
+torch.set_num_threads(1)
+
+
+def _cfg(tmp_path):
+    return to_object(load_config(None, [
+        f"storage={tmp_path}/unused", "name=t", "data.resolution=16", "data.num_test=20",
+        "data.shard_size=24", "views.patch.kind=patch", "views.patch.patch_size=8", "views.patch.per_sample=2",
+        "views.low.kind=downsample", "views.low.factor=2", "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
+        "sweep.range_adapter=[true]", "eval.max_samples=20", "eval.num_sigma=3"]))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = _cfg(tmp)
+    out = str(tmp / "out")
+    plan = efficiency.prepare(cfg, out, [8, 16, 64], val_fraction=0.25, source=RandomSource())
+    manifests = {k: read_manifest(RunLayout.of(from_yaml(y, ExperimentConfig)).data)
+                 for k, y in plan["datasets"].items()}
+    return cfg, out, plan, manifests
+
+
+def test_fixed_partial_pool_and_untouched_test(bench):
+    cfg, out, plan, m = bench
+    assert plan["ns"] == [8, 16]  # 64 does not fit 100 training samples with an equal partial pool
+    base = m["base"]
+    test = efficiency.source_indices(base, "test")
+    views = {v: efficiency.source_indices(base, v) for v in cfg.views}
+    assert sorted(set(views["patch"])) == sorted(plan["partial"]) == sorted(set(views["low"]))
+    fulls = {}
+    for n in plan["ns"]:
+        mn = m[f"N{n}"]
+        full = efficiency.source_indices(mn, "full")
+        fulls[n] = full
+        assert full == plan["pool"][:n]
+        assert efficiency.source_indices(mn, "test") == test  # the same samples, same order
+        for v in cfg.views:  # the same view shards, byte for byte
+            assert [s["sha256"] for s in mn["splits"][v]["shards"]] == [s["sha256"] for s in base["splits"][v]["shards"]]
+            assert set(efficiency.source_indices(mn, v)).isdisjoint(full)
+        assert set(full).isdisjoint(test)
+        assert [s["sha256"] for s in mn["splits"]["test"]["shards"]] == [s["sha256"] for s in base["splits"]["test"]["shards"]]
+    assert fulls[16][:8] == fulls[8]  # nested
+    oracle = efficiency.source_indices(m["oracle"], "full")
+    assert sorted(oracle) == sorted(plan["partial"] + plan["pool"]) and set(oracle).isdisjoint(test)
+    assert efficiency.source_indices(m["oracle"], "test") == test
+
+
+def test_validation_carve_out_never_touches_test(bench):
+    cfg, out, plan, m = bench
+    test = set(efficiency.source_indices(m["base"], "test"))
+    for n in plan["ns"]:
+        sel = m[f"N{n}-select"]
+        train, val = efficiency.source_indices(sel, "full"), efficiency.source_indices(sel, "test")
+        assert len(val) == efficiency.val_count(n, 0.25) and set(train).isdisjoint(val)
+        assert sorted(train + val) == sorted(plan["pool"][:n])
+        assert set(val).isdisjoint(test) and set(train).isdisjoint(test)
+    with pytest.raises(ValueError, match="N=3"):
+        efficiency.val_count(3, 0.25)
+
+
+def test_one_g_weighting_for_all(bench):
+    cfg, out, plan, m = bench
+    sig = m["base"]["splits"]["test"]["sigma_data"]
+    assert plan["g_sigma_data"] == sig
+    fulls = {m[f"N{n}"]["splits"]["full"]["sigma_data"] for n in plan["ns"]}
+    assert len(fulls) == 2  # the scarce sets' own σ_data differ ...
+    def D(x, s):
+        return 0.5 * x
+    gs = []
+    for name in ("N8", "N16", "oracle"):
+        assert experiment.g_sigma_data(m[name]) == sig
+        gs.append(experiment.generalization(cfg, m[name], D, "test")["total"])
+    assert gs[0] == gs[1] == gs[2]  # ... but G of one model on the test split is one number
+    unfixed = [experiment.generalization(cfg, {k: v for k, v in m[f"N{n}"].items() if k != "g_sigma_data"}, D,
+                                         "test")["total"] for n in plan["ns"]]
+    assert unfixed[0] != unfixed[1]  # what the fixed weighting repairs
+
+
+def test_gap_closed():
+    assert efficiency.gap_closed(1.0, 0.8, 0.6) == pytest.approx(0.5)
+    assert efficiency.gap_closed(1.0, 0.6, 0.6) == pytest.approx(1.0)
+    assert efficiency.gap_closed(1.0, 1.1, 0.6) == pytest.approx(-0.25)  # worse than the baseline
+    assert math.isnan(efficiency.gap_closed(1.0, 0.9, 1.0))  # no gap to close
+    assert math.isnan(efficiency.gap_closed(float("nan"), 0.9, 0.5))
+    s = efficiency_report.summarize({"oracle": {"test_G": 0.5, "swd": 0.1},
+                              "N8/baseline": {"test_G": 1.0, "swd": 0.3}, "N8/bootstrap": {"test_G": 0.75, "swd": 0.25},
+                              "N8/select-a": {"test_G": 0.9, "trial": {"label": "a"}}},
+                             {"ns": [8], "g_sigma_data": 0.5, "pool": [1], "partial": [2], "test": [3], "views": []},
+                             {"full_res_kimg": 1, "view_kimg": 2})
+    assert s["per_n"]["8"]["gap_closed_test_G"] == pytest.approx(0.5)
+    assert s["per_n"]["8"]["gap_closed_swd"] == pytest.approx(0.25)
+
+
+def test_resume_skips_finished_models(bench):
+    cfg, out, _, _ = bench  # the datasets are written already: prepare skips them
+    seen = []
+
+    def runner(todo, b, out_, num_samples, stop_after=None):
+        for j in todo:
+            if stop_after is not None and len(seen) >= stop_after:
+                raise KeyboardInterrupt("interrupted")
+            seen.append(j["id"])
+            g = 1.0 / (1 + len(j["id"])) if j["kind"] != "view" else None
+            yield j, {**{k: v for k, v in j.items() if k != "cfg_yaml"}, "test_G": g, "swd": 0.1,
+                      "wall_s": 0.0, "curve": []}
+
+    with pytest.raises(KeyboardInterrupt):
+        efficiency.run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(),
+                                 runner=lambda *a: runner(*a, stop_after=4))
+    first = list(seen)
+    assert len(first) == 4 and len(util.url_fs(f"{out}/results")[0].ls(f"{out}/results")) == 4
+    seen.clear()
+    summary = efficiency.run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(), runner=runner)
+    assert not set(seen) & set(first)  # finished models are not run again
+    ids = {j["id"] for j in efficiency.jobs(json.loads(util.read_bytes(f"{out}/plan.json")) | {
+        "datasets": {k: "" for k in ("base", "oracle", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
+    assert set(first) | set(seen) == ids
+    boot = json.loads(util.read_bytes(f"{out}/results/N8__bootstrap.json"))
+    sel = {k: json.loads(util.read_bytes(f"{out}/results/N8__select-{k}.json"))["test_G"]
+           for k in ("residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1")}
+    assert boot["trial"]["label"] == min(sel, key=sel.get)  # μ chosen on the validation G
+    assert summary["budgets"]["full_res_kimg"] == summary["budgets"]["residual_kimg"] == 1
+    for f in ("efficiency.json", "g_vs_n.png", "swd_vs_n.png", "summary.md"):
+        assert util.exists(f"{out}/{f}")
