@@ -5,6 +5,7 @@ restored, and the pipeline on s3:// storage (moto's S3 server). Few tests, each 
 import glob
 import json
 import os
+import uuid
 import shutil
 import signal
 import socket
@@ -40,13 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+AUTH_TOKEN = uuid.uuid4().hex
+
+
 def _ray_tmp() -> str:
     """A short temp dir for Ray (its socket paths must stay under 107 bytes)."""
     return tempfile.mkdtemp(prefix="bdray-", dir="/tmp")
 
 
 def _env(tmp: str, **extra) -> dict:
-    env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token",
+    # Token auth (new local heads use it): one fresh token for the head, the CLI and the drivers, so
+    # the test does not depend on a ~/.ray/auth_token left on the machine.
+    env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=AUTH_TOKEN,
                PATH=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""),
                RAY_TRAIN_ENABLE_STATE_TRACKING="1", RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
@@ -56,7 +62,7 @@ def _env(tmp: str, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, mnist_wheel):
-    """A real head started with `ray start --head` (dashboard on), stopped with `ray stop`."""
+    """A real head started with `ray start --head` (dashboard on), stopped by killing its own processes."""
     tmp = _ray_tmp()
     port, dash = _free_port(), _free_port()
     env = _env(tmp)
@@ -74,9 +80,12 @@ def head(tmp_path_factory, mnist_wheel):
 
 
 def _stop(tmp: str, env: dict) -> None:
-    """Stop the cluster with `ray stop` (a killed head leaves state behind that stalls the next
-    one), then anything of it that is left (its processes carry its temp dir)."""
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    """Stop this test's cluster only: its processes carry its temp dir on their command lines
+    (`ray stop` would stop every Ray cluster on the machine). TERM first, then KILL what is left."""
+    subprocess.run(["pkill", "-TERM", "-f", tmp], capture_output=True)
+    deadline = time.time() + 20
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", tmp], capture_output=True).returncode == 0:
+        time.sleep(0.5)
     subprocess.run(["pkill", "-KILL", "-f", tmp], capture_output=True)
 
 
@@ -165,6 +174,23 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     summary = json.load(open(os.path.join(rep, "summary.json")))
     assert {"bootstrapped", "combined", "full_res", "patch only", "low only"} <= set(summary["quality"])
 
+    # TensorBoard: one run per view model and trained trial under tb/, with its curves, G at
+    # checkpoints, and each step once although views and the full-res baseline were resumed.
+    from bootdiff.tb import read_runs
+
+    tb = read_runs(os.path.join(root, "tb"))
+    assert set(tb) == {"view-patch", "view-low"} | {f"trial-{t['trial_id']}" for t in sweep["trials"]
+                                                    if t["kind"] != "combined"}, sorted(tb)
+    for name, tags in tb.items():
+        assert {"loss", "lr", "grad_norm_max", "img_per_s", "kimg"} <= set(tags), (name, sorted(tags))
+        assert name.startswith("view-") or {"test_G", "train_G"} <= set(tags), (name, sorted(tags))
+        raw = _tb_raw_steps(os.path.join(root, "tb", name), "loss")
+        assert raw == sorted(set(raw)) and raw == list(tags["loss"]["step"]), (name, raw)
+    for v in ("patch", "low"):
+        assert tb[f"view-{v}"]["loss"]["step"][-1] == round(runs[v]["metrics"]["kimg"] * 1000)
+    assert "<h2>Training curves</h2>" in html and "report_files/training_G.png" in open(
+        os.path.join(rep, "report.md")).read()
+
     # Exported models load with plain diffusers, and the bootstrapped model with bootdiff.
     from diffusers import UNet2DModel
 
@@ -177,6 +203,14 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
 
     x = torch.randn(2, 1, 32, 32)
     assert model(x, torch.tensor([0.5, 2.0])).shape == x.shape
+
+
+def _tb_raw_steps(folder, tag):
+    """Every step of ``tag`` in a TensorBoard run folder's event files, read raw (no purge)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [e.step for f in sorted(os.listdir(folder)) if "tfevents" in f
+            for e in EventFileLoader(os.path.join(folder, f)).Load() for v in e.summary.value if v.tag == tag]
 
 
 @pytest.mark.ray
@@ -201,7 +235,9 @@ def test_interrupted_sweep_restores_only_unfinished_trials(head, submitted, tmp_
     for part in ("data", "models/patch", "models/low"):
         shutil.copytree(os.path.join(submitted["root"], part), os.path.join(storage, "quickstart", part))
     sweep_root = os.path.join(storage, "quickstart", "sweep")
-    cmd = [PY, "-m", "ray_jobs.sweep_residual", "--config", "configs/quickstart.yaml", f"storage={storage}",
+    # --wait-lease: the SIGKILLed first driver's run lease goes stale only after its ttl (120 s).
+    cmd = [PY, "-m", "ray_jobs.sweep_residual", "--config", "configs/quickstart.yaml", "--wait-lease", "200",
+           f"storage={storage}",
            *TINY, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]", "sweep.baseline_combined=false",
            "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false"]
     env = dict(head["env"], RAY_ADDRESS=head["gcs"], TUNE_GLOBAL_CHECKPOINT_S="1")
