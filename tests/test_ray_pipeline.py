@@ -113,8 +113,8 @@ def _submit(cmd, env, timeout):
 
 
 def _jobs(head) -> list:
-    token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
-    req = urllib.request.Request(head["address"] + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(head["address"] + "/api/jobs/",
+                                 headers={"Authorization": f"Bearer {head['env']['RAY_AUTH_TOKEN']}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
