@@ -97,7 +97,7 @@ def submitted(head, tmp_path_factory):
            PY, "-m", "ray_jobs.pipeline", "--config", "configs/quickstart.yaml",
            f"storage={storage}", "ray.inject_failure_step=3", *TINY]
     t0 = time.time()
-    proc = _submit(cmd, head["env"], timeout=840)
+    proc = _submit(cmd, head["env"], timeout=1800)
     return {"proc": proc, "storage": storage, "root": os.path.join(storage, "quickstart"),
             "seconds": time.time() - t0, "cmd": cmd}
 
@@ -253,7 +253,7 @@ def test_interrupted_sweep_restores_only_unfinished_trials(head, submitted, tmp_
     first.wait()
     assert not os.path.exists(os.path.join(sweep_root, "sweep.json"))
 
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "restoring interrupted sweep" in out
@@ -298,7 +298,7 @@ def test_pipeline_on_s3_storage(s3, tmp_path):
     rtmp = _ray_tmp()
     try:
         proc = subprocess.run([PY, "-m", "ray_jobs.pipeline", "--config", str(path), *overrides],
-                              env=_env(rtmp), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+                              env=_env(rtmp), cwd=str(tmp_path), capture_output=True, text=True, timeout=1800)
     finally:
         _stop(rtmp, {})
         shutil.rmtree(rtmp, ignore_errors=True)
