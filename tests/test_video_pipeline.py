@@ -99,7 +99,7 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     t0 = time.time()
     try:
         proc = subprocess.run([PY, "-m", "ray_jobs.pipeline", "--config", CONFIG, f"storage={storage}", *TINY],
-                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
     finally:
         _kill_leftovers(rtmp)
         shutil.rmtree(rtmp, ignore_errors=True)
