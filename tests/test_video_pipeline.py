@@ -129,7 +129,8 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     html = (rep / "report.html").read_text()
     for name in MODELS:
         assert f"<b>{name}</b>{SHOWN} videos × {FRAMES} frames" in html, name
-    strips = [im for im in _data_images(html, "png") if im.size[0] > 2 * im.size[1]]
+    # grayscale wide PNGs; the report's matplotlib figures (curves, budgets) are RGBA
+    strips = [im for im in _data_images(html, "png") if im.mode == "L" and im.size[0] > 2 * im.size[1]]
     assert len(strips) == len(MODELS)
     for im in strips:  # 2-px padding around 16² frames, nearest-upscaled by an integer k
         k = im.size[1] // (2 + SHOWN * (RES + 2))
