@@ -45,12 +45,18 @@ def generalization_pair(cfg, manifest: dict, D) -> Tuple[dict, dict]:
 
 def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
     """``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a CPU copy
-    of ``model`` (the training run's own model is left untouched)."""
+    of ``model`` (the training run's own model is left untouched). A bootstrapped model's frozen
+    D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
+    they are the same at every checkpoint and in every trial with the same fusion weights."""
     from bootdiff.checkpoint import load_checkpoint
+    from bootdiff.memo import memoize_combined
 
     state = load_checkpoint(checkpoint_url)
     ema = experiment.ema_model(copy.deepcopy(model).cpu(), state)
+    memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
     test, train = generalization_pair(cfg, manifest, ema)
+    if memo is not None:
+        memo.save()
     return {"test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
 
 
@@ -115,6 +121,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     returns the report's URLs (`bootdiff.report.write_report`)."""
     from bootdiff.export import save_bootstrap_model, save_view_model
     from bootdiff.fusion import CombinedDenoiser
+    from bootdiff.memo import memoize_combined, memoized
     from bootdiff.report import write_report
     from bootdiff.tb import read_runs
 
@@ -136,7 +143,12 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
 
     for name, D in models.items():
         print(f"[bootdiff] evaluating {name} ...", flush=True)
-        test, train = generalization_pair(cfg, manifest, D)
+        memo = memoized(D, layout.eval_cache) if name == "combined" else memoize_combined(D, layout.eval_cache)
+        test, train = generalization_pair(cfg, manifest, memo if name == "combined" else D)
+        if memo is not None:  # outputs the sweep computed for the same weights are reused
+            memo.save()
+            if name != "combined":
+                D.combined = memo.denoiser
         curves[name] = {"sigma": test["sigma"], "test_mean": test["mean"], "train_mean": train["mean"],
                         "test_quantile": test["quantile"]}
         samples[name] = sample_images(cfg, D, shape, cfg.eval.seed)

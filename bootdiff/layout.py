@@ -11,6 +11,7 @@
     sweep/runs/               each trial's Ray Train run
     sweep/events/             one object per trial start (audit trail)
     sweep/sweep.json          the sweep's outcome: trial rows and the best trial
+    sweep/cache/              D_comb's outputs at G's fixed inputs, shared by trials (bootdiff.memo)
     sweep/report/             report.html, report.md, trials.csv, summary.json    (evaluate)
     tb/<run>/                 TensorBoard event files of each training run: view-<v>, trial-<label>
                               (`tensorboard --logdir {storage}/{name}/tb`; bootdiff.tb)
@@ -137,6 +138,12 @@ class RunLayout:
     def trial_final_error(self, label: str, session: str) -> str:
         """A trial's deterministic failure in one run of the sweep (Tune's retries read it)."""
         return join(self.events, f"{label}.{session}.error")
+
+    @property
+    def eval_cache(self) -> str:
+        """The frozen combined denoiser's outputs on G's fixed noisy inputs, one file per
+        fingerprint of its weights (`bootdiff.memo`): derived data, safe to delete."""
+        return join(self.sweep, "cache")
 
     # ------------------------------------------------------------------------- TensorBoard
 

@@ -29,6 +29,7 @@ from bootdiff import experiment, util
 from bootdiff.errors import deterministic
 from bootdiff.evaluate import generalization_pair
 from bootdiff.layout import TUNE_NAME, RunLayout
+from bootdiff.memo import memoized
 from bootdiff.sweep import select_best, trial_list, trial_residual_config, trial_row
 from bootdiff.tb import trial_hparams
 from ray_jobs import common
@@ -110,7 +111,9 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
     common.write_json(layout.trial_start_event(trial["label"], time.time_ns()), {"trial": trial, "time": time.time()})
     if trial["kind"] == "combined":
         manifest = experiment.read_manifest(cfg)
-        test, train = generalization_pair(cfg, manifest, experiment.build_combined(cfg, manifest))
+        memo = memoized(experiment.build_combined(cfg, manifest), layout.eval_cache)  # reused by evaluate
+        test, train = generalization_pair(cfg, manifest, memo)
+        memo.save()
         tune.report({"kimg": cfg.residual.train.total_kimg, "step": 0, "test_G": test["total"],
                      "train_G": train["total"], "label": trial["label"]})
         return
