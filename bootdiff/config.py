@@ -250,6 +250,22 @@ class RayConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Optional last stage (`bootdiff.distill`, docs/METHOD.md §9): one full-resolution student
+    distilled from the sweep's best model, exported as a diffusers pipeline."""
+
+    enabled: bool = False
+    net: NetConfig = field(default_factory=lambda: NetConfig(kind=NetKind.unet2d))  # unet2d: exportable
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    num_teacher_samples: int = 256  # teacher samples written as shards before training
+    teacher_fraction: float = 0.5  # share of each training batch drawn from the teacher samples
+    real_weight: float = 0.0  # + real_weight · EDM loss on the batch's real full-res rows
+    sampler_steps: int = 18  # eval.sampler with this many steps draws the teacher samples
+    shard_size: int = 64  # teacher samples per shard (one Ray task writes a few shards)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "bootdiff"
     storage: str = "./bootdiff_runs"  # URL root: shards, checkpoints, sweep results, report
@@ -264,6 +280,7 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------- loading

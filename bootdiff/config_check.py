@@ -268,6 +268,31 @@ def _check_features(p: _Problems, f) -> None:
                         f"eval.features.path={_show(f.path)}: {msg}"))
 
 
+def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
+    """``distill`` (`bootdiff.distill`): checked only when enabled."""
+    d = cfg.distill
+    if not d.enabled:
+        return
+    if not 0 <= d.teacher_fraction <= 1:
+        p.bad("distill.teacher_fraction", d.teacher_fraction, "must be in [0, 1] (share of each batch)")
+    elif d.teacher_fraction > 0 and not d.num_teacher_samples > 0:
+        p.bad("distill.num_teacher_samples", d.num_teacher_samples,
+              f"must be > 0 when distill.teacher_fraction={d.teacher_fraction} draws teacher samples")
+    p.at_least("distill.num_teacher_samples", d.num_teacher_samples, 0, "must be an integer >= 0")
+    p.at_least("distill.real_weight", d.real_weight, 0)
+    if d.real_weight > 0 and d.teacher_fraction >= 1:
+        p.bad("distill.real_weight", d.real_weight, "has no real rows to act on with distill.teacher_fraction=1")
+    p.at_least("distill.sampler_steps", d.sampler_steps, 1, "must be an integer >= 1")
+    p.at_least("distill.shard_size", d.shard_size, 1, "must be an integer >= 1")
+    if cfg.data.source.kind in VIDEO_SOURCES:
+        p.bad("distill.enabled", True, f"the student is a diffusers UNet2DModel; data.source.kind="
+              f"{cfg.data.source.kind} is video")
+    elif d.net.kind == NetKind.video:
+        p.bad("distill.net.kind", d.net.kind, "the student must be unet2d (or auto) to export as a diffusers pipeline")
+    _check_train(p, "distill.train", d.train)
+    _check_scaling(p, "distill.scaling", d.scaling)
+
+
 def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:
     """Check every cross-field rule of ``cfg`` (an `ExperimentConfig` or its DictConfig); raise one
     ``ConfigError`` listing each problem as ``<file or command line>: key=value: why``.
@@ -283,6 +308,7 @@ def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:
     _check_residual(p, cfg)
     _check_sweep(p, cfg)
     _check_eval(p, cfg)
+    _check_distill(p, cfg)
     p.at_least("ray.max_failures", cfg.ray.max_failures, -1, "must be >= -1 (-1: retry forever)")
     p.at_least("ray.ingest_tasks", cfg.ray.ingest_tasks, 0, "must be >= 0 (0: one task per shard range)")
     p.at_least("ray.worker_start_timeout_s", cfg.ray.worker_start_timeout_s, 0)

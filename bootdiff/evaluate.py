@@ -140,6 +140,9 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
         models["full_res"] = load_trial(cfg, manifest, full[0])
         save_view_model(models["full_res"], layout.model("full_res"), cfg.full_res,
                         extra={"shape": list(shape)})
+    student, step_cost = distill_entry(cfg, models, shape)
+    if student is not None:
+        models["student"] = student
 
     for name, D in models.items():
         print(f"[bootdiff] evaluating {name} ...", flush=True)
@@ -182,13 +185,28 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     urls = write_report(layout.report, trials, curves, pictures, cfg_yaml, manifest,
                         best_trial_id=outcome.get("best"), title=f"bootdiff sweep report — {cfg.name}",
                         quality=quality, roles=roles, fd_note=fd_off, budget=budget,
-                        training=read_runs(layout.tb, ("loss", "test_G", "train_G")))
+                        training=read_runs(layout.tb, ("loss", "test_G", "train_G")),
+                        extra={"Distillation: sampling-step cost": step_cost} if step_cost else None)
     summary = {"best": outcome.get("best"), "quality": quality, "budget_kimg": budget,
                "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},
                "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}}
+    if step_cost:
+        summary["distill_step_time"] = step_cost
     util.atomic_write_bytes(layout.summary, json.dumps(summary, indent=2, default=str).encode())
     return urls
+
+
+def distill_entry(cfg, models: dict, shape):
+    """(the exported student or None, its sampling-step cost against the teacher's —
+    `bootdiff.distill.step_time_ratio`, on one ``eval.batch_size`` batch in this process — or None)."""
+    from bootdiff.distill import load_student, step_time_ratio
+
+    student = load_student(cfg)
+    if student is None or "bootstrapped" not in models:
+        return student, None
+    cost = step_time_ratio(student, models["bootstrapped"], shape, cfg.eval.batch_size)
+    return student, {**cost, "goal_ratio": 1 / (len(cfg.views) + 1)}  # K view models + the residual
 
 
 def decode_latents(manifest: dict, samples: dict) -> dict:
@@ -273,7 +291,8 @@ def model_roles(cfg, manifest: dict, samples: dict) -> dict:
     n = experiment.view_info(manifest, "full")["count"]
     roles = {"combined": "the view models fused, no full-res training",
              "bootstrapped": f"the view models + a residual on the {n} full-res samples",
-             "full_res": f"the {n} full-res samples alone"}
+             "full_res": f"the {n} full-res samples alone",
+             "student": "one network distilled from the bootstrapped model"}
     for name, v in cfg.views.items():
         what = {"downsample": f"×{v.factor} downsampled copies", "patch": f"{v.patch_size} px patches",
                 "clean_patch": f"clean {v.patch_size} px patches", "clip": f"{v.clip_len}-frame clips"}

@@ -41,9 +41,13 @@ def full_shape(manifest: dict) -> Tuple[int, ...]:
 
 def run_split(cfg, run: str) -> Tuple[ViewConfig, str]:
     """(view config, data split) of a view-model run: a view's name, or ``"full_res"`` — the
-    full-resolution baseline, trained with ``cfg.full_res`` on the scarce ``full`` split."""
+    full-resolution baseline, trained with ``cfg.full_res`` on the scarce ``full`` split — or
+    ``"distill"``: the student (`bootdiff.distill`; ``cfg.distill`` has the run's ``train`` and
+    ``scaling``), at the ``full`` split's shape."""
     if run == "full_res":
         return cfg.full_res, "full"
+    if run == "distill":
+        return cfg.distill, "full"
     if run not in cfg.views:
         raise KeyError(f"views.{run}: no such view (views: {sorted(cfg.views)})")
     return cfg.views[run], run

@@ -13,6 +13,11 @@
     sweep/sweep.json          the sweep's outcome: trial rows and the best trial
     sweep/cache/              D_comb's outputs at G's fixed inputs, shared by trials (bootdiff.memo)
     sweep/report/             report.html, report.md, trials.csv, summary.json    (evaluate)
+    distill/teacher/          teacher samples: shards + manifest.json (split "teacher") (distill)
+    distill/runs/             the student's Ray Train run (``distill/``)
+    distill/COMPLETE          written last: the distillation stage is done
+    models/student/           exported student (bootdiff format)                  (distill)
+    export/diffusers/         the student as a diffusers pipeline folder          (distill)
     tb/<run>/                 TensorBoard event files of each training run: view-<v>, trial-<label>
                               (`tensorboard --logdir {storage}/{name}/tb`; bootdiff.tb)
     config.json               the resolved config of a pipeline run
@@ -105,7 +110,7 @@ class RunLayout:
         return join(self.view_runs, f"injected-failure-{view}")
 
     def model(self, name: str) -> str:
-        """An exported model: a view name, ``full_res`` or ``bootstrap``."""
+        """An exported model: a view name, ``full_res``, ``bootstrap`` or ``student``."""
         return join(self.root, "models", name)
 
     # ------------------------------------------------------------------------- stage 2 (sweep)
@@ -144,6 +149,32 @@ class RunLayout:
         """The frozen combined denoiser's outputs on G's fixed noisy inputs, one file per
         fingerprint of its weights (`bootdiff.memo`): derived data, safe to delete."""
         return join(self.sweep, "cache")
+
+    # ------------------------------------------------------------------------- distillation
+
+    @property
+    def distill(self) -> str:
+        return join(self.root, "distill")
+
+    @property
+    def teacher_samples(self) -> str:
+        """Root of the teacher-sample shards (``teacher/…tar``) and their ``manifest.json``."""
+        return join(self.distill, "teacher")
+
+    @property
+    def distill_runs(self) -> str:
+        """Ray Train storage of the student's run (``distill/``)."""
+        return join(self.distill, "runs")
+
+    @property
+    def distill_done(self) -> str:
+        """The stage's done-marker, written after both exports (`bootdiff.distill.mark_done`)."""
+        return join(self.distill, "COMPLETE")
+
+    @property
+    def diffusers_export(self) -> str:
+        """The student as a diffusers pipeline folder (`bootdiff.diffusers_export`)."""
+        return join(self.root, "export", "diffusers")
 
     # ------------------------------------------------------------------------- TensorBoard
 

@@ -1,5 +1,5 @@
 """The whole bootstrapping-diffusion pipeline on Ray:
-ingest -> train_views -> sweep_residual -> evaluate.
+ingest -> train_views -> sweep_residual [-> distill, when ``distill.enabled``] -> evaluate.
 
     ray job submit --working-dir . -- python -m ray_jobs.pipeline --config configs/quickstart.yaml
     python -m ray_jobs.pipeline --config configs/quickstart.yaml [key=value ...]   # local Ray
@@ -8,7 +8,8 @@ Each stage is skipped when its outputs are already complete (manifest, exported 
 sweep.json, report), and each stage resumes its own partial work (complete shards, Train
 checkpoints, the Tune experiment), so a failed pipeline is simply submitted again. A stage's
 "done" marker is written only when it completed, last: the manifest (ingest), each view's
-``models/<v>/COMPLETE`` (train_views), ``sweep.json`` (sweep_residual), ``summary.json`` (evaluate).
+``models/<v>/COMPLETE`` (train_views), ``sweep.json`` (sweep_residual), ``distill/COMPLETE``
+(distill), ``summary.json`` (evaluate).
 
 Ctrl-C or SIGTERM (``ray job stop``) stops the pipeline without marking anything done (Tune saves
 the sweep's state first); it exits with 130 / 143 naming the interrupted stage, and the same command
@@ -25,7 +26,7 @@ import time
 
 from bootdiff import util
 from bootdiff.layout import RunLayout
-from ray_jobs import common, evaluate, ingest, sweep_residual, train_views
+from ray_jobs import common, distill, evaluate, ingest, sweep_residual, train_views
 
 
 def run(cfg, cfg_yaml: str) -> dict:
@@ -38,6 +39,7 @@ def run(cfg, cfg_yaml: str) -> dict:
     for name, fn in (("ingest", lambda: ingest.run(cfg)),
                      ("train_views", lambda: train_views.run(cfg, cfg_yaml)),
                      ("sweep_residual", lambda: sweep_residual.run(cfg, cfg_yaml)),
+                     *([("distill", lambda: distill.run(cfg, cfg_yaml))] if cfg.distill.enabled else []),
                      ("evaluate", lambda: evaluate_stage(cfg, cfg_yaml))):
         s = time.time()
         print(f"[bootdiff] === stage {name} ===", flush=True)

@@ -33,7 +33,12 @@ def train_worker(config: dict) -> None:
     vcfg, split = experiment.run_split(cfg, view)
     rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker)
     manifest = experiment.read_manifest(cfg)
-    model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
+    if view == "distill":  # the student of ray_jobs/distill.py: same worker, its own (model, loss, data)
+        from bootdiff.distill import distill_training
+
+        model, loss, data = distill_training(cfg, manifest, rank, world)
+    else:
+        model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
     extra = None
     if config.get("evaluate") and rank == 0:
         extra = common.checkpoint_evaluator(cfg, manifest, model, final_only_kimg=vcfg.train.total_kimg)

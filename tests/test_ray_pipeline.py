@@ -34,6 +34,15 @@ TINY = [
     "eval.max_samples=64", "eval.num_images=4", "eval.sampler.steps=6", "eval.num_sigma=6",
 ]
 
+# The optional distillation stage (bootdiff.distill), on in the job-submitted pipeline only.
+DISTILL = [
+    "distill.enabled=true", "distill.num_teacher_samples=8", "distill.shard_size=4", "distill.sampler_steps=2",
+    "distill.teacher_fraction=0.5", "distill.real_weight=0.5", "distill.net.channels=[8,16]",
+    "distill.net.attention=[false,false]", "distill.net.norm_groups=4", "distill.train.total_kimg=0.032",
+    "distill.train.batch_size=8", "distill.train.checkpoint_every_kimg=0.016", "distill.train.warmup_kimg=0",
+    "distill.train.report_every=1",
+]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -95,7 +104,7 @@ def submitted(head, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("storage"))
     cmd = [RAY, "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
            PY, "-m", "ray_jobs.pipeline", "--config", "configs/quickstart.yaml",
-           f"storage={storage}", "ray.inject_failure_step=3", *TINY]
+           f"storage={storage}", "ray.inject_failure_step=3", *TINY, *DISTILL]
     t0 = time.time()
     proc = _submit(cmd, head["env"], timeout=1800)
     return {"proc": proc, "storage": storage, "root": os.path.join(storage, "quickstart"),
@@ -126,8 +135,8 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     assert proc.returncode == 0 and "succeeded" in out, out[-6000:]
 
     # Progress in the job's logs; the dashboard's job API lists the job as SUCCEEDED.
-    for line in ("=== stage ingest", "=== stage train_views", "=== stage sweep_residual", "=== stage evaluate",
-                 "kimg", "sweep report:"):
+    for line in ("=== stage ingest", "=== stage train_views", "=== stage sweep_residual", "=== stage distill",
+                 "=== stage evaluate", "kimg", "sweep report:"):
         assert line in out, f"job log lacks {line!r}"
     sub_id = out.split("Job '")[1].split("'")[0]
     job = next(j for j in _jobs(head) if j["submission_id"] == sub_id)
@@ -148,7 +157,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     for line in out.splitlines():
         if "resuming from step" in line:
             step, path = line.split("resuming from step ")[1].split(" ", 1)
-            run = next(r for r in ("view-patch", "view-low", "trial-full_res", "trial-residual") if r in path)
+            run = next(r for r in ("view-patch", "view-low", "trial-full_res", "trial-residual", "distill") if r in path)
             resumed.setdefault(run, set()).add(int(step))
     assert resumed["view-patch"] == {4} and resumed["view-low"] == {4}, resumed
     # The full-res baseline runs the same Train worker, so it fails once too (checkpoint every
@@ -179,7 +188,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     from bootdiff.tb import read_runs
 
     tb = read_runs(os.path.join(root, "tb"))
-    assert set(tb) == {"view-patch", "view-low"} | {f"trial-{t['trial_id']}" for t in sweep["trials"]
+    assert set(tb) == {"view-patch", "view-low", "distill"} | {f"trial-{t['trial_id']}" for t in sweep["trials"]
                                                     if t["kind"] != "combined"}, sorted(tb)
     for name, tags in tb.items():
         assert {"loss", "lr", "grad_norm_max", "img_per_s", "kimg"} <= set(tags), (name, sorted(tags))
@@ -204,6 +213,26 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     x = torch.randn(2, 1, 32, 32)
     assert model(x, torch.tensor([0.5, 2.0])).shape == x.shape
 
+    # Distillation: teacher samples written by Ray tasks as shards, the student trained as a Ray
+    # Train run (its worker failed once too), scored in the report, exported as a diffusers pipeline.
+    for done in ("distill/COMPLETE", "models/student/COMPLETE", "export/diffusers/COMPLETE"):
+        assert os.path.exists(os.path.join(root, done)), done
+    teacher = json.load(open(os.path.join(root, "distill", "teacher", "manifest.json")))
+    assert teacher["splits"]["teacher"]["count"] == 8
+    assert os.path.exists(os.path.join(root, "views", "injected-failure-distill"))
+    assert resumed.get("distill") and resumed["distill"] <= {2, 4}, resumed  # 4 steps, checkpoints at 2 and 4
+    assert "student" in summary["quality"] and "student" in summary["total_G"]
+    assert summary["distill_step_time"]["ratio"] > 0 and "student" in open(os.path.join(rep, "report.md")).read()
+    assert "distill" in json.load(open(os.path.join(root, "timings.json")))["stages"]
+    assert "distill" in tb and {"test_G", "train_G"} <= set(tb["distill"])
+    from diffusers import DiffusionPipeline
+
+    folder = os.path.join(root, "export", "diffusers")
+    assert json.load(open(os.path.join(folder, "model_index.json")))["_class_name"] == \
+        ["bootdiff_pipeline", "BootdiffEDMPipeline"]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="np").images.shape == (2, 32, 32, 1)
+
 
 def _tb_raw_steps(folder, tag):
     """Every step of ``tag`` in a TensorBoard run folder's event files, read raw (no purge)."""
@@ -221,8 +250,12 @@ def test_resubmit_skips_finished_stages(head, submitted):
     proc = _submit(submitted["cmd"], head["env"], timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    for msg in ("data already ingested", "already exported", "sweep already complete", "report already written"):
+    marker = os.path.join(submitted["root"], "distill", "COMPLETE")
+    before = os.path.getmtime(marker)
+    for msg in ("data already ingested", "already exported", "sweep already complete", "distill: already done",
+                "report already written"):
         assert msg in out
+    assert os.path.getmtime(marker) == before
     assert time.time() - t0 < submitted["seconds"] / 2
 
 
