@@ -213,7 +213,18 @@ def fit_bootstrap(cfg, manifest: dict, model, rcfg: ResidualConfig):
     the scarce full-resolution training set: the fusion weights when ``residual.fit_fusion_weights``
     (METHOD §3), then r(σ) — the RMS of x − D_comb per bin — when ``residual.range_adapter``
     (METHOD §5); noise from a generator seeded with ``residual.train.seed``
-    (`bootdiff.residual.fit_constants`). Reads no data when there is nothing to fit."""
+    (`bootdiff.residual.fit_constants`). Reads no data when there is nothing to fit.
+
+    r(σ) is a deterministic function of D_comb (after step 1), the training split, the seed and the
+    bins, and costs 100 bins × 64 samples of D_comb: it is fitted once per run and kept in the
+    run's ``eval_cache`` (``range-<key>.pt``) under a key of exactly those, so the other trials of
+    a sweep read the same values instead of fitting them again."""
+    import hashlib
+    import io
+    import json
+
+    from bootdiff import util
+    from bootdiff.memo import fingerprint
     from bootdiff.residual import check_placeholders, fit_constants
 
     if not (rcfg.fit_fusion_weights or rcfg.range_adapter):
@@ -223,8 +234,23 @@ def fit_bootstrap(cfg, manifest: dict, model, rcfg: ResidualConfig):
     info = view_info(manifest, "full")
     full = load_all(cfg, manifest, "full", max_samples=max(1, info["count"]))
     gen = torch.Generator().manual_seed(rcfg.train.seed)
-    return fit_constants(model, lambda: iter(full.split(64)), gen, fusion_grid=grid,
-                         range_adapter=rcfg.range_adapter)
+    if grid is not None:  # step 1 changes D_comb, so it comes first
+        fit_constants(model, lambda: iter(full.split(64)), gen, fusion_grid=grid, range_adapter=False)
+    if not rcfg.range_adapter:
+        return model
+    a = model.range_adapter
+    key = hashlib.sha1(json.dumps([fingerprint(model.combined), info.get("shards"), info["count"], rcfg.train.seed,
+                                   hashlib.sha1(gen.get_state().numpy().tobytes()).hexdigest(), float(a.log_sigma_min), float(a.log_sigma_max),
+                                   a.num_bins], default=str).encode()).hexdigest()[:20]
+    url = util.join(RunLayout.of(cfg).eval_cache, f"range-{key}.pt")
+    if util.exists(url):
+        a.values.copy_(torch.load(io.BytesIO(util.read_bytes(url))))
+        return model
+    fit_constants(model, lambda: iter(full.split(64)), gen, range_adapter=True)
+    buf = io.BytesIO()
+    torch.save(a.values.detach().cpu().clone(), buf)
+    util.atomic_write_bytes(url, buf.getvalue())
+    return model
 
 
 def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, world_size: int = 1,

@@ -39,7 +39,10 @@ def trial_label(t: dict) -> str:
 
 
 def trial_list(cfg) -> list:
-    """The sweep's trials: the grid (or random samples) of residual settings, then baselines."""
+    """The sweep's trials, in the order Tune starts them: the full-res baseline first (the longest
+    run at the fair budget: started first, it overlaps the residual trials instead of running
+    alone at the end), then the grid (or random samples) of residual settings, then the combined
+    baseline."""
     sw = cfg.sweep
     search = getattr(sw.search, "value", sw.search)
     if search == "grid":
@@ -52,10 +55,10 @@ def trial_list(cfg) -> list:
         raise ValueError(f"sweep.search must be 'grid' or 'random', got '{sw.search}'")
     trials = [{"kind": "residual", "mu_var": float(a), "mu_l1": float(b), "range_adapter": bool(c)}
               for a, b, c in dict.fromkeys(combos)]
+    if sw.baseline_full_res:
+        trials.insert(0, {"kind": "full_res", "mu_var": None, "mu_l1": None, "range_adapter": None})
     if sw.baseline_combined:
         trials.append({"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None})
-    if sw.baseline_full_res:
-        trials.append({"kind": "full_res", "mu_var": None, "mu_l1": None, "range_adapter": None})
     for t in trials:
         t["label"] = trial_label(t)
     return trials

@@ -270,15 +270,15 @@ def test_trial_list_labels_and_residual_config():
 
     cfg = _sweep_cfg("sweep.mu_var=[0.0,0.5,0.5]", "sweep.mu_l1=[0.01]", "sweep.range_adapter=[true,false]")
     trials = trial_list(cfg)
-    assert [t["label"] for t in trials] == ["residual-mv0-ml0.01-ra1", "residual-mv0-ml0.01-ra0",
+    assert [t["label"] for t in trials] == ["full_res", "residual-mv0-ml0.01-ra1", "residual-mv0-ml0.01-ra0",
                                             "residual-mv0.5-ml0.01-ra1", "residual-mv0.5-ml0.01-ra0",
-                                            "combined", "full_res"]
+                                            "combined"]
     cfg.sweep.search, cfg.sweep.num_samples = "random", 5
     assert trial_list(cfg) == trial_list(cfg) and len(trial_list(cfg)) <= 5 + 2
     cfg.sweep.search = "bogus"
     with pytest.raises(ValueError, match="sweep.search"):
         trial_list(cfg)
-    rcfg = trial_residual_config(cfg, trials[3])
+    rcfg = trial_residual_config(cfg, trials[4])
     assert (rcfg.mu_var, rcfg.mu_l1, rcfg.range_adapter) == (0.5, 0.01, False)
     assert (cfg.residual.mu_var, cfg.residual.range_adapter) == (0.0, True)  # the config is untouched
 
