@@ -60,25 +60,6 @@ def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict
     return {"test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
 
 
-def warm_eval_cache(cfg, manifest: dict, rcfg) -> dict:
-    """What every residual trial of a sweep computes first, computed once into the run's
-    ``eval_cache``: the stage-2 constants (`experiment.fit_bootstrap`: r(σ) is kept there) and the
-    frozen D_comb at G's fixed inputs (`bootdiff.memo`), which a trial's `evaluate_checkpoint`
-    then reads. Same numbers as without it; returns ``{"computed", "seconds"}``."""
-    import time
-
-    from bootdiff.memo import memoize_combined
-
-    t0 = time.time()
-    model = experiment.build_bootstrap(cfg, manifest, rcfg)
-    experiment.fit_bootstrap(cfg, manifest, model, rcfg)
-    memo = memoize_combined(model.eval(), RunLayout.of(cfg).eval_cache)
-    generalization_pair(cfg, manifest, model)
-    computed = memo.new
-    memo.save()
-    return {"computed": computed, "seconds": time.time() - t0}
-
-
 # ----------------------------------------------------------------------------- trained models
 
 

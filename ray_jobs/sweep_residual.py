@@ -196,47 +196,6 @@ def concurrency(cfg, ray) -> int:
     return n
 
 
-def warm_cache_task(cfg_yaml: str, trial: dict) -> dict:
-    """A Ray task: `bootdiff.evaluate.warm_eval_cache` for one residual trial's settings."""
-    import torch
-
-    from bootdiff.evaluate import warm_eval_cache
-
-    cfg = common.cfg_from_yaml(cfg_yaml)
-    torch.set_num_threads(max(1, int(cfg.sweep.trial_cpus)))
-    return warm_eval_cache(cfg, experiment.read_manifest(cfg), trial_residual_config(cfg, trial))
-
-
-def start_warm_cache(cfg, cfg_yaml: str, trials: list, ray):
-    """Fit r(σ) and evaluate D_comb at G's inputs once, in a task beside the first trials (the
-    full-res baseline starts first), so residual trials read them instead of each computing them
-    (`warm_cache_task`). CPU sweeps only: on GPUs each trial computes them in seconds. None when
-    there is nothing to warm."""
-    residual = [t for t in trials if t["kind"] == "residual"]
-    if not residual or cfg.sweep.trial_gpus > 0:
-        return None
-    opts = {"num_cpus": worker_cpus(cfg), "max_retries": 0}  # a trial's worker share: it takes one trial's place
-    if cfg.sweep.trial_resources:
-        opts["resources"] = dict(cfg.sweep.trial_resources)
-    print("[bootdiff] sweep: fitting r(σ) and D_comb at G's inputs once for all residual trials", flush=True)
-    return ray.remote(**opts)(warm_cache_task).remote(cfg_yaml, residual[0])
-
-
-def finish_warm_cache(ref, ray) -> None:
-    """Report the warm-up task's outcome; a failure costs only time (each trial computes its own)."""
-    if ref is None:
-        return
-    done, _ = ray.wait([ref], timeout=0)
-    if not done:
-        ray.cancel(ref, force=True)
-        return
-    try:
-        r = ray.get(ref)
-        print(f"[bootdiff] sweep: shared D_comb outputs ready in {r['seconds']:.0f} s ({r['computed']} computed)", flush=True)
-    except Exception as exc:  # noqa: BLE001 - an optimisation, not a result
-        print(f"[bootdiff] sweep: warming the evaluation cache failed ({exc}); trials computed their own", flush=True)
-
-
 def sweep_done(cfg) -> bool:
     return util.exists(RunLayout.of(cfg).sweep_json)
 
@@ -285,9 +244,7 @@ def run(cfg, cfg_yaml: str) -> dict:
                                       verbose=1),
         )
     print(f"[bootdiff] sweep of {len(trials)} trials ({', '.join(t['label'] for t in trials)})", flush=True)
-    warm = start_warm_cache(cfg, cfg_yaml, trials, ray)
     grid = tuner.fit()  # returns normally on Ctrl-C / SIGTERM, after saving its state (docs/RAY.md §7)
-    finish_warm_cache(warm, ray)
     rows = trial_rows(cfg, grid, restore_path, storage_fs)
     # Tune creates trials lazily: one the interrupted sweep had not created yet has no row at all.
     known = {r["trial_id"] for r in rows}

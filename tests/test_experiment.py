@@ -11,8 +11,7 @@ from bootdiff import experiment
 from bootdiff.checkpoint import load_checkpoint
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
-from bootdiff.evaluate import (evaluate, evaluate_checkpoint, export_result, generalization_pair, load_trial,
-                               warm_eval_cache)
+from bootdiff.evaluate import evaluate, evaluate_checkpoint, export_result, generalization_pair, load_trial
 from bootdiff.export import load_bootstrap_model, load_view_model
 from bootdiff.layout import RunLayout
 from bootdiff.sweep import trial_residual_config
@@ -71,13 +70,13 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     assert len([f for f in os.listdir(layout.eval_cache) if f.startswith("range-")]) == 1
     other, _, _ = experiment.residual_training(cfg, manifest, trial_residual_config(cfg, {**trial, "mu_var": 1.0}))
     assert torch.equal(other.range_adapter.values, model.range_adapter.values)
-    # the sweep's warm-up computes D_comb at G's inputs once; checkpoints then read it (same G)
-    assert warm_eval_cache(cfg, manifest, rcfg)["computed"] == 4 * 2  # 4 σ × (test, full): one batch each
-    assert warm_eval_cache(cfg, manifest, rcfg)["computed"] == 0
     # what the Ray hooks report at a checkpoint: the same pair, from the checkpoint's EMA weights
     at_ckpt = evaluate_checkpoint(cfg, manifest, model, res.checkpoint_url)
     assert at_ckpt["kimg"] == res.kimg and abs(at_ckpt["test_G"] - G["total"]) < 1e-6 * G["total"]
     assert abs(at_ckpt["train_G"] - G_train["total"]) < 1e-6 * G_train["total"]
+    # D_comb at G's inputs was kept (bootdiff.memo): a later checkpoint reads it, same numbers
+    assert len([f for f in os.listdir(layout.eval_cache) if f.startswith("dcomb-")]) == 1
+    assert evaluate_checkpoint(cfg, manifest, model, res.checkpoint_url) == at_ckpt
 
     outcome = {"best": "residual-a", "trials": [
         {"trial_id": "residual-a", "kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True,
