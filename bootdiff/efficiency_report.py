@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 from bootdiff import util
 from bootdiff.efficiency import gap_closed
@@ -25,6 +25,11 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
         for metric in ("test_G", "swd"):
             vals = [row.get(m, {}).get(metric, float("nan")) for m in ("baseline", "bootstrap")]
             row[f"gap_closed_{metric}"] = gap_closed(vals[0], vals[1], oracle.get(metric, float("nan")))
+        early = early_stopped(results, n)
+        if early:
+            row["bootstrap_early_stopped"] = early
+            row["gap_closed_test_G_early_stopped"] = gap_closed(row.get("baseline", {}).get("test_G", float("nan")),
+                                                                early["test_G"], oracle.get("test_G", float("nan")))
         per_n[str(n)] = row
     wall = sum(r.get("wall_s", 0.0) for r in results.values())
     return {"ns": plan["ns"], "budgets": b, "g_sigma_data": plan["g_sigma_data"],
@@ -33,6 +38,23 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
             "oracle": {k: oracle.get(k) for k in keys if k in oracle}, "per_n": per_n,
             "views": {v: {k: results.get(f"view-{v}", {}).get(k) for k in ("kimg", "wall_s")} for v in plan["views"]},
             "model_wall_s": wall}
+
+
+def early_stopped(results: Dict[str, dict], n: int) -> Optional[dict]:
+    """The bootstrap of N stopped where its setting's **validation** G was lowest: the kimg of the
+    minimum of the selection run's curve (G on the carve-out, never the test split), and the
+    bootstrap's own checkpoint nearest to it — ``{"kimg", "test_G", "train_G", "val_kimg"}`` —
+    or None without both curves."""
+    boot = results.get(f"N{n}/bootstrap") or {}
+    label = (boot.get("trial") or {}).get("label")
+    sel = results.get(f"N{n}/select-{label}") or {}
+    val = [p for p in sel.get("curve") or [] if p.get("test_G") is not None]
+    own = [p for p in boot.get("curve") or [] if p.get("test_G") is not None]
+    if not (val and own):
+        return None
+    k = min(val, key=lambda p: p["test_G"])["kimg"]
+    point = min(own, key=lambda p: abs(p["kimg"] - k))
+    return {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"), "val_kimg": k}
 
 
 def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
@@ -86,10 +108,16 @@ def markdown(summary: dict) -> str:
             mu = r.get("trial", {}).get("label", "") if m == "bootstrap" else ""
             lines.append(f"| {n} | {m} | {_fmt(r.get('test_G'))} | {_fmt(r.get('train_G'))} | {_fmt(r.get('swd'))} | "
                          f"{_fmt(r.get('memorization_rate'))} | {_fmt(r.get('nn_distance_train'))} | {mu} |")
-    lines += ["", "| N | gap closed (test G) | gap closed (SWD) |", "|---|---|---|"]
+        e = row.get("bootstrap_early_stopped")
+        if e:
+            lines.append(f"| {n} | bootstrap, stopped at {e['kimg']:g} kimg (validation minimum) | {_fmt(e['test_G'])} | "
+                         f"{_fmt(e.get('train_G'))} | | | | |")
+    lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), bootstrap early-stopped |",
+              "|---|---|---|---|"]
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]
-        lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} |")
+        lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} | "
+                     f"{_fmt(row.get('gap_closed_test_G_early_stopped'))} |")
     lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
               "full resolution, 0 = no better than the N images alone.", ""]
     return "\n".join(lines)

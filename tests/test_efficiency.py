@@ -106,6 +106,21 @@ def test_gap_closed():
                              {"full_res_kimg": 1, "view_kimg": 2})
     assert s["per_n"]["8"]["gap_closed_test_G"] == pytest.approx(0.5)
     assert s["per_n"]["8"]["gap_closed_swd"] == pytest.approx(0.25)
+    assert "bootstrap_early_stopped" not in s["per_n"]["8"]  # no curves: nothing to stop early on
+
+    # early stopping: the kimg comes from the selection run's validation curve, never the test curve
+    val = [{"kimg": 2.0, "test_G": 0.9}, {"kimg": 4.0, "test_G": 0.7}, {"kimg": 6.0, "test_G": 0.8}]
+    test = [{"kimg": 2.0, "test_G": 0.6, "train_G": 0.5}, {"kimg": 4.05, "test_G": 0.65, "train_G": 0.4},
+            {"kimg": 6.0, "test_G": 0.75, "train_G": 0.3}]
+    results = {"oracle": {"test_G": 0.5}, "N8/baseline": {"test_G": 1.0},
+               "N8/bootstrap": {"test_G": 0.75, "curve": test, "trial": {"label": "a"}},
+               "N8/select-a": {"test_G": 0.8, "trial": {"label": "a"}, "curve": val},
+               "N8/select-b": {"test_G": 0.9, "trial": {"label": "b"}, "curve": [{"kimg": 2.0, "test_G": 0.1}]}}
+    row = efficiency_report.summarize(results, {"ns": [8], "g_sigma_data": 0.5, "pool": [1], "partial": [2],
+                                                "test": [3], "views": []}, {"full_res_kimg": 1, "view_kimg": 2})["per_n"]["8"]
+    assert row["bootstrap_early_stopped"] == {"kimg": 4.05, "test_G": 0.65, "train_G": 0.4, "val_kimg": 4.0}
+    assert row["gap_closed_test_G_early_stopped"] == pytest.approx(0.7)
+    assert row["gap_closed_test_G"] == pytest.approx(0.5)
 
 
 def test_resume_skips_finished_models(bench):
