@@ -69,11 +69,15 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-")):
         ax.plot(ns, [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns], style, label=m)
+    if metric == "test_G":  # the bootstrap at its setting's validation minimum (`early_stopped`)
+        ax.plot(ns, [(summary["per_n"][str(n)].get("bootstrap_early_stopped") or {}).get("test_G", float("nan"))
+                     for n in ns], "v:", label="bootstrap, stopped at validation minimum")
     o = summary["oracle"].get(metric)
     if o is not None:
         ax.axhline(o, color="k", ls=":", label=f"oracle (all {summary['num_pool'] + summary['num_partial']} at full res)")
     ax.set_xscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()  # log-scale minor labels would overprint the N labels
     ax.set_xlabel("N full-resolution training images")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
