@@ -13,6 +13,7 @@ from bootdiff.nets import make_net
 from bootdiff.precond import EDMPrecond
 from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
 from bootdiff.views import DownsampleView, PatchView
+from test_export import _perturb  # every parameter randomised, zero-initialised layers too
 
 torch.set_num_threads(1)
 NET = NetConfig(channels=[8, 16], attention=[False, False], norm_groups=4)
@@ -29,21 +30,13 @@ class Counting(torch.nn.Module):
         return self.D(x, sigma)
 
 
-def _perturbed(net, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return net
-
-
 def _bootstrap(weight_seed=0):
-    views = [ViewModel("patch", PatchView(H, 8, stride=4), EDMPrecond(_perturbed(make_net(NET, 1, 1, 8, seed=1), 1), 0.5)),
-             ViewModel("low", DownsampleView(2), EDMPrecond(_perturbed(make_net(NET, 1, 1, 8, seed=2), 2), 0.5))]
+    views = [ViewModel("patch", PatchView(H, 8, stride=4), EDMPrecond(_perturb(make_net(NET, 1, 1, 8, seed=1), 1), 0.5)),
+             ViewModel("low", DownsampleView(2), EDMPrecond(_perturb(make_net(NET, 1, 1, 8, seed=2), 2), 0.5))]
     g = torch.Generator().manual_seed(weight_seed)
     weights = FusionWeights([0.05, 1.0, 20.0], 2, weights=torch.rand(3, 2, generator=g, dtype=torch.float64) + 0.5)
     combined = CombinedDenoiser(views, fusion="split", weights=weights)
-    residual = ResidualPrecond(_perturbed(make_net(NET, 2, 1, H, seed=3), 3), 0.5)
+    residual = ResidualPrecond(_perturb(make_net(NET, 2, 1, H, seed=3), 3), 0.5)
     adapter = RangeAdapter.from_sigma_range(0.002, 80.0, torch.rand(100, generator=g) * 0.5)
     return BootstrapDenoiser(combined, residual, adapter).eval()
 
