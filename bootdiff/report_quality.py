@@ -103,8 +103,9 @@ def budget_lines(budget, trials, best=None) -> list:
     boot = b["bootstrapped"]
     full = b["full_res_trained"] if b.get("full_res_trained") is not None else b["full_res"]
     views = " + ".join(f"{k} {_fmt(v)}" for k, v in b["views"].items())
-    equal = abs(boot - full) <= 1e-6 * max(boot, full, 1.0)
-    planned = f" (of {_fmt(b['full_res'])} planned)" if abs(full - b["full_res"]) > 1e-6 else ""
+    # equal within 1 %: a run stops on the whole batch that reaches its kimg (14.016 of 14 at batch 32)
+    equal = abs(boot - full) <= 0.01 * max(boot, full, 1e-9)
+    planned = f" (of {_fmt(b['full_res'])} planned)" if abs(full - b["full_res"]) > 0.01 * b["full_res"] else ""
     ran = any(t["kind"] == "full_res" for t in trials)
     lines = [f"Training budgets: the bootstrapped model stands on {_fmt(boot)} kimg (view models {views}, "
              f"residual {_fmt(b['residual'])}); the full-res-only baseline "

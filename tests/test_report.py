@@ -290,6 +290,10 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     trials[-1]["test_G"] = 0.15  # at equal budgets and a better baseline: it did not help
     assert "the partial data did not help: test G 0.1875 bootstrapped vs 0.15 full-res only (25.0% higher)." \
         in report.budget_lines(_budget(14.0), trials, trials[0])[1]
+    # a run ends on the whole batch that reaches its budget: 14.016 of 14 kimg is still equal
+    overshoot = report.budget_lines({**_budget(14.0), "full_res_trained": 14.016}, trials, trials[0])
+    assert overshoot[0].endswith("— the same budget.") and "planned" not in overshoot[0]
+    assert "equal budgets (14 kimg each), the partial data did not help" in overshoot[1]
     no_base = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[1]
     assert no_base == "Whether the partial data helped at N = 64 cannot be said: no full-res-only baseline with a " \
                       "finite test G."
