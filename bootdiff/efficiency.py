@@ -309,7 +309,8 @@ def train_local(job: dict, b: dict, out: str) -> dict:
         tcfg = cfg.full_res.train
     else:
         rcfg = trial_residual_config(cfg, job["trial"])
-        model, loss, data = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir)
+        model, loss, data = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir,
+                                                         device=util.compute_device())
         tcfg = rcfg.train
     curve_url = util.join(run_dir, "curve.json")
     def g_at_checkpoint(url: str) -> dict:
@@ -353,7 +354,7 @@ def evaluate_job(job: dict, b: dict, checkpoint: Optional[str], num_samples: int
 
     cfg = job_cfg(job, b)
     manifest = experiment.read_manifest(cfg)
-    D = load_model(job, cfg, manifest, checkpoint)
+    D = load_model(job, cfg, manifest, checkpoint).to(util.compute_device())
     out = {"test_G": experiment.generalization(cfg, manifest, D, "test")["total"],
            "train_G": experiment.generalization(cfg, manifest, D, "full")["total"],
            "g_sigma_data": experiment.g_sigma_data(manifest)}

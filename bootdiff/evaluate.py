@@ -44,15 +44,16 @@ def generalization_pair(cfg, manifest: dict, D) -> Tuple[dict, dict]:
 
 
 def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
-    """``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a CPU copy
-    of ``model`` (the training run's own model is left untouched). A bootstrapped model's frozen
+    """``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
+    ``model`` on its device (the training run's GPU when it has one; its own weights are left
+    untouched). A bootstrapped model's frozen
     D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
     they are the same at every checkpoint and in every trial with the same fusion weights."""
     from bootdiff.checkpoint import load_checkpoint
     from bootdiff.memo import memoize_combined
 
     state = load_checkpoint(checkpoint_url)
-    ema = experiment.ema_model(copy.deepcopy(model).cpu(), state)
+    ema = experiment.ema_model(copy.deepcopy(model), state)
     memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
     test, train = generalization_pair(cfg, manifest, ema)
     if memo is not None:
@@ -107,12 +108,14 @@ def export_result(cfg, view: str, checkpoint_path: str) -> str:
 
 
 def sample_images(cfg, D, shape, seed: int) -> torch.Tensor:
-    """``cfg.eval.num_images`` samples of ``shape`` with the configured sampler, clamped to [-1, 1]."""
+    """``cfg.eval.num_images`` samples of ``shape`` with the configured sampler, clamped to [-1, 1],
+    drawn on ``D``'s device (noise from a CPU generator, so the same on any device), returned on the CPU."""
     from bootdiff.samplers import sample
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return sample(D, (cfg.eval.num_images, *shape), cfg.eval.sampler, generator=gen).clamp(-1, 1)
+        out = sample(D, (cfg.eval.num_images, *shape), cfg.eval.sampler, generator=gen, device=util.module_device(D))
+    return out.clamp(-1, 1).cpu()
 
 
 def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
@@ -128,6 +131,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     layout = RunLayout.of(cfg)
     manifest = experiment.read_manifest(cfg)
     shape = experiment.full_shape(manifest)
+    device = util.compute_device()  # this task's GPU when it was given one
     rows = {r["trial_id"]: r for r in outcome["trials"]}
     models, curves, samples = {}, {}, {}
     if outcome.get("best"):
@@ -146,6 +150,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
 
     for name, D in models.items():
         print(f"[bootdiff] evaluating {name} ...", flush=True)
+        D.to(device)
         memo = memoized(D, layout.eval_cache) if name == "combined" else memoize_combined(D, layout.eval_cache)
         test, train = generalization_pair(cfg, manifest, memo if name == "combined" else D)
         if memo is not None:  # outputs the sweep computed for the same weights are reused
@@ -157,6 +162,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
         samples[name] = sample_images(cfg, D, shape, cfg.eval.seed)
 
     for vm in experiment.load_view_models(cfg, manifest):
+        vm.denoiser.to(device)
         vcfg = cfg.views[vm.name]
         if vcfg.kind == "downsample":  # sample the low-res model at its own size, show it lifted
             low = sample_images(cfg, vm.denoiser, experiment.view_sample_shape(manifest, vm.name), cfg.eval.seed)

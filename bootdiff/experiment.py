@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from bootdiff import util
 from bootdiff.config import ResidualConfig, ViewConfig
 from bootdiff.layout import RunLayout
 
@@ -223,7 +224,6 @@ def fit_bootstrap(cfg, manifest: dict, model, rcfg: ResidualConfig):
     import io
     import json
 
-    from bootdiff import util
     from bootdiff.memo import fingerprint
     from bootdiff.residual import check_placeholders, fit_constants
 
@@ -232,7 +232,7 @@ def fit_bootstrap(cfg, manifest: dict, model, rcfg: ResidualConfig):
     grid = _fusion_grid(rcfg) if rcfg.fit_fusion_weights else None
     check_placeholders(model, grid, rcfg.range_adapter)  # before reading any data
     info = view_info(manifest, "full")
-    full = load_all(cfg, manifest, "full", max_samples=max(1, info["count"]))
+    full = load_all(cfg, manifest, "full", max_samples=max(1, info["count"])).to(util.module_device(model))
     gen = torch.Generator().manual_seed(rcfg.train.seed)
     if grid is not None:  # step 1 changes D_comb, so it comes first
         fit_constants(model, lambda: iter(full.split(64)), gen, fusion_grid=grid, range_adapter=False)
@@ -254,8 +254,11 @@ def fit_bootstrap(cfg, manifest: dict, model, rcfg: ResidualConfig):
 
 
 def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, world_size: int = 1,
-                      run_dir: Optional[str] = None, resume_from: Optional[str] = None):
+                      run_dir: Optional[str] = None, resume_from: Optional[str] = None, device=None):
     """(model, loss_fn, data) of one residual run (a sweep trial; docs/METHOD.md §4).
+
+    ``device``: where the run trains; the model is moved there before the stage-2 constants are
+    fitted, so that fit (100 bins of D_comb over the scarce set) runs on the run's GPU.
 
     ``run_dir`` / ``resume_from``: what the run's `bootdiff.train.train` call gets. The stage-2
     constants are fitted (`fit_bootstrap`) only when that run starts fresh; when it resumes (from
@@ -266,6 +269,8 @@ def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, 
     from bootdiff.residual import ResidualLoss
 
     model = build_bootstrap(cfg, manifest, rcfg)
+    if device is not None:
+        model.to(device)
     if not (resume_from or latest_checkpoint(run_dir)):
         fit_bootstrap(cfg, manifest, model, rcfg)
     sigma_data = float(view_info(manifest, "full")["sigma_data"])
@@ -301,7 +306,8 @@ def generalization(cfg, manifest: dict, D, split: str = "test", max_samples: Opt
     sigma_data = g_sigma_data(manifest)
     batches = stream(cfg, manifest, split, batch_size=ecfg.batch_size, mode="eval", max_samples=n)
     with torch.no_grad():
-        return generalization_error(D, batches, sigma_grid(ecfg), sigma_data, seed=ecfg.seed, delta=ecfg.delta)
+        return generalization_error(D, batches, sigma_grid(ecfg), sigma_data, seed=ecfg.seed, delta=ecfg.delta,
+                                    device=util.module_device(D))
 
 
 def ema_model(model, state: dict):

@@ -4,6 +4,7 @@ atomic writes."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import uuid
 from typing import Iterator, Optional, Tuple
@@ -59,6 +60,21 @@ def randn(shape, generator: Optional[torch.Generator] = None, device=None,
     gen_device = generator.device if generator is not None else device
     out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
     return out.to(device) if device is not None else out
+
+
+def compute_device() -> torch.device:
+    """Where models train and evaluate in this process: the current CUDA device when there is one
+    (a Ray worker sees only the GPU it was given), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def module_device(module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for one that has neither, or for
+    a plain callable)."""
+    if isinstance(module, torch.nn.Module):
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            return t.device
+    return torch.device("cpu")
 
 
 def url_fs(url: str, **storage_options) -> Tuple[fsspec.AbstractFileSystem, str]:

@@ -53,8 +53,8 @@ def residual_worker(config: dict) -> None:
     rank, world, device, run_dir = common.worker_setup(cfg.sweep.trial_cpus)
     manifest = experiment.read_manifest(cfg)
     resume = common.resume_dir()  # a resumed run takes its fitted constants from the checkpoint
-    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world,
-                                                     run_dir=run_dir, resume_from=resume)
+    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world, run_dir=run_dir,
+                                                     resume_from=resume, device=device)
     extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
     hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
                                   report_every_s=rcfg.train.report_every_s,
@@ -111,7 +111,8 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
     common.write_json(layout.trial_start_event(trial["label"], time.time_ns()), {"trial": trial, "time": time.time()})
     if trial["kind"] == "combined":
         manifest = experiment.read_manifest(cfg)
-        memo = memoized(experiment.build_combined(cfg, manifest), layout.eval_cache)  # reused by evaluate
+        combined = experiment.build_combined(cfg, manifest).to(util.compute_device())  # the trial's GPU, if any
+        memo = memoized(combined, layout.eval_cache)  # reused by evaluate
         test, train = generalization_pair(cfg, manifest, memo)
         memo.save()
         tune.report({"kimg": cfg.residual.train.total_kimg, "step": 0, "test_G": test["total"],

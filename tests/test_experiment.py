@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from bootdiff import experiment
+from bootdiff import experiment, util
 from bootdiff.checkpoint import load_checkpoint
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
@@ -58,7 +58,8 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     trial = {"kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True, "label": "residual-a"}
     rcfg = trial_residual_config(cfg, trial)
     assert (rcfg.mu_var, rcfg.range_adapter) == (0.1, True) and cfg.residual.mu_var == 0.0
-    model, loss, data = experiment.residual_training(cfg, manifest, rcfg)
+    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, device=util.compute_device())
+    assert util.module_device(model) == util.compute_device()  # fitted where it trains (a GPU when there is one)
     r = model.range_adapter(torch.tensor([0.01, 1.0, 50.0]))
     assert torch.all(r > 0) and r[2] > r[0]  # RMS of x − D_comb grows with σ
     res = train(model, loss, data, rcfg.train, run_dir=str(tmp_path / "runs" / "residual"))
@@ -101,3 +102,12 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
         assert torch.allclose(loaded(x, s), best(x, s), atol=1e-5)
         assert torch.allclose(best(x, s), direct(x, s), atol=1e-6)
         assert torch.allclose(best(x, s), res.ema.eval()(x, s), atol=1e-5)
+
+
+def test_module_device():
+    """Where evaluation runs: the device of a module's first parameter, else buffer, else the CPU."""
+    assert util.module_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert util.module_device(torch.nn.BatchNorm1d(2, affine=False)) == torch.device("cpu")  # buffers only
+    assert util.module_device(torch.nn.ReLU()) == util.module_device(lambda x, s: x) == torch.device("cpu")
+    assert util.module_device(torch.nn.Linear(2, 2).to("meta")) == torch.device("meta")
+    assert util.compute_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
