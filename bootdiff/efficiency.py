@@ -20,7 +20,8 @@ Models: per N a ``baseline`` (full-res model on the N images), ``combined`` (fus
 models, no training, docs/METHOD.md §3), ``select-*`` residuals on N − v images scored on the v
 held back, and ``bootstrap`` (the residual with the selected μ_var / μ_L1 on all N, §4); once an
 ``oracle`` (full-res model on the whole pool, with a view model's budget). Baselines and
-residuals share one budget (kimg). Training is a runner's job: `train_local` here, Ray Train in
+residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency_train.train_local`
+in this process, Ray Train in
 ``ray_jobs/efficiency.py``; `evaluate_job` scores a finished model (G on test and train, SWD per
 pyramid level, memorisation, nearest-neighbour distance, FD when ``eval.features`` is set, §8).
 """
@@ -269,64 +270,6 @@ def share_view_models(plan: dict, out: str) -> None:
                 fs.copy(sp, dp, recursive=True)
 
 
-# ----------------------------------------------------------------------------- local training
-
-
-class CurveHooks:
-    """`bootdiff.train` hooks (inside `bootdiff.tb.TensorBoardHooks`, which adds G at checkpoints):
-    each checkpoint's kimg, loss and test / train G appended to ``curve_url`` (kept on resume)."""
-
-    def __init__(self, curve_url: str):
-        self.url = curve_url
-
-    def on_report(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
-        if not checkpoint_url:
-            return
-        curve = json.loads(util.read_bytes(self.url)) if util.exists(self.url) else []
-        point = {k: float(metrics[k]) for k in ("kimg", "loss", "test_G", "train_G") if k in metrics}
-        curve = [p for p in curve if p["kimg"] < point["kimg"] - 1e-9] + [point]
-        util.atomic_write_bytes(self.url, json.dumps(curve).encode())
-        print(f"[bench]   {point}", flush=True)
-
-
-def train_local(job: dict, b: dict, out: str) -> dict:
-    """Train one job in this process (`bootdiff.train.train`), resuming from its own run folder;
-    returns ``{"checkpoint": url, "curve": [...], "kimg": k}``."""
-    from bootdiff.evaluate import evaluate_checkpoint, export_result
-    from bootdiff.sweep import trial_residual_config
-    from bootdiff.tb import TensorBoardHooks
-    from bootdiff.train import train
-
-    cfg = job_cfg(job, b)
-    manifest = experiment.read_manifest(cfg)
-    run_dir = util.join(out, "runs", job["id"].replace("/", "__"))
-    if job["kind"] == "view":
-        vcfg = cfg.views[job["view"]]
-        model, loss, data = experiment.view_training(cfg, manifest, job["view"], vcfg)
-        tcfg = vcfg.train
-    elif job["kind"] == "full_res":
-        model, loss, data = experiment.view_training(cfg, manifest, "full", cfg.full_res)
-        tcfg = cfg.full_res.train
-    else:
-        rcfg = trial_residual_config(cfg, job["trial"])
-        model, loss, data = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir,
-                                                         device=util.compute_device())
-        tcfg = rcfg.train
-    curve_url = util.join(run_dir, "curve.json")
-    def g_at_checkpoint(url: str) -> dict:
-        m = evaluate_checkpoint(cfg, manifest, model, url)
-        return {"test_G": m["test_G"], "train_G": m["train_G"]}
-
-    extra = g_at_checkpoint if job["kind"] != "view" else None
-    hooks = TensorBoardHooks(RunLayout(out, "tb").tb_run(job["id"]), hparams=dict(job.get("trial") or {}),
-                             extra_metrics=extra, hooks=CurveHooks(curve_url))
-    res = train(model, loss, data, tcfg, run_dir=run_dir, hooks=hooks, config_yaml=to_yaml(cfg))
-    if job["kind"] == "view":
-        export_result(cfg, job["view"], res.checkpoint_url)
-    curve = json.loads(util.read_bytes(curve_url)) if util.exists(curve_url) else []
-    return {"checkpoint": res.checkpoint_url, "curve": curve, "kimg": res.kimg}
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -379,9 +322,14 @@ def evaluate_job(job: dict, b: dict, checkpoint: Optional[str], num_samples: int
     return out
 
 
-def run_job(job: dict, b: dict, out: str, num_samples: int, train_fn: Callable = train_local) -> dict:
-    """Train (``train_fn(job, b, out)``; the combined denoiser is not trained) and score one job."""
+def run_job(job: dict, b: dict, out: str, num_samples: int, train_fn: Optional[Callable] = None) -> dict:
+    """Train (``train_fn(job, b, out)``, default `bootdiff.efficiency_train.train_local`; the combined
+    denoiser is not trained) and score one job."""
     import time
+
+    from bootdiff.efficiency_train import train_local
+
+    train_fn = train_fn or train_local
 
     start = time.time()
     print(f"[bench] {job['id']} ({job['kind']}) ...", flush=True)

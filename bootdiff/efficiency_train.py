@@ -1,0 +1,68 @@
+"""One model of the data-efficiency benchmark (`bootdiff.efficiency`) trained in this process
+(``benchmarks/data_efficiency.py --local``): `bootdiff.train.train` on the job's dataset, resuming
+from its own run folder, with G at every checkpoint kept as the model's learning curve."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from bootdiff import experiment, util
+from bootdiff.config import to_yaml
+from bootdiff.efficiency import job_cfg
+from bootdiff.layout import RunLayout
+
+
+class CurveHooks:
+    """`bootdiff.train` hooks (inside `bootdiff.tb.TensorBoardHooks`, which adds G at checkpoints):
+    each checkpoint's kimg, loss and test / train G appended to ``curve_url`` (kept on resume)."""
+
+    def __init__(self, curve_url: str):
+        self.url = curve_url
+
+    def on_report(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
+        if not checkpoint_url:
+            return
+        curve = json.loads(util.read_bytes(self.url)) if util.exists(self.url) else []
+        point = {k: float(metrics[k]) for k in ("kimg", "loss", "test_G", "train_G") if k in metrics}
+        curve = [p for p in curve if p["kimg"] < point["kimg"] - 1e-9] + [point]
+        util.atomic_write_bytes(self.url, json.dumps(curve).encode())
+        print(f"[bench]   {point}", flush=True)
+
+
+def train_local(job: dict, b: dict, out: str) -> dict:
+    """Train one job in this process (`bootdiff.train.train`), resuming from its own run folder;
+    returns ``{"checkpoint": url, "curve": [...], "kimg": k}``."""
+    from bootdiff.evaluate import evaluate_checkpoint, export_result
+    from bootdiff.sweep import trial_residual_config
+    from bootdiff.tb import TensorBoardHooks
+    from bootdiff.train import train
+
+    cfg = job_cfg(job, b)
+    manifest = experiment.read_manifest(cfg)
+    run_dir = util.join(out, "runs", job["id"].replace("/", "__"))
+    if job["kind"] == "view":
+        vcfg = cfg.views[job["view"]]
+        model, loss, data = experiment.view_training(cfg, manifest, job["view"], vcfg)
+        tcfg = vcfg.train
+    elif job["kind"] == "full_res":
+        model, loss, data = experiment.view_training(cfg, manifest, "full", cfg.full_res)
+        tcfg = cfg.full_res.train
+    else:
+        rcfg = trial_residual_config(cfg, job["trial"])
+        model, loss, data = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir,
+                                                         device=util.compute_device())
+        tcfg = rcfg.train
+    curve_url = util.join(run_dir, "curve.json")
+    def g_at_checkpoint(url: str) -> dict:
+        m = evaluate_checkpoint(cfg, manifest, model, url)
+        return {"test_G": m["test_G"], "train_G": m["train_G"]}
+
+    extra = g_at_checkpoint if job["kind"] != "view" else None
+    hooks = TensorBoardHooks(RunLayout(out, "tb").tb_run(job["id"]), hparams=dict(job.get("trial") or {}),
+                             extra_metrics=extra, hooks=CurveHooks(curve_url))
+    res = train(model, loss, data, tcfg, run_dir=run_dir, hooks=hooks, config_yaml=to_yaml(cfg))
+    if job["kind"] == "view":
+        export_result(cfg, job["view"], res.checkpoint_url)
+    curve = json.loads(util.read_bytes(curve_url)) if util.exists(curve_url) else []
+    return {"checkpoint": res.checkpoint_url, "curve": curve, "kimg": res.kimg}
