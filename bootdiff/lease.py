@@ -53,6 +53,9 @@ class LeaseHeld(RuntimeError):
             f"{ttl_s:.0f} s (in about {max(0.0, ttl_s - age_s):.0f} s); only if you are sure it is dead, "
             f"remove {url} by hand to take over at once.")
 
+    def __reduce__(self):  # rebuilt from its own arguments when pickled (Ray, multiprocessing)
+        return type(self), (self.url, self.holder, self.age_s, self.ttl_s)
+
 
 class LeaseLost(RuntimeError):
     """Our lease was taken over (or removed) by someone else while we held it."""

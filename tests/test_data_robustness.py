@@ -279,3 +279,19 @@ def test_latent_ingest_with_tiny_vae(tmp_path):
     assert out.shape == (3, 1, 16, 16) and out.abs().max() <= 1
     with pytest.raises(FileNotFoundError, match="no VAE folder"):
         load_vae(str(tmp_path / "missing"))
+
+
+def test_data_errors_cross_processes_intact():
+    """Ray pickles a worker's exception to its controller: the shard errors must arrive as
+    themselves (same class, message and fields), not as a TypeError from their constructor."""
+    import pickle
+
+    from bootdiff.data.shards import ChecksumError
+    from bootdiff.errors import deterministic
+
+    for err in (ChecksumError("s3://b/full/full-000000.tar", "a" * 64, "b" * 64),
+                ShardError("/d/patch-000001.tar", "mnist-train-00042", "truncated tar"),
+                ShardError("/d/patch-000002.tar", None, "not a tar file")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and back.url == err.url
+        assert deterministic(back)

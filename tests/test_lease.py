@@ -194,3 +194,12 @@ def test_release_after_takeover_keeps_new_owners_lease(lease_url, capsys):
     assert not new.lost
     assert new.release()
     assert read_lease(lease_url) is None
+
+
+def test_lease_held_pickles_with_its_message():
+    """A LeaseHeld raised in a Ray task or a child process reaches the caller intact."""
+    import pickle
+
+    err = LeaseHeld("s3://b/run/lease.json", {"owner": "ray_jobs.pipeline (q)", "host": "h", "pid": 7}, 3.0, 120.0)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is LeaseHeld and str(back) == str(err) and back.holder == err.holder

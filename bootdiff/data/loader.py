@@ -60,9 +60,12 @@ class ShardError(RuntimeError):
     """A shard or one of its samples cannot be read; names the shard URL and the sample key."""
 
     def __init__(self, url: str, key: Optional[str], cause: str):
-        self.url, self.key = url, key
+        self.url, self.key, self.cause = url, key, cause
         where = f"sample key {key!r}" if key else "before its first sample"
         super().__init__(f"corrupt shard {url} ({where}): {cause}")
+
+    def __reduce__(self):  # rebuilt from its own arguments when Ray ships it between processes
+        return type(self), (self.url, self.key, self.cause)
 
 
 # ----------------------------------------------------------------------------- URLs

@@ -287,6 +287,9 @@ class ChecksumError(ManifestError):
                          f"records {expected} (`python -m bootdiff.data.ingest CONFIG --verify "
                          "--repair` rewrites it)")
 
+    def __reduce__(self):  # rebuilt from its own arguments when Ray ships it between processes
+        return type(self), (self.url, self.expected, self.actual)
+
 
 _VERIFIED = set()  # (url, sha256) of the shards whose bytes matched, in this process
 
