@@ -1,7 +1,8 @@
-"""Ray: credentials stay out of Ray's job records, deterministic failures are not retried, a killed
-Train worker is. One head started with `ray start --head` whose environment holds fake AWS keys
-(the way cluster/README.md tells users to give a cluster its credentials); jobs go in with
-`ray job submit` and train one tiny view (`ray_jobs.train_views`) on data ingested beforehand."""
+"""Ray: credentials stay out of Ray's job records, deterministic failures (a non-finite loss, a
+corrupt shard) are not retried, a killed Train worker is. One head started with `ray start --head`
+whose environment holds fake AWS keys (the way cluster/README.md tells users to give a cluster its
+credentials); jobs go in with `ray job submit` and train one tiny view (`ray_jobs.train_views`) on
+data ingested beforehand."""
 
 from __future__ import annotations
 
@@ -147,6 +148,23 @@ def test_nonfinite_loss_fails_at_once_with_its_message(head, tmp_path):
     assert "FailurePolicy] RETRY" not in out
     assert len(re.findall(r"step 1 +kimg", out)) == 1, out[-6000:]  # one attempt
     print(f"lr=1e6 job failed after {time.time() - t0:.1f} s")
+
+
+@pytest.mark.ray
+def test_corrupt_shard_fails_at_once_naming_it(head, tmp_path):
+    """A data error raised in a Train worker reaches the driver as itself (it pickles with its own
+    arguments) and is not retried: before, Ray's controller got a TypeError from ChecksumError's
+    constructor inside a system error, and every attempt was retried."""
+    cfg, path = _config(tmp_path, str(tmp_path / "store"), "bad")
+    shard = os.path.join(str(tmp_path / "store"), "bad", "data", "low", "low-000000.tar")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    open(shard, "wb").write(bytes(data))
+    status, out = _run_job(head, _cmd(head, path))
+    assert status == "FAILED", out[-6000:]
+    assert re.search(r"ChecksumError: shard \S*low-000000\.tar checksum mismatch", out), out[-6000:]
+    assert "not retried" in out and "worker failure 1" not in out, out[-6000:]
+    assert "missing 2 required positional arguments" not in out
 
 
 @pytest.mark.ray
