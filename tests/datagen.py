@@ -78,3 +78,14 @@ def rand_data(tmp_path_factory):
     cfg = small_cfg(root, extra=["views.clean.kind=clean_patch", "views.clean.patch_size=6",
                                  "views.clean.per_sample=2"])
     return cfg, ingest(cfg, progress=False, source=src), src
+
+
+def image_folder(folder, seed: int, n: int = 40):
+    """``n`` random 16×16 RGB PNGs in a new ``folder`` (a user's image-folder source)."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    return folder

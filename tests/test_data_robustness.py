@@ -11,7 +11,7 @@ import torch
 from bootdiff.data.ingest import ingest, main, plan_ingest, run_shard_task, finalize_manifest
 from bootdiff.data.loader import ShardError, make_loader, view_urls
 from bootdiff.data.shards import ManifestError, read_manifest, sha256_url, validate_manifest
-from tests.datagen import FlakySource, RandomSource, collect, rand_data, small_cfg  # noqa: F401 (rand_data: a fixture)
+from tests.datagen import FlakySource, RandomSource, collect, image_folder, rand_data, small_cfg  # noqa: F401 (rand_data: a fixture)
 
 torch.set_num_threads(1)
 
@@ -133,15 +133,10 @@ def test_shards_are_verified_once_per_process(rand_data, monkeypatch):
 def test_changed_shard_is_caught_before_use_then_verified_and_repaired(tmp_path, capsys):
     import hashlib
 
-    from PIL import Image
 
     from bootdiff.data.shards import ChecksumError
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    folder = image_folder(tmp_path / "imgs", seed=2)
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("name: ver\ndata:\n  source: {kind: images, path: %s}\n  resolution: 16\n"
                         "  channels: 3\n  num_full: 4\n  num_test: 6\n  shard_size: 8\n"
@@ -197,13 +192,8 @@ def test_changed_shard_is_caught_before_use_then_verified_and_repaired(tmp_path,
 
 
 def test_cli_with_image_folder(tmp_path, capsys):
-    from PIL import Image
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    folder = image_folder(tmp_path / "imgs", seed=1)
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("name: cli\ndata:\n  source: {kind: images, path: %s}\n  resolution: 16\n"
                         "  channels: 3\n  num_full: 4\n  num_test: 6\nviews:\n  low: {kind: downsample, factor: 4}\n"
