@@ -151,7 +151,8 @@ class DataConfig:
     channels: int = 1  # 1 = grey, 3 = RGB
     resize: Resize = Resize.error  # rule for mismatched sizes
     num_full: int = 64  # scarce full-resolution training set
-    num_test: int = 256  # held-out full-resolution test set
+    num_test: int = 256  # held-out full-resolution test set: reported, never used to choose
+    num_val: int = 32  # held-out full-resolution validation set: the sweep chooses on it (ASHA, best trial)
     num_partial: int = 0  # partial-view set (0 = everything not in full/test)
     split_seed: int = 0
     shard_size: int = 1000  # samples per shard

@@ -134,6 +134,7 @@ def _check_data(p: _Problems, cfg: ExperimentConfig) -> None:
         p.bad("data.channels", d.channels, "must be 1 (grey) or 3 (RGB)")
     p.at_least("data.num_full", d.num_full, 1, "the scarce full-resolution set needs >= 1 sample")
     p.at_least("data.num_test", d.num_test, 1, "the held-out test set needs >= 1 sample")
+    p.at_least("data.num_val", d.num_val, 0, "must be >= 0 (0: no validation split)")
     p.at_least("data.num_partial", d.num_partial, 0, "must be >= 0 (0: all the rest)")
     p.at_least("data.shard_size", d.shard_size, 1, "must be an integer >= 1")
     p.at_least("data.source.limit", src.limit, 0, "must be >= 0 (0: the whole source)")
@@ -144,11 +145,11 @@ def _check_data(p: _Problems, cfg: ExperimentConfig) -> None:
         p.bad("data.source.path", "''", f"required for data.source.kind={src.kind}")
     if str(src.mask_path) and src.kind not in MASK_KINDS:
         p.bad("data.source.mask_path", src.mask_path, f"only read for kind images/tar, not {src.kind}")
-    need = int(d.num_full) + int(d.num_test) + max(int(d.num_partial), 0)
+    need = int(d.num_full) + int(d.num_test) + max(int(d.num_val), 0) + max(int(d.num_partial), 0)
     for key, n in (("data.source.limit", src.limit),
                    ("data.source.num_videos", src.num_videos if src.kind == SourceKind.moving_mnist else 0)):
         if n > 0 and need > n:
-            p.bad("data.num_full", d.num_full, f"num_full + num_test + num_partial = {need} samples but "
+            p.bad("data.num_full", d.num_full, f"num_full + num_test + num_val + num_partial = {need} samples but "
                   f"{key}={n} keeps only {n}")
     c = d.corruption
     if not 0 <= c.fraction <= 1:
@@ -224,6 +225,10 @@ def _check_sweep(p: _Problems, cfg: ExperimentConfig) -> None:
     p.at_least("sweep.max_concurrent", s.max_concurrent, 0, "must be >= 0 (0: as resources allow)")
     for k, v in s.trial_resources.items():
         p.at_least(f"sweep.trial_resources.{k}", v, 0)
+    settings = {(str(a), str(b), bool(c)) for a in s.mu_var for b in s.mu_l1 for c in s.range_adapter}
+    if len(settings) > 1 and int(cfg.data.num_val) < 1:
+        p.bad("data.num_val", cfg.data.num_val, f"the sweep chooses among {len(settings)} residual settings on a "
+              "held-out validation split, never on the test split: set data.num_val >= 1")
 
 
 def _check_eval(p: _Problems, cfg: ExperimentConfig) -> None:

@@ -155,6 +155,7 @@ def prepare(cfg, out: str, ns, val_fraction: float = 0.25, source=None, ingest_f
         raise ValueError(f"data-efficiency: no N of {ns} fits a source of {avail} training samples")
     base_cfg = dataset_cfg(cfg, out, "base")
     base_cfg.data.num_full = max(keep)
+    base_cfg.data.num_val = 0  # μ is chosen on each N's own carve-out (N<n>-select), not a val split
     layout = RunLayout.of(base_cfg)
     if not util.exists(layout.manifest):
         (ingest_fn or (lambda c: ingest(c, progress=False, source=source)))(base_cfg)

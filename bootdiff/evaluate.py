@@ -43,8 +43,16 @@ def generalization_pair(cfg, manifest: dict, D) -> Tuple[dict, dict]:
             experiment.generalization(cfg, manifest, D, "full"))
 
 
+def validation_G(cfg, manifest: dict, D) -> float:
+    """Total G of ``D`` on the held-out ``val`` split (``data.num_val``), the score the sweep
+    chooses on (ASHA, the best trial; docs/METHOD.md §6); NaN when the run has no ``val`` split."""
+    if "val" not in manifest.get("splits", {}):
+        return float("nan")
+    return experiment.generalization(cfg, manifest, D, "val")["total"]
+
+
 def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
-    """``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
+    """``val_G``, ``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
     ``model`` on its device (the training run's GPU when it has one; its own weights are left
     untouched). A bootstrapped model's frozen
     D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
@@ -56,9 +64,10 @@ def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict
     ema = experiment.ema_model(copy.deepcopy(model), state)
     memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
     test, train = generalization_pair(cfg, manifest, ema)
+    val = validation_G(cfg, manifest, ema)
     if memo is not None:
         memo.save()
-    return {"test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
+    return {"val_G": val, "test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
 
 
 # ----------------------------------------------------------------------------- trained models

@@ -65,6 +65,8 @@ def validate_trials(trials) -> list:
 
 def _columns(trials) -> list:
     cols = list(REQUIRED)
+    if any("val_G" in t for t in trials):  # the score the sweep chose on, beside the test G
+        cols.insert(cols.index("test_G"), "val_G")
     extra = sorted({k for t in trials for k in t} - set(cols), key=str)
     return cols[:-1] + extra + ["checkpoint"]
 
@@ -87,9 +89,12 @@ def _summary(trials, best):
                                     for st in ("stopped_early", "interrupted", "error")
                                     if any(t.get("status") == st for t in trials)) + "."]
     if best is None:
-        lines.append("No trial has a finite test G: no best trial.")
+        lines.append("No trial has a finite validation G: no best trial.")
     else:
-        lines.append(f"Best trial: {best['trial_id']} ({_settings(best)}), test G = {_fmt(bg)}, "
+        bv = _num(best.get("val_G"))
+        how = (f"chosen on validation G = {_fmt(bv)} (the held-out val split; the test split is never "
+               "used to choose)" if math.isfinite(bv) else "the only residual trial (no val split to choose on)")
+        lines.append(f"Best trial: {best['trial_id']} ({_settings(best)}), {how}; test G = {_fmt(bg)}, "
                      f"train G = {_fmt(btr)}, train–test gap = {_fmt(bg - btr)}.")
         cards += [("best trial", best["trial_id"], _settings(best)),
                   ("best test G", _fmt(bg), f"train G {_fmt(btr)}"),
@@ -100,7 +105,7 @@ def _summary(trials, best):
         g, tr = _num(t["test_G"]), _num(t["train_G"])
         rows.append({"model": "best trial" if t is best else KIND_LABEL[t["kind"]],
                      "trial": t["trial_id"], "settings": _settings(t) if t is best else None,
-                     "test G": g, "train G": tr, "gap (test − train)": g - tr,
+                     "val G": _num(t.get("val_G")), "test G": g, "train G": tr, "gap (test − train)": g - tr,
                      "test G / best": g / bg if bg > 0 else math.nan, "status": t["status"]})
         if t is not best and best is not None:
             lines.append(f"{KIND_LABEL[t['kind']].capitalize()}: {t['trial_id']}, test G = "
@@ -376,8 +381,8 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     any other keys are extra CSV/table columns. ``curves``: {model: {"sigma", "test_mean",
     "train_mean"?, "test_quantile"?, "delta"?}}. ``samples``: {model: uint8 ``[N,H,W,C]`` /
     ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
-    default as `bootdiff.sweep.select_best` picks it (lowest finite test G, residual trials
-    first). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
+    default as `bootdiff.sweep.select_best` picks it (lowest finite validation G, residual
+    trials first). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
     or tables after the trials. ``quality``: {sample set: metrics} (`bootdiff.evaluate.sample_quality`),
     shown beside the sample grids as Figure 1 (`figure1_table`, `figure1_sentence`), with
     ``roles`` ({sample set: what it was trained on}) and ``fd_note`` (one line: FD skipped, or how it

@@ -107,7 +107,8 @@ def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error, finished: bool
     m = metrics or {}
     return {"trial_id": trial["label"], "kind": trial["kind"], "mu_var": trial["mu_var"],
             "mu_l1": trial["mu_l1"], "range_adapter": trial["range_adapter"],
-            "test_G": num(m.get("test_G")), "train_G": num(m.get("train_G")), "kimg": num(m.get("kimg")),
+            "val_G": num(m.get("val_G")), "test_G": num(m.get("test_G")), "train_G": num(m.get("train_G")),
+            "kimg": num(m.get("kimg")),
             "step": m.get("step"), "status": trial_status(cfg, trial, m, error, finished),
             "checkpoint": m.get("checkpoint_path") or checkpoint,
             "error": str(error)[:500] if error else None}
@@ -117,8 +118,11 @@ def select_best(trials, best_trial_id=None, baselines: bool = False):
     """The best trial of ``trials`` (rows as `trial_row` writes them), or None.
 
     The trial named ``best_trial_id`` (unknown ids raise ValueError); else the residual trial with
-    a checkpoint and the lowest finite test G; else, with ``baselines``, the trial of any kind with
-    the lowest finite test G (so a report still highlights a model when no residual trial finished).
+    a checkpoint and the lowest finite validation G (``val_G``: the held-out ``val`` split, never
+    the test split, docs/METHOD.md §6); else, with ``baselines``, the trial of any kind with the
+    lowest finite validation G (so a report still highlights a model when no residual trial
+    finished). Without a ``val`` split (``data.num_val = 0``) there is nothing to choose on: the
+    only residual trial is returned, and more than one is an error (None with ``baselines``).
     """
     if best_trial_id is not None:
         for t in trials:
@@ -129,7 +133,14 @@ def select_best(trials, best_trial_id=None, baselines: bool = False):
     if baselines:
         pools.append(list(trials))
     for pool in pools:
-        scored = [t for t in pool if math.isfinite(num(t["test_G"]))]
+        scored = [t for t in pool if math.isfinite(num(t.get("val_G")))]
         if scored:
-            return min(scored, key=lambda t: num(t["test_G"]))
+            return min(scored, key=lambda t: num(t["val_G"]))
+    if any(math.isfinite(num(t.get("val_G"))) for t in trials):
+        return None  # validated trials, none of them with a checkpoint
+    if len(pools[0]) == 1:
+        return pools[0][0]
+    if len(pools[0]) > 1 and not baselines:  # a report shows such trials without a best one
+        raise ValueError(f"{len(pools[0])} residual trials and no validation G to choose among them "
+                         "(data.num_val = 0?); the test split is never used to choose")
     return None

@@ -12,7 +12,7 @@ import torch
 from bootdiff.util import broadcast_sigma
 
 IntPair = Union[int, Sequence[int]]
-RESERVED_NAMES = ("full", "test")  # split names of the full-resolution data: not view names
+RESERVED_NAMES = ("full", "test", "val")  # split names of the full-resolution data: not view names
 
 
 def as_pair(v: IntPair, name: str) -> Tuple[int, int]:

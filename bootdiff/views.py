@@ -65,7 +65,7 @@ def check_view_config(name: str, vcfg, sample_shape: Sequence[int]) -> None:
     """Check the view ``views.<name>`` (a ViewConfig, its DictConfig or an ingest spec dict)
     against full samples of ``sample_shape`` ((C, H, W) or (C, T, H, W); latent sizes when the
     data is latent). Raises ``ValueError("views.<name>.<key>=<value>: why")``. The names
-    ``full`` and ``test`` are reserved for the full-resolution splits."""
+    ``full``, ``test`` and ``val`` are reserved for the full-resolution splits."""
     if name in RESERVED_NAMES:
         raise ValueError(f"views.{name}: the names {RESERVED_NAMES} are reserved for the "
                          "full-resolution splits; rename the view")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -168,18 +169,23 @@ def read_json(url: str):
 
 
 def checkpoint_evaluator(cfg, manifest: dict, model, final_only_kimg: Optional[float] = None):
-    """``extra_metrics`` for `RayReportHooks`: held-out and training G of the EMA weights at each
-    checkpoint (`bootdiff.evaluate.evaluate_checkpoint`), reported as ``test_G`` / ``train_G``.
+    """``extra_metrics`` for `RayReportHooks`: validation, held-out test and training G of the EMA
+    weights at each checkpoint (`bootdiff.evaluate.evaluate_checkpoint`), reported as ``val_G`` /
+    ``test_G`` / ``train_G``. ``val_G`` is the sweep's metric (ASHA, the best trial); ``test_G``
+    is only reported.
 
-    With ``final_only_kimg`` (the full-res baseline) intermediate evaluations are reported as
-    ``baseline_test_G`` and only the final one as ``test_G``: ASHA acts only on results that carry
-    its metric, so a baseline is never stopped early."""
+    With ``final_only_kimg`` (the full-res baseline) intermediate evaluations report the validation
+    G as ``baseline_val_G`` and only the final one as ``val_G``: ASHA acts only on results that
+    carry its metric, so a baseline is never stopped early."""
     from bootdiff.evaluate import evaluate_checkpoint
 
     def extra(checkpoint_dir: str) -> dict:
         m = evaluate_checkpoint(cfg, manifest, model, checkpoint_dir)
         final = final_only_kimg is None or m["kimg"] >= final_only_kimg - 1e-9
-        return {"test_G" if final else "baseline_test_G": m["test_G"], "train_G": m["train_G"]}
+        out = {"test_G": m["test_G"], "train_G": m["train_G"]}
+        if math.isfinite(m["val_G"]):
+            out["val_G" if final else "baseline_val_G"] = m["val_G"]
+        return out
 
     return extra
 

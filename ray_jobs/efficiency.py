@@ -22,7 +22,7 @@ def _curve(result) -> list:
     if df is None:
         return out
     for _, r in df.iterrows():
-        g = r.get("test_G") if r.get("test_G") == r.get("test_G") else r.get("baseline_test_G")
+        g = r.get("test_G")
         if g is not None and g == g:
             out.append({"kimg": float(r["kimg"]), "test_G": float(g), "train_G": float(r.get("train_G"))})
     return out

@@ -4,9 +4,10 @@
 
 Each trial is a plain function that launches its own TorchTrainer (Ray 2.60 Train V2: no
 ``Tuner(trainer)``), trains `D_boot = D_comb + r(σ)·R_θ` on the scarce full-resolution shards
-against the frozen, exported view models of stage 1, and reports held-out generalization error
-``test_G`` (and ``train_G``) at each checkpoint. ASHA stops poor trials early on ``test_G``
-against reported ``kimg``. The baselines run in the same sweep: the combined denoiser alone (no
+against the frozen, exported view models of stage 1, and reports generalization error on the
+held-out validation split ``val_G`` (with ``test_G`` and ``train_G``) at each checkpoint. ASHA
+stops poor trials early on ``val_G`` against reported ``kimg``, and the best trial is the lowest
+``val_G``: the test split is reported, never used to choose. The baselines run in the same sweep: the combined denoiser alone (no
 residual; evaluated, not trained) and a full-resolution model trained on the scarce set alone.
 An interrupted sweep (Ctrl-C / SIGTERM: Tune saves its state, `trial_rows` finds the trials
 it left unfinished) writes no ``sweep.json``; run again, it is restored with ``Tuner.restore``
@@ -27,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from bootdiff import experiment, util
 from bootdiff.errors import deterministic
-from bootdiff.evaluate import generalization_pair
+from bootdiff.evaluate import generalization_pair, validation_G
 from bootdiff.layout import TUNE_NAME, RunLayout
 from bootdiff.memo import memoized
 from bootdiff.sweep import select_best, trial_list, trial_residual_config, trial_row
@@ -114,9 +115,10 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
         combined = experiment.build_combined(cfg, manifest).to(util.compute_device())  # the trial's GPU, if any
         memo = memoized(combined, layout.eval_cache)  # reused by evaluate
         test, train = generalization_pair(cfg, manifest, memo)
+        val = validation_G(cfg, manifest, memo)
         memo.save()
         tune.report({"kimg": cfg.residual.train.total_kimg, "step": 0, "test_G": test["total"],
-                     "train_G": train["total"], "label": trial["label"]})
+                     "train_G": train["total"], "label": trial["label"], **({"val_G": val} if math.isfinite(val) else {})})
         return
     if trial["kind"] == "full_res":
         def make():
@@ -212,8 +214,9 @@ def run(cfg, cfg_yaml: str) -> dict:
         print(f"[bootdiff] sweep already complete: {out}", flush=True)
         return common.read_json(out)
     trials = trial_list(cfg)
-    # Only reports made at checkpoints carry the held-out test_G (evaluating costs time); the others
-    # show training progress. ASHA acts on the reports that carry test_G and skips the rest.
+    # Only reports made at checkpoints carry G (evaluating costs time); the others show training
+    # progress. ASHA acts on the reports that carry its metric, val_G, and skips the rest; the
+    # test split's G is reported beside it and never chooses anything.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # A token share per trial: the trial's own Train workers hold the real resources (docs/RAY.md).
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml, session=str(time.time_ns())),
@@ -236,7 +239,7 @@ def run(cfg, cfg_yaml: str) -> dict:
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(metric="test_G", mode="min", scheduler=scheduler,
+            tune_config=tune.TuneConfig(metric="val_G", mode="min", scheduler=scheduler,
                                         max_concurrent_trials=cfg.sweep.max_concurrent or concurrency(cfg, ray),
                                         trial_dirname_creator=lambda t: f"trial-{t.config['trial']['label']}"),
             # A crashed trial driver (the trial's own process) is retried from its Train checkpoint.
@@ -261,7 +264,8 @@ def run(cfg, cfg_yaml: str) -> dict:
     best = select_best(rows)
     outcome = {"trials": rows, "best": best["trial_id"] if best else None, "tune_path": tune_path}
     common.write_json(out, outcome)
-    print(f"[bootdiff] sweep done; best {outcome['best']} (test G {best['test_G']:.4f})" if best else
+    print(f"[bootdiff] sweep done; best {outcome['best']} (chosen on validation G {best['val_G']:.4f}; "
+          f"test G {best['test_G']:.4f})" if best else
           "[bootdiff] sweep done; no residual trial finished", flush=True)
     return outcome
 

@@ -52,7 +52,7 @@ class FlakySource(RandomSource):
 
 def small_cfg(storage, name="t", extra=()):
     return load_config(None, [f"storage={storage}", f"name={name}", "data.resolution=16",
-                              "data.num_full=10", "data.num_test=20", "data.shard_size=24",
+                              "data.num_full=10", "data.num_test=20", "data.num_val=4", "data.shard_size=24",
                               "views.patch.kind=patch", "views.patch.patch_size=8",
                               "views.patch.per_sample=3", "views.low.kind=downsample",
                               "views.low.factor=2", *extra])

@@ -164,6 +164,8 @@ MISTAKES = [
     (QUICK, "views.low.scaling.num_workers=0", "views.low.scaling.num_workers"),
     (QUICK, "data.num_full=0", "data.num_full"),
     (QUICK, "data.num_test=0", "data.num_test"),
+    (QUICK, "data.num_val=0", "data.num_val"),  # the sweep would have to choose on the test split
+    (QUICK, "data.num_val=-1", "data.num_val"),
     (QUICK, "data.num_full=6000", "data.num_full"),  # + num_test > data.source.limit=6000
     (QUICK, "data.source.mask_path=/masks", "data.source.mask_path"),  # only images/tar read masks
     (QUICK, "residual.fusion=split", "residual.fusion"),  # with 'low' made a patch view below
@@ -190,6 +192,14 @@ def test_each_mistake_fails_at_load_naming_key_and_command_line(path, override, 
     first = str(e.value).splitlines()[0]
     assert first.startswith("command line: ") and key in first, str(e.value)
     assert time.time() - t < 10
+
+
+def test_validation_split_is_needed_only_to_choose():
+    # one residual setting: nothing to choose, so no validation split is needed
+    one = ["sweep.mu_var=[1.0]", "sweep.mu_l1=[0.0]", "sweep.range_adapter=[true]", "data.num_val=0"]
+    assert to_object(load_config(QUICK, one)).data.num_val == 0
+    with pytest.raises(ConfigError, match=r"data.num_val=0: the sweep chooses among 2 residual settings"):
+        load_config(QUICK, [*one[:2], "sweep.range_adapter=[true,false]", "data.num_val=0"])
 
 
 def test_mistake_in_file_names_the_file_and_all_problems(tmp_path):

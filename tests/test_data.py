@@ -42,14 +42,14 @@ def test_mnist_ingest_counts_splits_and_geometry(mnist_data):
     validate_manifest(m)
     sp = m["splits"]
     n_pool = len(source) - len(source.fixed_test)
-    assert (sp["full"]["count"], sp["test"]["count"]) == (64, 128)
-    assert sp["patch"]["count"] == 2 * (n_pool - 64) and sp["low"]["count"] == n_pool - 64
+    assert (sp["full"]["count"], sp["test"]["count"], sp["val"]["count"]) == (64, 128, 32)  # num_val: default
+    assert sp["patch"]["count"] == 2 * (n_pool - 64 - 32) and sp["low"]["count"] == n_pool - 64 - 32
     assert sp["patch"]["shape"] == [1, 16, 16] and sp["low"]["shape"] == [1, 16, 16]
     assert sp["full"]["shape"] == [1, 32, 32] and sp["full"]["dtype"] == "uint8"
     assert "MNIST" in m["source"]["description"] and m["split_seed"] == 0
 
     ids = {}
-    for split in ("full", "test", "patch", "low"):
+    for split in ("full", "test", "val", "patch", "low"):
         x, metas = collect(make_loader(view_urls(m, split), 256, mode="eval", with_meta=True))
         assert len(x) == sp[split]["count"] and list(x.shape[1:]) == sp[split]["shape"]
         assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 and x.max() > 0.9
@@ -69,8 +69,10 @@ def test_mnist_ingest_counts_splits_and_geometry(mnist_data):
                 assert (low - xi).abs().max() <= 0.5 / 127.5 + 1e-6
     assert ids["patch"] == ids["low"]
     assert not ids["full"] & ids["test"] and not ids["full"] & ids["patch"] and not ids["test"] & ids["patch"]
+    assert not ids["val"] & (ids["full"] | ids["test"] | ids["patch"])  # the sweep chooses on unseen samples
     assert all(i.startswith("mnist-test") for i in ids["test"])
-    assert len(ids["full"] | ids["patch"]) == n_pool
+    assert not any(i.startswith("mnist-test") for i in ids["val"])  # validation comes from the training pool
+    assert len(ids["full"] | ids["val"] | ids["patch"]) == n_pool
 
 
 def test_train_loader_deterministic_and_equal_epochs(mnist_data):
@@ -92,7 +94,7 @@ def test_moving_mnist_clips_are_frame_windows(mnist_wheel, tmp_path):
     cfg = load_config(None, [f"storage={tmp_path}", "name=mm", "data.source.kind=moving_mnist",
                              f"data.source.path={mnist_wheel}", "data.source.num_videos=12",
                              "data.source.num_frames=12", "data.resolution=32", "data.resize=resize",
-                             "data.num_full=2", "data.num_test=1", "data.shard_size=8",
+                             "data.num_full=2", "data.num_test=1", "data.num_val=1", "data.shard_size=8",
                              "views.clip.kind=clip", "views.clip.clip_len=5", "views.clip.per_sample=2"])
     m = ingest(cfg, progress=False)
     from bootdiff.data.ingest import _data_cfg, get_source
@@ -100,7 +102,7 @@ def test_moving_mnist_clips_are_frame_windows(mnist_wheel, tmp_path):
     src = get_source(_data_cfg(cfg), min_frames=5)
     assert m["splits"]["clip"]["shape"] == [1, 5, 32, 32] and m["splits"]["test"]["shape"] == [1, 12, 32, 32]
     x, metas = collect(make_loader(view_urls(m, "clip"), 4, mode="eval", with_meta=True))
-    assert len(x) == 2 * (12 - 2)
+    assert len(x) == 2 * (12 - 2 - 1)  # 12 videos less 2 full-res and 1 validation (the test video is MNIST-test)
     for xi, mm in zip(x, metas):
         t0, t1 = mm["frames"]
         video = torch.from_numpy(src[mm["source_index"]]).permute(3, 0, 1, 2).float() / 127.5 - 1

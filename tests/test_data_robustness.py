@@ -139,7 +139,7 @@ def test_changed_shard_is_caught_before_use_then_verified_and_repaired(tmp_path,
     folder = image_folder(tmp_path / "imgs", seed=2)
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("name: ver\ndata:\n  source: {kind: images, path: %s}\n  resolution: 16\n"
-                        "  channels: 3\n  num_full: 4\n  num_test: 6\n  shard_size: 8\n"
+                        "  channels: 3\n  num_full: 4\n  num_test: 6\n  num_val: 2\n  shard_size: 8\n"
                         "views:\n  low: {kind: downsample, factor: 4}\n" % folder)
     args = [str(cfg_file), f"storage={tmp_path / 'runs'}", "--no-progress"]
     assert main(args) == 0
@@ -175,7 +175,7 @@ def test_changed_shard_is_caught_before_use_then_verified_and_repaired(tmp_path,
     assert main(args + ["--verify"]) == 1
     out = capsys.readouterr()
     report = json.loads(out.out)
-    assert report["checked"] == 6 and [b["url"] for b in report["bad"]] == [victim]
+    assert report["checked"] == 7 and [b["url"] for b in report["bad"]] == [victim]  # full, test, val, 4 view shards
     assert expected in report["bad"][0]["problem"] and actual in report["bad"][0]["problem"]
     assert victim in out.err and report["repaired"] == []
     assert open(victim, "rb").read() == changed  # verifying alone changes nothing
@@ -196,11 +196,11 @@ def test_cli_with_image_folder(tmp_path, capsys):
     folder = image_folder(tmp_path / "imgs", seed=1)
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("name: cli\ndata:\n  source: {kind: images, path: %s}\n  resolution: 16\n"
-                        "  channels: 3\n  num_full: 4\n  num_test: 6\nviews:\n  low: {kind: downsample, factor: 4}\n"
+                        "  channels: 3\n  num_full: 4\n  num_test: 6\n  num_val: 2\nviews:\n  low: {kind: downsample, factor: 4}\n"
                         % folder)
     assert main([str(cfg_file), f"storage={tmp_path / 'runs'}", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["splits"]["low"]["count"] == 30 and out["splits"]["low"]["shape"] == [3, 4, 4]
+    assert out["splits"]["low"]["count"] == 40 - 4 - 6 - 2 and out["splits"]["val"]["count"] == 2 and out["splits"]["low"]["shape"] == [3, 4, 4]
     validate_manifest(read_manifest(out["manifest"]))
     with pytest.raises(ValueError, match="reserved"):
         main([str(cfg_file), f"storage={tmp_path / 'runs'}", "views.full.kind=full", "--no-progress"])

@@ -248,7 +248,7 @@ def test_ingest_writes_where_the_layout_says(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["storage=rel", "name=lay", "data.resolution=8", "data.channels=1",
-                             "data.num_full=4", "data.num_test=4", "views.low.kind=downsample",
+                             "data.num_full=4", "data.num_test=4", "data.num_val=2", "views.low.kind=downsample",
                              "views.low.factor=2"])
     manifest = ingest(cfg, progress=False, source=Tiny())
     assert manifest["root"] == RunLayout.of(cfg).data == f"{tmp_path}/rel/lay/data"
@@ -288,25 +288,34 @@ def test_trial_rows_status_and_best():
 
     cfg = _sweep_cfg("residual.train.total_kimg=2.0")
     res = {"kind": "residual", "mu_var": 0.0, "mu_l1": 0.0, "range_adapter": True, "label": "r0"}
-    done = trial_row(cfg, res, {"test_G": 0.5, "train_G": 0.4, "kimg": 2.0, "step": 9}, "/ck/r0", None)
+    done = trial_row(cfg, res, {"val_G": 0.2, "test_G": 0.5, "train_G": 0.4, "kimg": 2.0, "step": 9}, "/ck/r0", None)
     assert done["status"] == "complete" and done["checkpoint"] == "/ck/r0" and done["error"] is None
-    early = trial_row(cfg, dict(res, label="r1"), {"test_G": 0.3, "kimg": 1.0,
+    early = trial_row(cfg, dict(res, label="r1"), {"val_G": 0.25, "test_G": 0.3, "kimg": 1.0,
                                                    "checkpoint_path": "/ck/r1"}, None, None)
     assert early["status"] == "stopped_early" and early["checkpoint"] == "/ck/r1" and math.isnan(early["train_G"])
     failed = trial_row(cfg, dict(res, label="r2"), None, None, RuntimeError("boom"))
     assert failed["status"] == "error" and failed["error"] == "boom" and math.isnan(failed["test_G"])
-    nock = trial_row(cfg, dict(res, label="r3"), {"test_G": 0.1, "kimg": 2.0}, None, None)
+    nock = trial_row(cfg, dict(res, label="r3"), {"val_G": 0.1, "test_G": 0.1, "kimg": 2.0}, None, None)
     comb = trial_row(cfg, {"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None,
-                           "label": "combined"}, {"test_G": 0.05, "kimg": 2.0}, None, None)
+                           "label": "combined"}, {"val_G": 0.05, "test_G": 0.05, "kimg": 2.0}, None, None)
     assert comb["status"] == "complete" and num(None) != num(None) and num("x") != num("x")
     rows = [done, early, failed, nock, comb]
-    # the residual trial with a checkpoint and the lowest finite test G (r3 has no checkpoint)
-    assert select_best(rows)["trial_id"] == "r1"
+    # the residual trial with a checkpoint and the lowest finite validation G (r3 has no
+    # checkpoint): r0, although r1's test G is lower: the test split never chooses
+    assert select_best(rows)["trial_id"] == "r0" and done["val_G"] == 0.2 and math.isnan(failed["val_G"])
+    assert select_best([early, failed, comb])["trial_id"] == "r1"
     assert select_best(rows, "r0") is done
     with pytest.raises(ValueError, match="'nope'"):
         select_best(rows, "nope")
     assert select_best([failed, comb]) is None  # no residual trial finished: nothing to export
     assert select_best([failed, comb], baselines=True) is comb  # the report still highlights one
+    # without a validation split there is nothing to choose on: one residual trial is the best,
+    # several are an error (the sweep's config check asks for data.num_val first), or no best in a report
+    unval = [dict(r, val_G=float("nan")) for r in (done, early)]
+    assert select_best(unval[:1]) is unval[0]
+    with pytest.raises(ValueError, match="no validation G"):
+        select_best(unval)
+    assert select_best(unval, baselines=True) is None
 
 
 # ----------------------------------------------------------------------------- FD, features config, budgets

@@ -34,7 +34,7 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     _tiny_vae(tmp_path / "vae")
     short = ["total_kimg=0.128", "batch_size=32", "checkpoint_every_kimg=0.064", "report_every=2"]
     overrides = [f"storage={tmp_path / 'store'}", "data.source.limit=400", "data.num_full=32",
-                 "data.num_test=32", "data.latent.enabled=true", f"data.latent.vae_path={tmp_path / 'vae'}",
+                 "data.num_test=32", "data.num_val=8", "data.latent.enabled=true", f"data.latent.vae_path={tmp_path / 'vae'}",
                  "views.patch.patch_size=8", "views.patch.stride=4",
                  *[f"views.{v}.train.{o}" for v in ("patch", "low") for o in short],
                  *[f"residual.train.{o}" for o in short],

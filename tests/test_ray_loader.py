@@ -84,7 +84,7 @@ def test_dataloader_workers_under_ray_train_start_with_forkserver(local_ray, mni
     # 80 steps of batch 8 at ~10 ms: reports to the hooks every 2 steps, to Ray every 2 s.
     cfg = to_object(load_config(None, [
         f"storage={tmp_path / 'storage'}", "name=rl", "data.source.kind=mnist", f"data.source.path={mnist_wheel}",
-        "data.source.limit=300", "data.resolution=16", "data.num_full=16", "data.num_test=16",
+        "data.source.limit=300", "data.resolution=16", "data.num_full=16", "data.num_test=16", "data.num_val=8",
         "data.shard_size=100", "views.patch.kind=patch", "views.patch.patch_size=8",
         "views.patch.per_sample=2", "views.patch.net.channels=[8]", "views.patch.net.attention=[false]",
         "views.patch.net.norm_groups=4", "views.patch.train.batch_size=8", "views.patch.train.total_kimg=0.64",

@@ -24,12 +24,12 @@ RAY = os.path.join(os.path.dirname(PY), "ray")
 
 # The quickstart, shrunk to seconds per stage (MNIST digits, 32², patch + low-res views).
 TINY = [
-    "data.source.limit=1500", "data.num_test=64", "data.shard_size=1000",
+    "data.source.limit=1500", "data.num_test=64", "data.num_val=16", "data.shard_size=1000",
     "views.patch.train.total_kimg=0.32", "views.low.train.total_kimg=0.32",
     "views.patch.train.checkpoint_every_kimg=0.12", "views.low.train.checkpoint_every_kimg=0.12",
     "views.patch.train.report_every=2", "views.low.train.report_every=2",
     "residual.train.total_kimg=0.16", "residual.train.checkpoint_every_kimg=0.08",
-    "residual.train.report_every=2",  # reports between checkpoints carry no test_G
+    "residual.train.report_every=2",  # reports between checkpoints carry no G
     "full_res.train.total_kimg=0.16", "full_res.train.checkpoint_every_kimg=0.08",
     "eval.max_samples=64", "eval.num_images=4", "eval.sampler.steps=6", "eval.num_sigma=6",
 ]
@@ -172,7 +172,10 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
         {(0.0, 0.0), (0.0, 0.01), (1.0, 0.0), (1.0, 0.01)}
     best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
     assert best["kind"] == "residual" and best["test_G"] > 0
-    assert all(t["test_G"] > 0 for t in sweep["trials"])
+    assert all(t["test_G"] > 0 and t["val_G"] > 0 for t in sweep["trials"])
+    # chosen on the validation split: the lowest val G among residual trials with a checkpoint
+    chosen = [t for t in sweep["trials"] if t["kind"] == "residual" and t["checkpoint"]]
+    assert best["val_G"] == min(t["val_G"] for t in chosen)
 
     # The report: HTML with embedded plots, Markdown twin, CSV of all trials.
     rep = os.path.join(root, "sweep", "report")
@@ -192,7 +195,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
                                                     if t["kind"] != "combined"}, sorted(tb)
     for name, tags in tb.items():
         assert {"loss", "lr", "grad_norm_max", "img_per_s", "kimg"} <= set(tags), (name, sorted(tags))
-        assert name.startswith("view-") or {"test_G", "train_G"} <= set(tags), (name, sorted(tags))
+        assert name.startswith("view-") or {"val_G", "test_G", "train_G"} <= set(tags), (name, sorted(tags))
         raw = _tb_raw_steps(os.path.join(root, "tb", name), "loss")
         assert raw == sorted(set(raw)) and raw == list(tags["loss"]["step"]), (name, raw)
     for v in ("patch", "low"):

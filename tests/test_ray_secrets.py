@@ -31,7 +31,7 @@ SECRET = "fakeSecret" + uuid.uuid4().hex
 def _config(tmp_path, storage, name, extra=()):
     """A one-view config file (8×8 low-res view of random 16² images), its data ingested."""
     cfg = to_object(load_config(None, [
-        f"storage={storage}", f"name={name}", "data.resolution=16", "data.num_full=10", "data.num_test=10",
+        f"storage={storage}", f"name={name}", "data.resolution=16", "data.num_full=10", "data.num_test=10", "data.num_val=2",
         "data.shard_size=16", "views.low.kind=downsample", "views.low.factor=2",
         "views.low.net.channels=[8,8]", "views.low.net.attention=[false,false]", "views.low.net.norm_groups=4",
         "views.low.train.batch_size=8", "views.low.train.total_kimg=0.048",

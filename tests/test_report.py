@@ -38,19 +38,20 @@ def _inputs():
             k += 1
             test_g = 0.21 + 0.03 * k + 0.001 * k * k
             trials.append({"trial_id": f"res_{k:05d}", "kind": "residual", "mu_var": mu_var,
-                           "mu_l1": mu_l1, "range_adapter": True, "test_G": test_g,
+                           "mu_l1": mu_l1, "range_adapter": True, "val_G": test_g + 0.01, "test_G": test_g,
                            "train_G": test_g * 0.8, "step": 400, "status": "completed",
                            "checkpoint": f"s3://bucket/sweep/res_{k:05d}/checkpoint-00000400",
                            "loss": 0.1 * k, "img_per_s": 123.0 + k})
     trials[1]["loss"] = torch.tensor(0.2)  # 0-d tensors are read as numbers
-    trials[0]["test_G"] = 0.1875  # the best
+    trials[0]["test_G"] = 0.1875  # the best (chosen on its validation G)
+    trials[0]["val_G"] = 0.2
     trials[0]["train_G"] = 0.15
-    trials[3].update(test_G=float("nan"), train_G=None, step=50, status="stopped_early")
+    trials[3].update(val_G=float("nan"), test_G=float("nan"), train_G=None, step=50, status="stopped_early")
     trials.append({"trial_id": "combined", "kind": "combined", "mu_var": None, "mu_l1": None,
-                   "range_adapter": False, "test_G": 0.3125, "train_G": 0.3, "step": 0,
+                   "range_adapter": False, "val_G": 0.32, "test_G": 0.3125, "train_G": 0.3, "step": 0,
                    "status": "completed", "checkpoint": "s3://bucket/views", "fusion": "split"})
     trials.append({"trial_id": "full_res_only", "kind": "full_res", "mu_var": None,
-                   "mu_l1": None, "range_adapter": False, "test_G": 0.5625, "train_G": 0.0625,
+                   "mu_l1": None, "range_adapter": False, "val_G": 0.57, "test_G": 0.5625, "train_G": 0.0625,
                    "step": 400, "status": "completed", "checkpoint": "s3://bucket/full/ck",
                    "loss": 0.05})
     curves = {"res_00001": _curve(0.18, 0.25, rng), "combined": _curve(0.3, 0.04, rng),
@@ -110,7 +111,8 @@ def test_report_files_and_chromium_render(tmp_path):
     with open(out / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
-    assert set(rows[0]) == set(report.REQUIRED) | {"loss", "img_per_s", "fusion"}
+    assert set(rows[0]) == set(report.REQUIRED) | {"val_G", "loss", "img_per_s", "fusion"}
+    assert list(rows[0])[list(rows[0]).index("test_G") - 1] == "val_G"  # the chosen-on score beside test G
     by_id = {r["trial_id"]: r for r in rows}
     assert float(by_id["res_00001"]["test_G"]) == 0.1875
     assert math.isnan(float(by_id["res_00004"]["test_G"])) and by_id["res_00004"]["train_G"] == ""
@@ -120,6 +122,7 @@ def test_report_files_and_chromium_render(tmp_path):
     # Markdown: names the best trial, links PNGs that exist beside it, same numbers
     md = (out / "report.md").read_text()
     assert "Best trial: res_00001" in md and "**res_00001**" in md
+    assert "chosen on validation G = 0.2 (the held-out val split; the test split is never used to choose)" in md
     links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
     assert len(links) == 3 + len(samples)
     for link in links:
@@ -183,7 +186,7 @@ def test_report_edge_cases(tmp_path):
          "checkpoint": None}
     w = report.write_report(str(tmp_path), [t], {}, {}, "", {"count": 3})
     text = open(w["html"]).read()
-    assert "No trial has a finite test G: no best trial." in text and "ERROR" in text
+    assert "No trial has a finite validation G: no best trial." in text and "ERROR" in text
     assert len(_data_pngs(text)) == 1  # the 1×1 heatmap still draws (cell marked "no G")
     # any fsspec URL works: an in-memory filesystem stands in for s3://
     w = report.write_report("memory://bootdiff-report-test", [t], {}, {}, "", {})

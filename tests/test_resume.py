@@ -47,7 +47,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     kimg = STEPS * BATCH * ACCUM / 1000
     cfg = to_object(load_config(None, [
-        f"storage={root}", "name=r", "data.resolution=16", "data.num_full=10", "data.num_test=10",
+        f"storage={root}", "name=r", "data.resolution=16", "data.num_full=10", "data.num_test=10", "data.num_val=2",
         "data.shard_size=8", "views.low.kind=downsample", "views.low.factor=2",
         "views.low.net.channels=[8,8]", "views.low.net.attention=[false,false]", "views.low.net.norm_groups=4",
         f"views.low.train.batch_size={BATCH}", f"views.low.train.accum_steps={ACCUM}",

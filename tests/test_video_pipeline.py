@@ -32,7 +32,7 @@ NET = "{kind: video, channels: [8, 16], attention: [false, true], norm_groups: 4
 SHORT = ["total_kimg=0.032", "batch_size=8", "checkpoint_every_kimg=0.016", "report_every=2"]
 TINY = [
     "data.source.num_videos=160", f"data.source.num_frames={FRAMES}", f"data.resolution={RES}",
-    "data.num_full=8", "data.num_test=16", "data.shard_size=500", "ray.ingest_tasks=1",
+    "data.num_full=8", "data.num_test=16", "data.num_val=4", "data.shard_size=500", "ray.ingest_tasks=1",
     f"views.clip.net={NET}", f"residual.net={NET}", f"full_res.net={NET}",
     *[f"{run}.train.{o}" for run in ("views.clip", "residual", "full_res") for o in SHORT],
     *[f"{run}.scaling.{o}" for run in ("views.clip", "full_res") for o in ("use_gpu=false", "cpus_per_worker=1")],
@@ -121,6 +121,7 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     kinds = sorted(t["kind"] for t in sweep["trials"])
     assert kinds == ["combined", "full_res", "residual"], sweep["trials"]
     assert all(t["status"] == "complete" and np.isfinite(t["test_G"]) and t["test_G"] > 0 for t in sweep["trials"])
+    assert all(np.isfinite(t["val_G"]) and t["val_G"] > 0 for t in sweep["trials"])  # the video val split
     best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
     assert best["kind"] == "residual"
 

@@ -7,8 +7,9 @@
 
 Split (seeded by ``data.split_seed``): the held-out ``test`` set (``num_test``; drawn from the
 source's natural ``fixed_test`` when it has one, else from the seeded permutation), the scarce
-``full`` set (``num_full``) and the partial-view set (``num_partial``, 0 = all the rest), all
-disjoint. Each view in ``cfg.views`` is cut from every sample of the partial set by its view
+``full`` set (``num_full``), the held-out ``val`` set (``num_val``, the last of the remaining
+samples; the sweep chooses on it, never on ``test``) and the partial-view set (``num_partial``,
+0 = all the rest), all disjoint. Each view in ``cfg.views`` is cut from every sample of the partial set by its view
 class's ``cut`` (`bootdiff.views.VIEW_CLASSES`; docs/METHOD.md §1, column "cut at ingest"):
 patches and clips record their ``location`` (row, col) / ``frames`` [t0, t1), a downsample view
 its ``factor``; the ``full`` and ``test`` splits hold the samples themselves (`FullView`).
@@ -114,11 +115,16 @@ def split_indices(n: int, fixed_test: Optional[List[int]], data: DataConfig) -> 
         raise ValueError(f"data.num_full={data.num_full} but only {len(pool)} source samples remain "
                          f"after the test set ({n} in the source)")
     full, rest = pool[:data.num_full], pool[data.num_full:]
-    if data.num_partial > len(rest):
-        raise ValueError(f"data.num_partial={data.num_partial} but only {len(rest)} source samples "
-                         f"remain after full ({data.num_full}) and test ({len(test)})")
-    partial = rest[:data.num_partial] if data.num_partial > 0 else rest
-    return {"full": full, "partial": partial, "test": test}
+    n_val = max(int(data.num_val), 0)
+    if n_val + max(data.num_partial, 0) > len(rest):
+        raise ValueError(f"data.num_val={n_val} + data.num_partial={data.num_partial} but only {len(rest)} "
+                         f"source samples remain after full ({data.num_full}) and test ({len(test)})")
+    val, rest = rest[len(rest) - n_val:], rest[:len(rest) - n_val]  # from the end: full, test and
+    partial = rest[:data.num_partial] if data.num_partial > 0 else rest  # the partial order stay put
+    out = {"full": full, "partial": partial, "test": test}
+    if val:
+        out["val"] = val
+    return out
 
 
 def plan_ingest(cfg, source=None) -> List[ShardTask]:
@@ -135,6 +141,8 @@ def plan_ingest(cfg, source=None) -> List[ShardTask]:
     meta = {"source_description": src.description, "source_kind": src.kind, "source_size": len(src),
             "split_sizes": {k: len(v) for k, v in splits.items()}}
     jobs = [("full", FULL_SPEC, splits["full"], False), ("test", FULL_SPEC, splits["test"], False)]
+    if splits.get("val"):
+        jobs.append(("val", FULL_SPEC, splits["val"], False))
     corrupted = bool(data.corruption.enabled)
     jobs += [(name, v, splits["partial"], corrupted) for name, v in views.items()]
     tasks = []
