@@ -248,6 +248,7 @@ class RayConfig:
     train_state_tracking: bool = True
     inject_failure_step: int = -1  # testing FailureConfig: a worker raises once at this step
     worker_start_timeout_s: float = 0  # >0: fail (not hang) when a worker group can't be scheduled
+    train_log_level: str = "WARNING"  # Ray Train's own console logs (INFO: a line per report and checkpoint)
 
 
 @dataclass

@@ -78,6 +78,14 @@ def _settings(t) -> str:
             f"{'on' if t['range_adapter'] else 'off'}")
 
 
+def _taken(t) -> str:
+    """Where a trained trial was taken (`bootdiff.sweep.chosen_report`), when not at its end."""
+    ck, k = _num(t.get("chosen_kimg")), _num(t.get("kimg"))
+    if math.isfinite(ck) and math.isfinite(k) and ck < k - 1e-9:
+        return f" (taken at {_fmt(ck)} of {_fmt(k)} kimg, its validation minimum)"
+    return ""
+
+
 def _summary(trials, best):
     """The summary: table rows (best, then baselines), headline sentences and the page's cards
     ``(label, value, note)`` — the same numbers in each."""
@@ -95,7 +103,7 @@ def _summary(trials, best):
         how = (f"chosen on validation G = {_fmt(bv)} (the held-out val split; the test split is never "
                "used to choose)" if math.isfinite(bv) else "the only residual trial (no val split to choose on)")
         lines.append(f"Best trial: {best['trial_id']} ({_settings(best)}), {how}; test G = {_fmt(bg)}, "
-                     f"train G = {_fmt(btr)}, train–test gap = {_fmt(bg - btr)}.")
+                     f"train G = {_fmt(btr)}, train–test gap = {_fmt(bg - btr)}{_taken(best)}.")
         cards += [("best trial", best["trial_id"], _settings(best)),
                   ("best test G", _fmt(bg), f"train G {_fmt(btr)}"),
                   ("train–test gap", _fmt(bg - btr),
@@ -109,7 +117,7 @@ def _summary(trials, best):
                      "test G / best": g / bg if bg > 0 else math.nan, "status": t["status"]})
         if t is not best and best is not None:
             lines.append(f"{KIND_LABEL[t['kind']].capitalize()}: {t['trial_id']}, test G = "
-                         f"{_fmt(g)}; the best trial's is {_change(bg, g)}.")
+                         f"{_fmt(g)}{_taken(t)}; the best trial's is {_change(bg, g)}.")
             cards.append((KIND_LABEL[t["kind"]], _fmt(g), f"{t['trial_id']}: best is {_change(bg, g)}"))
     return rows, lines, cards
 

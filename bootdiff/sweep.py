@@ -3,8 +3,10 @@ leaves in ``sweep.json``, and the choice of the best trial.
 
 A sweep runs the residual denoiser (docs/METHOD.md §4–§5) over μ_var × μ_L1 × range adapter (a
 grid, or seeded random draws) next to two baselines: the combined denoiser alone (stage 1's
-fusion, not trained) and a full-resolution model trained on the scarce set alone. The best trial
-is the residual trial with the lowest held-out generalization error G (docs/METHOD.md §6). Running
+fusion, not trained) and a full-resolution model trained on the scarce set alone. Everything is
+chosen on the held-out validation split (docs/METHOD.md §6), never on the test split: each
+trained model is taken at its checkpoint with the lowest validation G (`chosen_report`), and the
+best trial is the residual trial with the lowest validation G (`select_best`). Running
 the trials is Ray Tune's job (``ray_jobs/sweep_residual.py``); the report (`bootdiff.report`)
 and the evaluation (`bootdiff.evaluate`) read the same rows.
 """
@@ -15,6 +17,7 @@ import copy
 import itertools
 import math
 import random
+from typing import Optional
 
 from bootdiff.config import ResidualConfig
 
@@ -101,16 +104,34 @@ def trial_status(cfg, trial: dict, metrics: dict, error, finished: bool = True) 
     return "stopped_early"
 
 
-def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error, finished: bool = True) -> dict:
+def chosen_report(history) -> Optional[dict]:
+    """Early stopping on the validation split: of a trained trial's reports (oldest first), the
+    checkpoint report with the lowest finite ``val_G`` (the earliest of equals), or None when no
+    checkpoint report carries one (no ``val`` split, or no checkpoint yet). The trial's model is
+    taken at that checkpoint, never at one chosen by the test split."""
+    best = None
+    for r in history or []:
+        v, path = num(r.get("val_G")), r.get("checkpoint_path")
+        if isinstance(path, str) and path and math.isfinite(v) and (best is None or v < num(best["val_G"])):
+            best = r
+    return best
+
+
+def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error, finished: bool = True,
+              chosen: Optional[dict] = None) -> dict:
     """A trial's row in ``sweep.json`` (the report's trial table reads these keys); ``finished``:
-    whether the trial ended (see `trial_status`)."""
+    whether the trial ended (see `trial_status`). ``metrics``: its last report (how far it
+    trained: ``kimg``, ``step``, status); ``chosen``: the report of the checkpoint the trial is
+    taken at (`chosen_report`), whose G values, checkpoint and ``chosen_kimg`` the row carries —
+    else those of the last report."""
     m = metrics or {}
+    c = chosen or m
     return {"trial_id": trial["label"], "kind": trial["kind"], "mu_var": trial["mu_var"],
             "mu_l1": trial["mu_l1"], "range_adapter": trial["range_adapter"],
-            "val_G": num(m.get("val_G")), "test_G": num(m.get("test_G")), "train_G": num(m.get("train_G")),
-            "kimg": num(m.get("kimg")),
+            "val_G": num(c.get("val_G")), "test_G": num(c.get("test_G")), "train_G": num(c.get("train_G")),
+            "kimg": num(m.get("kimg")), "chosen_kimg": num(c.get("kimg")),
             "step": m.get("step"), "status": trial_status(cfg, trial, m, error, finished),
-            "checkpoint": m.get("checkpoint_path") or checkpoint,
+            "checkpoint": c.get("checkpoint_path") or checkpoint,
             "error": str(error)[:500] if error else None}
 
 

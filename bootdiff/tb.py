@@ -7,8 +7,7 @@ rank 0 writes. The event step is the number of training images seen (``kimg · 1
 with different batch sizes line up; the scalars are `bootdiff.train`'s report metrics under their
 own names (loss, ``loss_sigma_band/<lo>-<hi>``, lr, grad_norm_max, img_per_s, kimg) and, at
 checkpoints, the generalization error (docs/METHOD.md §6) on the validation, test and training
-splits ``val_G`` / ``test_G`` / ``train_G`` (the baseline's intermediate ``baseline_val_G`` is
-logged as ``val_G``). A sweep trial's μ_var,
+splits ``val_G`` / ``test_G`` / ``train_G``. A sweep trial's μ_var,
 μ_L1 and range-adapter setting are the run's hparams (TensorBoard's HPARAMS tab).
 
 Storage: a local run folder is written in place; for any other fsspec URL (``s3://``) the writer
@@ -39,7 +38,6 @@ import numpy as np
 from bootdiff import util
 
 SKIP = ("step", "rank")  # report keys that are not curves (the event step is kimg · 1000)
-ALIASES = {"baseline_val_G": "val_G"}  # the full-res baseline's validation G before its final checkpoint
 METRICS = ("val_G", "test_G", "train_G")  # the hparams tab's metrics
 
 
@@ -149,7 +147,7 @@ class TensorBoardRun:
             except (TypeError, ValueError):
                 continue
             if math.isfinite(value):
-                self.writer.add_scalar(ALIASES.get(key, key), value, step)
+                self.writer.add_scalar(key, value, step)
         if upload:
             self.sync()
 

@@ -168,26 +168,35 @@ def read_json(url: str):
     return json.loads(util.read_bytes(url))
 
 
-def checkpoint_evaluator(cfg, manifest: dict, model, final_only_kimg: Optional[float] = None):
+def checkpoint_evaluator(cfg, manifest: dict, model):
     """``extra_metrics`` for `RayReportHooks`: validation, held-out test and training G of the EMA
-    weights at each checkpoint (`bootdiff.evaluate.evaluate_checkpoint`), reported as ``val_G`` /
-    ``test_G`` / ``train_G``. ``val_G`` is the sweep's metric (ASHA, the best trial); ``test_G``
-    is only reported.
-
-    With ``final_only_kimg`` (the full-res baseline) intermediate evaluations report the validation
-    G as ``baseline_val_G`` and only the final one as ``val_G``: ASHA acts only on results that
-    carry its metric, so a baseline is never stopped early."""
+    weights at each checkpoint (`bootdiff.evaluate.evaluate_checkpoint`), reported as ``val_G``
+    (without a ``val`` split: not reported) / ``test_G`` / ``train_G``. ``val_G`` is what the sweep
+    chooses on: ASHA, the checkpoint of each trained model (`checkpoint_config`) and the best
+    trial; ``test_G`` is only reported."""
     from bootdiff.evaluate import evaluate_checkpoint
 
     def extra(checkpoint_dir: str) -> dict:
         m = evaluate_checkpoint(cfg, manifest, model, checkpoint_dir)
-        final = final_only_kimg is None or m["kimg"] >= final_only_kimg - 1e-9
         out = {"test_G": m["test_G"], "train_G": m["train_G"]}
         if math.isfinite(m["val_G"]):
-            out["val_G" if final else "baseline_val_G"] = m["val_G"]
+            out["val_G"] = m["val_G"]
         return out
 
     return extra
+
+
+def checkpoint_config(cfg, keep: int, chosen_on_val: bool):
+    """Train's ``CheckpointConfig``: keep ``keep`` checkpoints. With ``chosen_on_val`` (a run
+    evaluated at its checkpoints, with a ``val`` split) those are the ``keep`` lowest ``val_G``
+    (Train V2 also keeps the latest, for resuming), so the checkpoint a trial is taken at — its
+    validation minimum (`bootdiff.sweep.chosen_report`) — is never deleted; else the latest."""
+    from ray.train import CheckpointConfig
+
+    if chosen_on_val and int(cfg.data.num_val) > 0:
+        return CheckpointConfig(num_to_keep=max(1, keep), checkpoint_score_attribute="val_G",
+                                checkpoint_score_order="min")
+    return CheckpointConfig(num_to_keep=max(1, keep))
 
 
 def tensorboard_run(cfg, rank: int, hparams: Optional[dict] = None):
@@ -299,12 +308,36 @@ def resume_dir() -> Optional[str]:
     return local
 
 
-def worker_setup(cpus: float) -> Tuple[int, int, "object", str]:
-    """(rank, world size, device, local run dir) inside a Ray Train worker."""
+def train_logging(cfg):
+    """Ray Train's ``LoggingConfig`` at ``ray.train_log_level``: at INFO Train prints a line per
+    report (the whole metrics dict) and per checkpoint, which drowns the workers' own progress
+    lines on the console. Ray's session log files keep every level."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level=str(cfg.ray.train_log_level))
+
+
+def quiet_report_log(level: str) -> None:
+    """Ray 2.60's "Reporting training result …" line comes from a logger named by its module's file
+    path, which `LoggingConfig`'s filter (``ray.train.*`` names only) does not reach (docs/RAY.md
+    §4); set that logger to ``level`` too. Its session log file (Ray's worker log) still has it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(str(level).upper())
+
+
+def worker_setup(cpus: float, log_level: str = "WARNING") -> Tuple[int, int, "object", str]:
+    """(rank, world size, device, local run dir) inside a Ray Train worker; Train's per-report
+    console line quieted to ``log_level`` (`quiet_report_log`)."""
     import ray.train
     import ray.train.torch
     import torch
 
+    quiet_report_log(log_level)
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cpus)))
     run_dir = tempfile.mkdtemp(prefix=f"bootdiff-run-{ctx.get_world_rank()}-")

@@ -55,7 +55,8 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
             residual_worker, train_loop_config={"cfg_yaml": cfg_yaml, "trial": job["trial"]},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)))
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                 logging_config=common.train_logging(cfg)))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"data-efficiency: {job['id']} finished without a checkpoint")

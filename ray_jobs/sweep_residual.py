@@ -31,7 +31,7 @@ from bootdiff.errors import deterministic
 from bootdiff.evaluate import generalization_pair, validation_G
 from bootdiff.layout import TUNE_NAME, RunLayout
 from bootdiff.memo import memoized
-from bootdiff.sweep import select_best, trial_list, trial_residual_config, trial_row
+from bootdiff.sweep import chosen_report, select_best, trial_list, trial_residual_config, trial_row
 from bootdiff.tb import trial_hparams
 from ray_jobs import common
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
@@ -51,7 +51,7 @@ def residual_worker(config: dict) -> None:
 
     cfg = common.cfg_from_yaml(config["cfg_yaml"])
     rcfg = trial_residual_config(cfg, config["trial"])
-    rank, world, device, run_dir = common.worker_setup(cfg.sweep.trial_cpus)
+    rank, world, device, run_dir = common.worker_setup(cfg.sweep.trial_cpus, cfg.ray.train_log_level)
     manifest = experiment.read_manifest(cfg)
     resume = common.resume_dir()  # a resumed run takes its fitted constants from the checkpoint
     model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world, run_dir=run_dir,
@@ -70,7 +70,7 @@ def residual_worker(config: dict) -> None:
 def residual_trainer(cfg, cfg_yaml: str, trial: dict, runs: str, callbacks=None):
     """The TorchTrainer of one residual trial: one worker of ``sweep.trial_cpus`` (less the trial
     driver's token) and its resources; worker failures are `fit_retrying`'s to retry."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     sw = cfg.sweep
@@ -84,9 +84,8 @@ def residual_trainer(cfg, cfg_yaml: str, trial: dict, runs: str, callbacks=None)
         scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
         run_config=RunConfig(name=f"trial-{trial['label']}", storage_path=storage_path,
                              storage_filesystem=storage_fs, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(
-                                 num_to_keep=max(1, cfg.residual.train.keep_checkpoints))))
+                             failure_config=FailureConfig(max_failures=0), logging_config=common.train_logging(cfg),
+                             checkpoint_config=common.checkpoint_config(cfg, cfg.residual.train.keep_checkpoints, True)))
 
 
 def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
@@ -143,18 +142,34 @@ class RestoreSafeASHA(ASHAScheduler):
     every milestone below its kimg at once and be judged against the few results the new rungs
     hold. A trial that had reported before the restore (its ``last_result`` is restored with it)
     is exempt: it runs to its budget. Its results still enter the rungs, and trials that start
-    after the restore are judged by ASHA as usual."""
+    after the restore are judged by ASHA as usual.
+
+    The baselines (full-res, combined) are not ASHA's to judge: their results never enter the
+    rungs and they are never stopped, so they report ``val_G`` at every checkpoint like the
+    residual trials."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.restored = set()  # ids of trials that had reported before a restore
+
+    @staticmethod
+    def baseline(trial) -> bool:
+        return ((getattr(trial, "config", None) or {}).get("trial") or {}).get("kind", "residual") != "residual"
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
         if self._time_attr in (trial.last_result or {}):
             self.restored.add(trial.trial_id)
 
+    def on_trial_complete(self, tune_controller, trial, result):
+        if self.baseline(trial):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
+
     def on_trial_result(self, tune_controller, trial, result):
+        if self.baseline(trial):
+            return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP and trial.trial_id in self.restored and result.get(self._time_attr, 0) < self._max_t:
             self._num_stopped -= 1
@@ -164,7 +179,9 @@ class RestoreSafeASHA(ASHAScheduler):
 
 def trial_rows(cfg, grid, experiment_path: str, storage_fs=None) -> list:
     """The trials table (`bootdiff.sweep.trial_row` rows): each trial's last reported metrics from
-    ``ResultGrid.get_dataframe()``, its checkpoint and error from its ``Result``, and whether it
+    ``ResultGrid.get_dataframe()``, the checkpoint it is taken at (its lowest ``val_G``,
+    `bootdiff.sweep.chosen_report`) from its ``Result``'s ``metrics_dataframe``, its error from its
+    ``Result``, and whether it
     ended from Tune's saved experiment state. After Ctrl-C, Tune saves the state (running trials
     RUNNING, the others PENDING) before it stops the trials, whose in-memory status then reads
     TERMINATED like an ASHA stop (docs/RAY.md §7); the saved state tells them apart."""
@@ -181,8 +198,10 @@ def trial_rows(cfg, grid, experiment_path: str, storage_fs=None) -> list:
         m = {k: v for k, v in last.get(trial["label"], {}).items()
              if not (isinstance(v, float) and math.isnan(v))}
         ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
+        history = result.metrics_dataframe if result is not None else None
+        chosen = chosen_report(history.to_dict("records")) if history is not None else None
         rows.append(trial_row(cfg, trial, m, ckpt, result.error if result is not None else None,
-                              finished=t.status in ("TERMINATED", "ERROR")))
+                              finished=t.status in ("TERMINATED", "ERROR"), chosen=chosen))
     return rows
 
 

@@ -31,7 +31,7 @@ def train_worker(config: dict) -> None:
     cfg = common.cfg_from_yaml(config["cfg_yaml"])
     view = config["view"]
     vcfg, split = experiment.run_split(cfg, view)
-    rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker)
+    rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker, cfg.ray.train_log_level)
     manifest = experiment.read_manifest(cfg)
     if view == "distill":  # the student of ray_jobs/distill.py: same worker, its own (model, loss, data)
         from bootdiff.distill import distill_training
@@ -41,7 +41,7 @@ def train_worker(config: dict) -> None:
         model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
     extra = None
     if config.get("evaluate") and rank == 0:
-        extra = common.checkpoint_evaluator(cfg, manifest, model, final_only_kimg=vcfg.train.total_kimg)
+        extra = common.checkpoint_evaluator(cfg, manifest, model)
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
                                   report_every_s=vcfg.train.report_every_s,
@@ -56,7 +56,7 @@ def train_worker(config: dict) -> None:
 def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, callbacks=None,
                  evaluate: bool = False, cpus_per_worker=None):
     """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     vcfg, _ = experiment.run_split(cfg, view)
@@ -73,8 +73,8 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, vcfg.train.keep_checkpoints)),
-            callbacks=callbacks),
+            checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints, view == "full_res" and evaluate),
+            callbacks=callbacks, logging_config=common.train_logging(cfg)),
     )
 
 

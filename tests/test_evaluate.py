@@ -318,6 +318,30 @@ def test_trial_rows_status_and_best():
     assert select_best(unval, baselines=True) is None
 
 
+def test_each_trained_trial_is_taken_at_its_validation_minimum():
+    from bootdiff.sweep import chosen_report, trial_row
+
+    cfg = _sweep_cfg("residual.train.total_kimg=3.0")
+    nan = float("nan")
+    # a trial's reports as Tune's metrics_dataframe holds them (progress reports: NaN G, no checkpoint)
+    history = [{"kimg": 0.5, "loss": 1.0, "val_G": nan, "test_G": nan, "checkpoint_path": nan},
+               {"kimg": 1.0, "val_G": 0.40, "test_G": 0.45, "train_G": 0.30, "checkpoint_path": "/ck/1"},
+               {"kimg": 2.0, "val_G": 0.35, "test_G": 0.50, "train_G": 0.20, "checkpoint_path": "/ck/2"},
+               {"kimg": 2.5, "val_G": 0.10, "test_G": 0.10, "checkpoint_path": nan},  # no checkpoint: not takeable
+               {"kimg": 3.0, "val_G": 0.38, "test_G": 0.30, "train_G": 0.10, "checkpoint_path": "/ck/3"}]
+    chosen = chosen_report(history)
+    assert chosen["checkpoint_path"] == "/ck/2"  # the validation minimum, not the test minimum (/ck/3)
+    res = {"kind": "residual", "mu_var": 0.0, "mu_l1": 0.0, "range_adapter": True, "label": "r0"}
+    row = trial_row(cfg, res, history[-1], "/ck/3", None, chosen=chosen)
+    assert (row["val_G"], row["test_G"], row["train_G"], row["checkpoint"]) == (0.35, 0.50, 0.20, "/ck/2")
+    assert row["kimg"] == 3.0 and row["chosen_kimg"] == 2.0 and row["status"] == "complete"
+    # ties go to the earlier checkpoint; without any validated checkpoint there is no choice
+    assert chosen_report(history[:2] + [dict(history[2], val_G=0.40)])["checkpoint_path"] == "/ck/1"
+    assert chosen_report([dict(h, val_G=nan) for h in history]) is None and chosen_report(None) is None
+    last = trial_row(cfg, res, history[-1], "/ck/3", None, chosen=None)
+    assert last["checkpoint"] == "/ck/3" and last["chosen_kimg"] == 3.0
+
+
 # ----------------------------------------------------------------------------- FD, features config, budgets
 
 QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")

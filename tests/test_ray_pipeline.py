@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import yaml
 
@@ -138,6 +139,9 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     for line in ("=== stage ingest", "=== stage train_views", "=== stage sweep_residual", "=== stage distill",
                  "=== stage evaluate", "kimg", "sweep report:"):
         assert line in out, f"job log lacks {line!r}"
+    # Train's per-report / per-checkpoint INFO lines stay off the console (ray.train_log_level)
+    assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
+    assert "chosen on validation G" in out  # the sweep says what it chose on
     sub_id = out.split("Job '")[1].split("'")[0]
     job = next(j for j in _jobs(head) if j["submission_id"] == sub_id)
     assert job["status"] == "SUCCEEDED"
@@ -200,6 +204,16 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
         assert raw == sorted(set(raw)) and raw == list(tags["loss"]["step"]), (name, raw)
     for v in ("patch", "low"):
         assert tb[f"view-{v}"]["loss"]["step"][-1] == round(runs[v]["metrics"]["kimg"] * 1000)
+    # Early stopping on validation: each trained trial (the baseline too) is taken at the checkpoint
+    # with its lowest val G over the whole run (its curve), and that checkpoint was kept.
+    for t in sweep["trials"]:
+        if t["kind"] == "combined":
+            continue
+        curve = tb[f"trial-{t['trial_id']}"]["val_G"]
+        k = int(np.argmin(curve["value"]))
+        assert t["val_G"] == pytest.approx(curve["value"][k], rel=1e-5), t
+        assert t["chosen_kimg"] == pytest.approx(curve["kimg"][k], abs=1e-3) and t["chosen_kimg"] <= t["kimg"]
+        assert os.path.isdir(t["checkpoint"]), t
     assert "<h2>Training curves</h2>" in html and "report_files/training_G.png" in open(
         os.path.join(rep, "report.md")).read()
 

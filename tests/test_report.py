@@ -52,6 +52,7 @@ def _inputs():
                    "status": "completed", "checkpoint": "s3://bucket/views", "fusion": "split"})
     trials.append({"trial_id": "full_res_only", "kind": "full_res", "mu_var": None,
                    "mu_l1": None, "range_adapter": False, "val_G": 0.57, "test_G": 0.5625, "train_G": 0.0625,
+                   "kimg": 14.0, "chosen_kimg": 10.0,
                    "step": 400, "status": "completed", "checkpoint": "s3://bucket/full/ck",
                    "loss": 0.05})
     curves = {"res_00001": _curve(0.18, 0.25, rng), "combined": _curve(0.3, 0.04, rng),
@@ -111,7 +112,7 @@ def test_report_files_and_chromium_render(tmp_path):
     with open(out / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
-    assert set(rows[0]) == set(report.REQUIRED) | {"val_G", "loss", "img_per_s", "fusion"}
+    assert set(rows[0]) == set(report.REQUIRED) | {"val_G", "loss", "img_per_s", "fusion", "kimg", "chosen_kimg"}
     assert list(rows[0])[list(rows[0]).index("test_G") - 1] == "val_G"  # the chosen-on score beside test G
     by_id = {r["trial_id"]: r for r in rows}
     assert float(by_id["res_00001"]["test_G"]) == 0.1875
@@ -123,6 +124,7 @@ def test_report_files_and_chromium_render(tmp_path):
     md = (out / "report.md").read_text()
     assert "Best trial: res_00001" in md and "**res_00001**" in md
     assert "chosen on validation G = 0.2 (the held-out val split; the test split is never used to choose)" in md
+    assert "full_res_only, test G = 0.5625 (taken at 10 of 14 kimg, its validation minimum)" in md
     links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
     assert len(links) == 3 + len(samples)
     for link in links:

@@ -144,7 +144,7 @@ def _write_run(url, loss_steps, g_steps=(), scale=1.0):
         run.log({"step": s // 64, "kimg": s / 1000, "loss": scale * (0.05 + 1.0 / (1 + s / 200)), "lr": 1e-3})
     for s in g_steps:
         run.log({"kimg": s / 1000, "test_G": 0.2 + 40 / (s + 50), "train_G": 0.15 + 30 / (s + 50),
-                 "baseline_val_G": 0.21 + 40 / (s + 50)},
+                 "val_G": 0.21 + 40 / (s + 50)},
                 upload=True)
     run.close()
 
@@ -179,7 +179,7 @@ def test_report_draws_training_curves_from_event_files(tmp_path):
     assert set(training) == {"view-patch", "view-low", "trial-full_res", "trial-residual-mv0-ml0-ra1",
                              "trial-residual-mv1-ml0-ra1", "trial-residual-mv0.1-ml0-ra1"}
     assert list(training["trial-full_res"]["test_G"]["kimg"]) == [1.6, 3.2, 4.8, 6.4]
-    assert list(training["trial-full_res"]["val_G"]["kimg"]) == [1.6, 3.2, 4.8, 6.4]  # baseline_val_G
+    assert list(training["trial-full_res"]["val_G"]["kimg"]) == [1.6, 3.2, 4.8, 6.4]
     assert training["trial-residual-mv1-ml0-ra1"]["test_G"]["kimg"][-1] == 1.6  # stopped: shorter
 
     out = str(tmp_path / "report")
