@@ -262,7 +262,7 @@ class DistillConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     num_teacher_samples: int = 256  # teacher samples written as shards before training
     teacher_fraction: float = 0.5  # share of each training batch drawn from the teacher samples
-    real_weight: float = 0.0  # + real_weight · EDM loss on the batch's real full-res rows
+    real_weight: float = 0.5  # + real_weight · EDM loss on the real rows (0.5:0.5 best on 2 seeds, RESULTS.md)
     sampler_steps: int = 18  # eval.sampler with this many steps draws the teacher samples
     shard_size: int = 64  # teacher samples per shard (one Ray task writes a few shards)
 
