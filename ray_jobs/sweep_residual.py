@@ -6,9 +6,11 @@ Each trial is a plain function that launches its own TorchTrainer (Ray 2.60 Trai
 ``Tuner(trainer)``), trains `D_boot = D_comb + r(σ)·R_θ` on the scarce full-resolution shards
 against the frozen, exported view models of stage 1, and reports generalization error on the
 held-out validation split ``val_G`` (with ``test_G`` and ``train_G``) at each checkpoint. ASHA
-stops poor trials early on ``val_G`` against reported ``kimg``, and the best trial is the lowest
-``val_G``: the test split is reported, never used to choose. The baselines run in the same sweep: the combined denoiser alone (no
-residual; evaluated, not trained) and a full-resolution model trained on the scarce set alone.
+stops poor residual trials early on ``val_G`` against reported ``kimg``; each trained trial is
+taken at its lowest-``val_G`` checkpoint, and the best trial is the lowest ``val_G``: the test
+split is reported, never used to choose. The baselines run in the same sweep: the combined
+denoiser alone (no residual; evaluated, not trained) and a full-resolution model trained on the
+scarce set alone.
 An interrupted sweep (Ctrl-C / SIGTERM: Tune saves its state, `trial_rows` finds the trials
 it left unfinished) writes no ``sweep.json``; run again, it is restored with ``Tuner.restore``
 and only unfinished trials run (`RestoreSafeASHA`: none is stopped on rungs the restore emptied),
@@ -117,7 +119,8 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
         val = validation_G(cfg, manifest, memo)
         memo.save()
         tune.report({"kimg": cfg.residual.train.total_kimg, "step": 0, "test_G": test["total"],
-                     "train_G": train["total"], "label": trial["label"], **({"val_G": val} if math.isfinite(val) else {})})
+                     "train_G": train["total"], "label": trial["label"],
+                     **({"val_G": val} if math.isfinite(val) else {})})
         return
     if trial["kind"] == "full_res":
         def make():

@@ -73,7 +73,8 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
-            checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints, view == "full_res" and evaluate),
+            checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints,
+                                                       chosen_on_val=view == "full_res" and evaluate),
             callbacks=callbacks, logging_config=common.train_logging(cfg)),
     )
 

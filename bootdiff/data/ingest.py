@@ -9,10 +9,11 @@ Split (seeded by ``data.split_seed``): the held-out ``test`` set (``num_test``; 
 source's natural ``fixed_test`` when it has one, else from the seeded permutation), the scarce
 ``full`` set (``num_full``), the held-out ``val`` set (``num_val``, the last of the remaining
 samples; the sweep chooses on it, never on ``test``) and the partial-view set (``num_partial``,
-0 = all the rest), all disjoint. Each view in ``cfg.views`` is cut from every sample of the partial set by its view
-class's ``cut`` (`bootdiff.views.VIEW_CLASSES`; docs/METHOD.md §1, column "cut at ingest"):
-patches and clips record their ``location`` (row, col) / ``frames`` [t0, t1), a downsample view
-its ``factor``; the ``full`` and ``test`` splits hold the samples themselves (`FullView`).
+0 = all the rest), all disjoint. Each view in ``cfg.views`` is cut from every sample of the
+partial set by its view class's ``cut`` (`bootdiff.views.VIEW_CLASSES`; docs/METHOD.md §1,
+column "cut at ingest"): patches and clips record their ``location`` (row, col) / ``frames``
+[t0, t1), a downsample view its ``factor``; the ``full``, ``test`` and ``val`` splits hold the
+samples themselves (`FullView`).
 
 With ``data.latent.enabled`` each sample is first encoded by the VAE (`bootdiff.data.latent`)
 and the view applies to the latent (sizes in latent pixels). A view that does not fit the
