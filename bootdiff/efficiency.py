@@ -18,7 +18,8 @@ their sha256, so "same views, same test" is checkable bit for bit. Every manifes
 
 Models: per N a ``baseline`` (full-res model on the N images), ``combined`` (fusion of the view
 models, no training, docs/METHOD.md §3), ``select-*`` residuals on N − v images scored on the v
-held back, and ``bootstrap`` (the residual with the selected μ_var / μ_L1 on all N, §4); once an
+held back, ``select-baseline`` (the baseline on the same N − v, whose validation curve says where
+to stop the baseline, as the selected residual's says for the bootstrap), and ``bootstrap`` (the residual with the selected μ_var / μ_L1 on all N, §4); once an
 ``oracle`` (full-res model on the whole pool, with a view model's budget). Baselines and
 residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency_train.train_local`
 in this process, Ray Train in
@@ -222,6 +223,8 @@ def jobs(plan: dict, cfg) -> List[dict]:
     grid = [t for t in trial_list(cfg) if t["kind"] == "residual"]
     for n in plan["ns"]:
         out.append({"id": f"N{n}/baseline", "kind": "full_res", "data": f"N{n}", "stage": 0, "N": n})
+        out.append({"id": f"N{n}/select-baseline", "kind": "full_res", "data": f"N{n}-select", "stage": 0,
+                    "N": n, "quick": True})
         out.append({"id": f"N{n}/combined", "kind": "combined", "data": f"N{n}", "stage": 1, "N": n})
         for t in grid:
             out.append({"id": f"N{n}/select-{t['label']}", "kind": "residual", "data": f"N{n}-select",
@@ -242,12 +245,20 @@ def job_cfg(job: dict, b: dict):
     return cfg
 
 
+def best_val_G(row: dict) -> float:
+    """A selection run's best validation G: the lowest over its checkpoints (the model is taken at
+    its validation minimum, `bootdiff.efficiency_report.early_stopped`), its final G without a curve."""
+    vals = [p["test_G"] for p in row.get("curve") or [] if p.get("test_G") is not None]
+    return min(vals) if vals else row["test_G"]
+
+
 def select(results: Dict[str, dict], n: int) -> dict:
-    """The residual setting with the lowest validation G among N's selection runs."""
-    rows = [r for k, r in results.items() if k.startswith(f"N{n}/select-")]
+    """The residual setting with the lowest validation G among N's selection runs (each at its own
+    validation minimum)."""
+    rows = [r for k, r in results.items() if k.startswith(f"N{n}/select-") and r.get("trial")]
     if not rows:
         raise RuntimeError(f"data-efficiency: no selection run of N={n} finished")
-    best = min(rows, key=lambda r: r["test_G"])
+    best = min(rows, key=best_val_G)
     return dict(best["trial"])
 
 

@@ -9,7 +9,7 @@ import math
 from typing import Dict, Optional
 
 from bootdiff import util
-from bootdiff.efficiency import gap_closed
+from bootdiff.efficiency import best_val_G, gap_closed
 
 def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     """Per N: each model's scores and gap_closed for test G and SWD (against the oracle)."""
@@ -20,16 +20,18 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     for n in plan["ns"]:
         row = {m: {k: results[f"N{n}/{m}"].get(k) for k in keys if k in results.get(f"N{n}/{m}", {})}
                for m in ("baseline", "combined", "bootstrap") if f"N{n}/{m}" in results}
-        row["selection"] = {k.split("/select-")[1]: r["test_G"] for k, r in results.items()
+        row["selection"] = {k.split("/select-")[1]: best_val_G(r) for k, r in results.items()
                             if k.startswith(f"N{n}/select-")}
         for metric in ("test_G", "swd"):
             vals = [row.get(m, {}).get(metric, float("nan")) for m in ("baseline", "bootstrap")]
             row[f"gap_closed_{metric}"] = gap_closed(vals[0], vals[1], oracle.get(metric, float("nan")))
-        early = early_stopped(results, n)
-        if early:
-            row["bootstrap_early_stopped"] = early
-            row["gap_closed_test_G_early_stopped"] = gap_closed(row.get("baseline", {}).get("test_G", float("nan")),
-                                                                early["test_G"], oracle.get("test_G", float("nan")))
+        early = {m: early_stopped(results, n, m) for m in ("baseline", "bootstrap")}
+        for m, e in early.items():
+            if e:
+                row[f"{m}_early_stopped"] = e
+        if early["baseline"] and early["bootstrap"]:  # both stopped by the same rule
+            row["gap_closed_test_G_early_stopped"] = gap_closed(early["baseline"]["test_G"], early["bootstrap"]["test_G"],
+                                                                oracle.get("test_G", float("nan")))
         per_n[str(n)] = row
     wall = sum(r.get("wall_s", 0.0) for r in results.values())
     return {"ns": plan["ns"], "budgets": b, "g_sigma_data": plan["g_sigma_data"],
@@ -40,21 +42,23 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
             "model_wall_s": wall}
 
 
-def early_stopped(results: Dict[str, dict], n: int) -> Optional[dict]:
-    """The bootstrap of N stopped where its setting's **validation** G was lowest: the kimg of the
-    minimum of the selection run's curve (G on the carve-out, never the test split), and the
-    bootstrap's own checkpoint nearest to it — ``{"kimg", "test_G", "train_G", "val_kimg"}`` —
-    or None without both curves."""
-    boot = results.get(f"N{n}/bootstrap") or {}
-    label = (boot.get("trial") or {}).get("label")
+def early_stopped(results: Dict[str, dict], n: int, model: str = "bootstrap") -> Optional[dict]:
+    """N's ``baseline`` or ``bootstrap`` stopped where its validation G was lowest, one rule for
+    both: the kimg of the minimum of its selection run's curve (the same model and setting trained
+    on N − v images, G on the v carved out — never the test split: ``select-baseline``, or the
+    selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
+    ``{"kimg", "test_G", "train_G", "val_kimg", "val_G"}`` — or None without both curves."""
+    own_row = results.get(f"N{n}/{model}") or {}
+    label = "baseline" if model == "baseline" else (own_row.get("trial") or {}).get("label")
     sel = results.get(f"N{n}/select-{label}") or {}
     val = [p for p in sel.get("curve") or [] if p.get("test_G") is not None]
-    own = [p for p in boot.get("curve") or [] if p.get("test_G") is not None]
+    own = [p for p in own_row.get("curve") or [] if p.get("test_G") is not None]
     if not (val and own):
         return None
-    k = min(val, key=lambda p: p["test_G"])["kimg"]
-    point = min(own, key=lambda p: abs(p["kimg"] - k))
-    return {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"), "val_kimg": k}
+    best = min(val, key=lambda p: p["test_G"])
+    point = min(own, key=lambda p: abs(p["kimg"] - best["kimg"]))
+    return {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"),
+            "val_kimg": best["kimg"], "val_G": best["test_G"]}
 
 
 def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
@@ -69,9 +73,10 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-")):
         ax.plot(ns, [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns], style, label=m)
-    if metric == "test_G":  # the bootstrap at its setting's validation minimum (`early_stopped`)
-        ax.plot(ns, [(summary["per_n"][str(n)].get("bootstrap_early_stopped") or {}).get("test_G", float("nan"))
-                     for n in ns], "v:", label="bootstrap, stopped at validation minimum")
+    if metric == "test_G":  # baseline and bootstrap at their validation minima (`early_stopped`)
+        for m, style, colour in (("baseline", "o:", "C0"), ("bootstrap", "^:", "C2")):
+            ax.plot(ns, [(summary["per_n"][str(n)].get(f"{m}_early_stopped") or {}).get("test_G", float("nan"))
+                         for n in ns], style, color=colour, mfc="none", label=f"{m}, stopped at validation minimum")
     o = summary["oracle"].get(metric)
     if o is not None:
         ax.axhline(o, color="k", ls=":", label=f"oracle (all {summary['num_pool'] + summary['num_partial']} at full res)")
@@ -112,11 +117,12 @@ def markdown(summary: dict) -> str:
             mu = r.get("trial", {}).get("label", "") if m == "bootstrap" else ""
             lines.append(f"| {n} | {m} | {_fmt(r.get('test_G'))} | {_fmt(r.get('train_G'))} | {_fmt(r.get('swd'))} | "
                          f"{_fmt(r.get('memorization_rate'))} | {_fmt(r.get('nn_distance_train'))} | {mu} |")
-        e = row.get("bootstrap_early_stopped")
-        if e:
-            lines.append(f"| {n} | bootstrap, stopped at {e['kimg']:g} kimg (validation minimum) | {_fmt(e['test_G'])} | "
-                         f"{_fmt(e.get('train_G'))} | | | | |")
-    lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), bootstrap early-stopped |",
+        for m in ("baseline", "bootstrap"):
+            e = row.get(f"{m}_early_stopped")
+            if e:
+                lines.append(f"| {n} | {m}, stopped at {e['kimg']:g} kimg (validation minimum) | {_fmt(e['test_G'])} | "
+                             f"{_fmt(e.get('train_G'))} | | | | |")
+    lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), both stopped at validation minimum |",
               "|---|---|---|---|"]
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]

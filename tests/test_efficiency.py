@@ -108,19 +108,32 @@ def test_gap_closed():
     assert s["per_n"]["8"]["gap_closed_swd"] == pytest.approx(0.25)
     assert "bootstrap_early_stopped" not in s["per_n"]["8"]  # no curves: nothing to stop early on
 
-    # early stopping: the kimg comes from the selection run's validation curve, never the test curve
+    # early stopping, one rule for both models: the kimg comes from the model's selection run's
+    # validation curve, never from its test curve; the residual setting is picked at its minimum
     val = [{"kimg": 2.0, "test_G": 0.9}, {"kimg": 4.0, "test_G": 0.7}, {"kimg": 6.0, "test_G": 0.8}]
     test = [{"kimg": 2.0, "test_G": 0.6, "train_G": 0.5}, {"kimg": 4.05, "test_G": 0.65, "train_G": 0.4},
             {"kimg": 6.0, "test_G": 0.75, "train_G": 0.3}]
-    results = {"oracle": {"test_G": 0.5}, "N8/baseline": {"test_G": 1.0},
+    base_val = [{"kimg": 2.0, "test_G": 0.95}, {"kimg": 6.0, "test_G": 0.85}]
+    base_test = [{"kimg": 2.0, "test_G": 0.7}, {"kimg": 6.0, "test_G": 0.9}]
+    results = {"oracle": {"test_G": 0.5}, "N8/baseline": {"test_G": 1.0, "curve": base_test},
                "N8/bootstrap": {"test_G": 0.75, "curve": test, "trial": {"label": "a"}},
+               "N8/select-baseline": {"test_G": 0.85, "curve": base_val},
                "N8/select-a": {"test_G": 0.8, "trial": {"label": "a"}, "curve": val},
-               "N8/select-b": {"test_G": 0.9, "trial": {"label": "b"}, "curve": [{"kimg": 2.0, "test_G": 0.1}]}}
+               "N8/select-b": {"test_G": 0.75, "trial": {"label": "b"}, "curve": [{"kimg": 2.0, "test_G": 0.78}]}}
+    assert efficiency.select(results, 8) == {"label": "a"}  # 0.7 at 4 kimg beats b's 0.78, though b ends lower
     row = efficiency_report.summarize(results, {"ns": [8], "g_sigma_data": 0.5, "pool": [1], "partial": [2],
                                                 "test": [3], "views": []}, {"full_res_kimg": 1, "view_kimg": 2})["per_n"]["8"]
-    assert row["bootstrap_early_stopped"] == {"kimg": 4.05, "test_G": 0.65, "train_G": 0.4, "val_kimg": 4.0}
-    assert row["gap_closed_test_G_early_stopped"] == pytest.approx(0.7)
+    assert row["bootstrap_early_stopped"] == {"kimg": 4.05, "test_G": 0.65, "train_G": 0.4, "val_kimg": 4.0,
+                                              "val_G": 0.7}
+    # the baseline's validation minimum is at 6 kimg, though its test G is lowest at 2
+    assert row["baseline_early_stopped"]["kimg"] == 6.0 and row["baseline_early_stopped"]["test_G"] == 0.9
+    assert row["gap_closed_test_G_early_stopped"] == pytest.approx((0.9 - 0.65) / (0.9 - 0.5))
     assert row["gap_closed_test_G"] == pytest.approx(0.5)
+    assert row["selection"] == {"baseline": 0.85, "a": 0.7, "b": 0.78}
+    md = efficiency_report.markdown(efficiency_report.summarize(results, {"ns": [8], "g_sigma_data": 0.5, "pool": [1],
+                                    "partial": [2], "test": [3], "views": []}, {"full_res_kimg": 1, "view_kimg": 2}))
+    assert "| 8 | baseline, stopped at 6 kimg (validation minimum) | 0.9 |" in md
+    assert "| 8 | bootstrap, stopped at 4.05 kimg (validation minimum) | 0.65 |" in md
 
 
 def test_resume_skips_finished_models(bench):
@@ -147,6 +160,7 @@ def test_resume_skips_finished_models(bench):
     ids = {j["id"] for j in efficiency.jobs(json.loads(util.read_bytes(f"{out}/plan.json")) | {
         "datasets": {k: "" for k in ("base", "oracle", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
     assert set(first) | set(seen) == ids
+    assert {"N8/select-baseline", "N16/select-baseline"} <= ids  # the baseline's own validation run
     boot = json.loads(util.read_bytes(f"{out}/results/N8__bootstrap.json"))
     sel = {k: json.loads(util.read_bytes(f"{out}/results/N8__select-{k}.json"))["test_G"]
            for k in ("residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1")}
