@@ -50,11 +50,13 @@ def model_file(model_id: str) -> str:
     return model_id.replace("/", "__") + ".json"
 
 
-def gap_closed(base: float, boot: float, oracle: float, min_gap: float = 1e-12) -> float:
+def gap_closed(base: float, boot: float, oracle: float, min_gap: float = 0.01) -> float:
     """(base − boot) / (base − oracle): 0 = no better than the baseline, 1 = as good as the oracle;
-    NaN when the baseline and oracle do not differ (nothing to close)."""
+    NaN when the baseline is within ``min_gap`` (relative, of the oracle's value) of the oracle:
+    there is no gap to close, and a ratio over a gap inside the metric's noise would read as a
+    huge gain or loss (G moves by ≈ 1 % between neighbouring checkpoints of one model)."""
     vals = [float(v) for v in (base, boot, oracle)]
-    if not all(math.isfinite(v) for v in vals) or abs(vals[0] - vals[2]) <= min_gap:
+    if not all(math.isfinite(v) for v in vals) or abs(vals[0] - vals[2]) <= min_gap * abs(vals[2]):
         return float("nan")
     return (vals[0] - vals[1]) / (vals[0] - vals[2])
 

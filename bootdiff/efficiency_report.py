@@ -129,7 +129,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} | "
                      f"{_fmt(row.get('gap_closed_test_G_early_stopped'))} |")
     lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
-              "full resolution, 0 = no better than the N images alone.", ""]
+              "full resolution, 0 = no better than the N images alone; – = the baseline is within 1 % of the "
+              "oracle (no gap to close at this budget).", ""]
     return "\n".join(lines)
 
 

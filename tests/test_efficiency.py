@@ -98,6 +98,8 @@ def test_gap_closed():
     assert efficiency.gap_closed(1.0, 0.6, 0.6) == pytest.approx(1.0)
     assert efficiency.gap_closed(1.0, 1.1, 0.6) == pytest.approx(-0.25)  # worse than the baseline
     assert math.isnan(efficiency.gap_closed(1.0, 0.9, 1.0))  # no gap to close
+    assert math.isnan(efficiency.gap_closed(0.4745, 0.503, 0.4734))  # a gap inside the noise: no ratio
+    assert efficiency.gap_closed(0.4845, 0.4795, 0.4734) == pytest.approx(0.45, abs=0.01)  # 2.3 %: a gap
     assert math.isnan(efficiency.gap_closed(float("nan"), 0.9, 0.5))
     s = efficiency_report.summarize({"oracle": {"test_G": 0.5, "swd": 0.1},
                               "N8/baseline": {"test_G": 1.0, "swd": 0.3}, "N8/bootstrap": {"test_G": 0.75, "swd": 0.25},
