@@ -163,6 +163,13 @@ def prepare(cfg, out: str, ns, val_fraction: float = 0.25, source=None, ingest_f
     if not util.exists(layout.manifest):
         (ingest_fn or (lambda c: ingest(c, progress=False, source=source)))(base_cfg)
     base = read_manifest(layout.data)
+    have = int(base["splits"]["full"]["num_source"])
+    if have != max(keep):  # a re-run with other N: the pool must be the one the views were cut around
+        if max(keep) > have:
+            raise ValueError(f"data-efficiency: {layout.data} was ingested for N up to {have} (its full pool); "
+                             f"N={max(keep)} would take full-res images from the views' partial pool — "
+                             "use a new --out, or N <= " + str(have))
+        base_cfg.data.num_full = have
     idx = split_indices(len(src), src.fixed_test, _data_cfg(base_cfg))
     g_sigma = float(base["splits"]["test"]["sigma_data"])
     views = list(cfg.views)

@@ -138,6 +138,20 @@ def test_gap_closed():
     assert "| 8 | bootstrap, stopped at 4.05 kimg (validation minimum) | 0.65 |" in md
 
 
+def test_rerun_with_other_ns_keeps_the_pool(bench, tmp_path):
+    """A re-run on the same folder with other N reuses the base ingest: the full pool stays the one
+    the views were cut around, and an N beyond it (which would take images from the views' partial
+    pool) is an error naming the folder, before anything is written."""
+    cfg, out, plan, _ = bench
+    again = efficiency.prepare(cfg, out, [8], source=RandomSource())
+    assert again["pool"] == plan["pool"] and again["partial"] == plan["partial"]
+    small = str(tmp_path / "small")
+    efficiency.prepare(cfg, small, [8], source=RandomSource())
+    with pytest.raises(ValueError, match=r"ingested for N up to 8.*N=16"):
+        efficiency.prepare(cfg, small, [8, 16], source=RandomSource())
+    assert not util.exists(f"{small}/N16/data/manifest.json")
+
+
 def test_resume_skips_finished_models(bench):
     cfg, out, _, _ = bench  # the datasets are written already: prepare skips them
     seen = []
