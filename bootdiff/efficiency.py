@@ -20,8 +20,8 @@ Models: per N a ``baseline`` (full-res model on the N images), ``combined`` (fus
 models, no training, docs/METHOD.md §3), ``select-*`` residuals on N − v images scored on the v
 held back, ``select-baseline`` (the baseline on the same N − v, whose validation curve says where
 to stop the baseline, as the selected residual's says for the bootstrap), and ``bootstrap`` (the
-residual with the selected μ_var / μ_L1 on all N, §4); once an ``oracle`` (full-res model on the whole pool, with a view model's budget). Baselines and
-residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency_train.train_local`
+residual with the selected μ_var / μ_L1 on all N, §4); once an ``oracle`` (full-res model on the
+whole pool, with a view model's budget). Baselines and residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency_train.train_local`
 in this process, Ray Train in
 ``ray_jobs/efficiency.py``; `evaluate_job` scores a finished model (G on test and train, SWD per
 pyramid level, memorisation, nearest-neighbour distance, FD when ``eval.features`` is set, §8).
