@@ -21,13 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-    from bootdiff import efficiency
+    from bootdiff.efficiency.run import DEFAULT_NS, process_runner, run_benchmark
     from bootdiff.config import load_config, to_object
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="benchmark folder (local path or s3:// URL)")
-    p.add_argument("--ns", type=int, nargs="+", default=list(efficiency.DEFAULT_NS))
+    p.add_argument("--ns", type=int, nargs="+", default=list(DEFAULT_NS))
     p.add_argument("--kimg", type=float, default=None,
                    help="budget of every baseline and residual (default: residual.train.total_kimg)")
     p.add_argument("--num-samples", type=int, default=128, help="samples per model for SWD / memorisation")
@@ -38,14 +38,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = to_object(load_config(args.config, args.overrides))
     out = args.out if "://" in args.out else os.path.abspath(args.out)
-    runner = efficiency.process_runner(args.workers)
+    runner = process_runner(args.workers)
     if not args.local:
         from ray_jobs.efficiency import ray_runner
 
         runner = ray_runner(cfg)
     start = time.time()
-    summary = efficiency.run_benchmark(cfg, out, args.ns, args.kimg, args.num_samples, args.val_fraction, runner)
-    from bootdiff.efficiency_report import markdown
+    summary = run_benchmark(cfg, out, args.ns, args.kimg, args.num_samples, args.val_fraction, runner)
+    from bootdiff.efficiency.report import markdown
 
     print(markdown(summary))
     print(f"[bench] wrote {out}/efficiency.json, g_vs_n.png, swd_vs_n.png, summary.md "

@@ -8,7 +8,7 @@ the scarce real images as the x of the distillation loss, with or without the pl
 only read. Each mix ``f:w`` is ``distill.teacher_fraction=f distill.real_weight=w``. The teacher
 samples (``distill.num_teacher_samples``) are drawn once; every student starts from the same
 initial weights and trains ``--kimg`` in this process (`bootdiff.train.train`, the stage's own
-model / loss / data from `bootdiff.distill.distill_training`). Scores of each student's EMA, all
+model / loss / data from `bootdiff.distill.student.distill_training`). Scores of each student's EMA, all
 on the held-out ``test`` split: G (METHOD §6), the distance to the teacher
 ``E λ(σ)‖D_student − D_teacher‖²`` over the same σ grid and fixed noise, and the SWD of
 ``--num-samples`` samples (same noise for every model). Prints one JSON object.
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 def teacher_distance(cfg, manifest, student, teacher) -> float:
     """``mean_σ E_x λ(σ)·mean((D_s(x+σn) − D_t(x+σn))²)`` on the test split, G's σ grid and noise."""
     from bootdiff import experiment
-    from bootdiff.metrics import fixed_noise, sigma_grid
+    from bootdiff.evaluation.metrics import fixed_noise, sigma_grid
     from bootdiff.schedules import weighting
 
     sigmas = sigma_grid(cfg.eval)
@@ -52,11 +52,13 @@ def teacher_distance(cfg, manifest, student, teacher) -> float:
 
 
 def main(argv=None) -> dict:
-    from bootdiff import distill, experiment
+    from bootdiff import experiment
+    from bootdiff.distill import student as distill
     from bootdiff.checkpoint import load_checkpoint
     from bootdiff.config import load_config, to_object
-    from bootdiff.evaluate import sample_images
-    from bootdiff.metrics import sliced_wasserstein_levels
+    from bootdiff.evaluation.evaluate import sample_images
+    from bootdiff.evaluation.metrics import sliced_wasserstein_levels
+    from bootdiff.evaluation.scores import generalization
     from bootdiff.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -88,7 +90,7 @@ def main(argv=None) -> dict:
     shape = experiment.full_shape(manifest)
     base.eval.num_images = args.num_samples
     test_x = experiment.load_all(base, manifest, "test", base.eval.max_samples)
-    rows = {"teacher": {"test_G": experiment.generalization(base, manifest, teacher, "test")["total"],
+    rows = {"teacher": {"test_G": generalization(base, manifest, teacher, "test")["total"],
                         "swd": sliced_wasserstein_levels(sample_images(base, teacher, shape, base.eval.seed), test_x)["swd"]}}
     for mix in args.mixes:
         f, w = (float(v) for v in mix.split(":"))
@@ -100,8 +102,8 @@ def main(argv=None) -> dict:
         ema = experiment.ema_model(distill.build_student(cfg, manifest), load_checkpoint(res.checkpoint_url))
         samples = sample_images(cfg, ema, shape, cfg.eval.seed)
         rows[mix] = {"teacher_fraction": f, "real_weight": w, "kimg": res.kimg,
-                     "test_G": experiment.generalization(cfg, manifest, ema, "test")["total"],
-                     "train_G": experiment.generalization(cfg, manifest, ema, "full")["total"],
+                     "test_G": generalization(cfg, manifest, ema, "test")["total"],
+                     "train_G": generalization(cfg, manifest, ema, "full")["total"],
                      "to_teacher": teacher_distance(cfg, manifest, ema, teacher),
                      "swd": sliced_wasserstein_levels(samples, test_x)["swd"], "seconds": time.time() - start}
         print(f"[distill_mix] {mix}: {rows[mix]}", flush=True)

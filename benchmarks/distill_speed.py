@@ -4,9 +4,9 @@ Quickstart scale (``configs/quickstart.yaml``): 32² grey images; the teacher is
 denoiser of that config — the 16² patch view model (stride 8: 9 patches per image) and the ×2
 low-res view model fused, plus the residual net (`bootdiff.experiment`'s architecture, built
 here with random weights: speed does not depend on them); the student is ``distill.net`` at 32²
-(`bootdiff.distill.build_student`'s architecture). Both sample with bootdiff's Heun sampler
+(`bootdiff.distill.student.build_student`'s architecture). Both sample with bootdiff's Heun sampler
 (``eval.sampler``, ``--steps`` levels) on the same noise; img/s = batch / median seconds of a
-whole sampling run. Also the step-time ratio student/teacher (`bootdiff.distill.step_time_ratio`)
+whole sampling run. Also the step-time ratio student/teacher (`bootdiff.distill.student.step_time_ratio`)
 and its goal 1/(K+1) for K view models.
 
     python benchmarks/distill_speed.py --device cpu --batch 16 --steps 18 --repeats 3 \
@@ -27,7 +27,7 @@ import time
 import torch
 
 from bootdiff.config import load_config, to_object
-from bootdiff.distill import step_time_ratio
+from bootdiff.distill.student import step_time_ratio
 from bootdiff.fusion import CombinedDenoiser, ViewModel
 from bootdiff.nets import make_net
 from bootdiff.precond import EDMPrecond

@@ -90,7 +90,7 @@ def with_views(cfg, views):
 def fresh_stage1(cfg) -> None:
     """Remove the Ray Train runs and exported models, so `train_views.run` starts from scratch."""
     from bootdiff import util
-    from bootdiff.layout import RunLayout
+    from bootdiff.run.layout import RunLayout
 
     for sub in ("views", "models"):
         fs, path = util.url_fs(util.join(RunLayout.of(cfg).root, sub))
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
             import torch
 
             from bootdiff.data.ingest import ingest
-            from bootdiff.layout import absolute_url
+            from bootdiff.run.layout import absolute_url
             from ray_jobs import common
 
             result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),

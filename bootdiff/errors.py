@@ -10,7 +10,7 @@ Train run only when no worker failed deterministically (docs/RAY.md §1).
 Deterministic (never retried):
 
 * ``FloatingPointError`` — a non-finite loss, gradient or weight (`bootdiff.train`);
-* ``ValueError`` — config errors (`bootdiff.config_check`) and data errors: a bad or missing
+* ``ValueError`` — config errors (`bootdiff.config.check`) and data errors: a bad or missing
   manifest, a shard whose sha256 changed (`bootdiff.data.shards.ManifestError`,
   ``ChecksumError``), bad array bytes;
 * ``LookupError`` (``KeyError``, ``IndexError``), ``TypeError``, ``AttributeError``,

@@ -1,8 +1,9 @@
 """An experiment's pieces, built from its config and data manifest.
 
-This is the one place that turns an ``ExperimentConfig`` into models, losses and data streams, so
-the single-process quickstart (`bootdiff.quickstart`) and the Ray jobs (`ray_jobs/`) run the
-same code. Where a run's files live (data, models, sweep, report) is `bootdiff.layout.RunLayout`.
+This is the one place that turns an ``ExperimentConfig`` into models, losses and data streams, and
+a finished run's checkpoint back into its trained model, so the Ray jobs (`ray_jobs/`), the
+data-efficiency benchmark (`bootdiff.efficiency`) and the tests run the same code. Where a run's
+files live (data, models, sweep, report) is `bootdiff.run.layout.RunLayout`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from bootdiff import util
 from bootdiff.config import ResidualConfig, ViewConfig
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 
 # ----------------------------------------------------------------------------- data
 
@@ -279,7 +280,7 @@ def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, 
     return model, loss, train_data(cfg, manifest, "full", rcfg.train, rank, world_size)
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- trained runs and trials
 
 
 def g_sigma_data(manifest: dict) -> float:
@@ -293,23 +294,6 @@ def g_sigma_data(manifest: dict) -> float:
     return float(view_info(manifest, "full")["sigma_data"])
 
 
-def generalization(cfg, manifest: dict, D, split: str = "test", max_samples: Optional[int] = None) -> dict:
-    """G per σ and in total (docs/METHOD.md §6) of denoiser ``D`` on a full-resolution split.
-
-    The weighting λ(σ) uses `g_sigma_data` of the manifest: the σ_data of its ``full`` split, or
-    the fixed value a manifest states (``g_sigma_data``), so G is comparable across datasets
-    that differ only in the scarce set (the data-efficiency benchmark, `bootdiff.efficiency`)."""
-    from bootdiff.metrics import generalization_error, sigma_grid
-
-    ecfg = cfg.eval
-    n = max_samples or ecfg.max_samples
-    sigma_data = g_sigma_data(manifest)
-    batches = stream(cfg, manifest, split, batch_size=ecfg.batch_size, mode="eval", max_samples=n)
-    with torch.no_grad():
-        return generalization_error(D, batches, sigma_grid(ecfg), sigma_data, seed=ecfg.seed, delta=ecfg.delta,
-                                    device=util.module_device(D))
-
-
 def ema_model(model, state: dict):
     """Load the EMA weights of a `bootdiff.train` checkpoint state into ``model`` (eval mode)."""
     weights = state.get("ema") or state["model"]
@@ -320,3 +304,44 @@ def ema_model(model, state: dict):
     if trainable & set(missing):
         raise KeyError(f"checkpoint lacks trainable weights: {sorted(trainable & set(missing))[:5]}")
     return model.eval()
+
+
+def load_run(cfg, manifest: dict, run: str, checkpoint: str):
+    """(EMA model, checkpoint state) of a view-model run (a view, or ``"full_res"``) from one of
+    its checkpoints (a URL, or a path as Ray reports it)."""
+    from bootdiff.checkpoint import load_checkpoint
+
+    vcfg, split = run_split(cfg, run)
+    info = view_info(manifest, split)
+    model = build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
+    state = load_checkpoint(RunLayout.of(cfg).url(checkpoint))
+    return ema_model(model, state), state
+
+
+def load_trial(cfg, manifest: dict, row: dict):
+    """The trained model of a sweep trial (a ``sweep.json`` row with a checkpoint), EMA weights.
+
+    A residual trial's model is built without fitting anything and takes its fitted constants
+    (fusion weights, r(σ)) from the checkpoint, so loading never re-estimates them."""
+    if row["kind"] == "full_res":
+        return load_run(cfg, manifest, "full_res", row["checkpoint"])[0]
+    from bootdiff.checkpoint import load_checkpoint
+    from bootdiff.sweep import trial_residual_config
+
+    state = load_checkpoint(RunLayout.of(cfg).url(row["checkpoint"]))
+    model = build_bootstrap(cfg, manifest, trial_residual_config(cfg, row))
+    return ema_model(model, state)
+
+
+def export_result(cfg, view: str, checkpoint_path: str) -> str:
+    """Export a view run's checkpoint (EMA weights) to ``models/<view>`` in diffusers format."""
+    from bootdiff.export import save_view_model
+
+    manifest = read_manifest(cfg)
+    vcfg, split = run_split(cfg, view)
+    model, state = load_run(cfg, manifest, view, checkpoint_path)
+    url = RunLayout.of(cfg).model(view)
+    save_view_model(model, url, vcfg, extra={"shape": list(view_sample_shape(manifest, split)),
+                                             "step": state.get("step"), "kimg": state.get("kimg"),
+                                             "checkpoint": checkpoint_path})
+    return url

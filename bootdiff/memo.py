@@ -1,7 +1,7 @@
 """The frozen part of a bootstrapped denoiser, computed once for G at every checkpoint.
 
 G (docs/METHOD.md §6) scores ``D_boot(x + σn; σ) = D_comb(x + σn; σ) + r(σ)·R(…)`` on fixed data,
-a fixed σ grid and fixed noise (`bootdiff.metrics.fixed_noise`). ``D_comb`` — every frozen view
+a fixed σ grid and fixed noise (`bootdiff.evaluation.metrics.fixed_noise`). ``D_comb`` — every frozen view
 model, and with patches every window of every image — is most of that cost, and it is the same
 at every checkpoint of a sweep trial, and in every trial whose fusion weights are the same. So
 `MemoDenoiser` keeps its outputs, keyed by the exact bytes of the input and σ, per fingerprint of

@@ -7,8 +7,8 @@ fusion, not trained) and a full-resolution model trained on the scarce set alone
 chosen on the held-out validation split (docs/METHOD.md §6), never on the test split: each
 trained model is taken at its checkpoint with the lowest validation G (`chosen_report`), and the
 best trial is the residual trial with the lowest validation G (`select_best`). Running
-the trials is Ray Tune's job (``ray_jobs/sweep_residual.py``); the report (`bootdiff.report`)
-and the evaluation (`bootdiff.evaluate`) read the same rows.
+the trials is Ray Tune's job (``ray_jobs/sweep_residual.py``); the report (`bootdiff.evaluation.report`)
+and the evaluation (`bootdiff.evaluation.evaluate`) read the same rows.
 """
 
 from __future__ import annotations

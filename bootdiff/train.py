@@ -167,7 +167,7 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
     write nothing); ``hooks.should_stop()`` (optional) is polled at those steps (the ranks agree).
     ``hooks.on_start(dict(step, kimg, rank))`` (optional) is called once the run has resumed (or
     starts fresh) and ``hooks.on_end()`` (optional) when it ends, also on an exception
-    (`bootdiff.tb.TensorBoardHooks` writes the run's TensorBoard curves through these).
+    (`bootdiff.run.tb.TensorBoardHooks` writes the run's TensorBoard curves through these).
     Metrics: step, kimg, loss, loss_sigma_band/<lo>-<hi>, grad_norm_max, img_per_s, lr, rank
     (loss and bands averaged over ranks and over the steps since the last report).
     ``config_yaml`` is stored beside each checkpoint (default: the YAML of ``cfg``).

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Tuple
 
 from bootdiff import util
 from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object, to_yaml
-from bootdiff.layout import absolute_url
+from bootdiff.run.layout import absolute_url
 
 # Ray Train's dashboard tab needs this before the cluster starts (docs/RAY.md).
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
@@ -80,15 +80,15 @@ def ray_submission_id() -> Optional[str]:
 
 def main(job: Callable, description: str, argv: Optional[List[str]] = None) -> int:
     """The body of every ``python -m ray_jobs.<stage>``: parse ``--config FILE [key=value ...]``,
-    take the run's lease (`bootdiff.lease.RunLease` at `RunLayout.lease`: a second submission of
+    take the run's lease (`bootdiff.run.lease.RunLease` at `RunLayout.lease`: a second submission of
     the same run fails at once naming the first, or waits ``--wait-lease`` seconds), run
     ``job(cfg, cfg_yaml)`` and print what it returns (if anything) as one JSON line.
 
     SIGTERM is handled as Ctrl-C. An interrupted job exits with 130 (SIGINT) or 143 (SIGTERM) and
     says what was interrupted; nothing unfinished is recorded as done, so the same command resumes.
     A lease held by another submission exits with 75 (EX_TEMPFAIL)."""
-    from bootdiff.layout import RunLayout
-    from bootdiff.lease import LeaseHeld, RunLease
+    from bootdiff.run.layout import RunLayout
+    from bootdiff.run.lease import LeaseHeld, RunLease
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     cfg, cfg_yaml, wait_lease = parse_args(argv, description)
@@ -170,11 +170,11 @@ def read_json(url: str):
 
 def checkpoint_evaluator(cfg, manifest: dict, model):
     """``extra_metrics`` for `RayReportHooks`: validation, held-out test and training G of the EMA
-    weights at each checkpoint (`bootdiff.evaluate.evaluate_checkpoint`), reported as ``val_G``
+    weights at each checkpoint (`bootdiff.evaluation.scores.evaluate_checkpoint`), reported as ``val_G``
     (without a ``val`` split: not reported) / ``test_G`` / ``train_G``. ``val_G`` is what the sweep
     chooses on: ASHA, the checkpoint of each trained model (`checkpoint_config`) and the best
     trial; ``test_G`` is only reported."""
-    from bootdiff.evaluate import evaluate_checkpoint
+    from bootdiff.evaluation.scores import evaluate_checkpoint
 
     def extra(checkpoint_dir: str) -> dict:
         m = evaluate_checkpoint(cfg, manifest, model, checkpoint_dir)
@@ -201,13 +201,13 @@ def checkpoint_config(cfg, keep: int, chosen_on_val: bool):
 
 def tensorboard_run(cfg, rank: int, hparams: Optional[dict] = None):
     """Rank 0's TensorBoard run of this Ray Train run, named as the run (``view-<v>``,
-    ``trial-<label>``): ``{storage}/{name}/tb/<run>`` (`bootdiff.tb`); None on other ranks."""
+    ``trial-<label>``): ``{storage}/{name}/tb/<run>`` (`bootdiff.run.tb`); None on other ranks."""
     if rank != 0:
         return None
     import ray.train
 
-    from bootdiff.layout import RunLayout
-    from bootdiff.tb import TensorBoardRun
+    from bootdiff.run.layout import RunLayout
+    from bootdiff.run.tb import TensorBoardRun
 
     return TensorBoardRun(RunLayout.of(cfg).tb_run(ray.train.get_context().get_experiment_name()), hparams)
 
@@ -235,7 +235,7 @@ class RayReportHooks:
         self.fail_at_step = fail_at_step
         self.fail_marker = fail_marker
         self.report_every_s = report_every_s
-        self.tb = tb  # rank 0's bootdiff.tb.TensorBoardRun (`tensorboard_run`), None on other ranks
+        self.tb = tb  # rank 0's bootdiff.run.tb.TensorBoardRun (`tensorboard_run`), None on other ranks
         self.last_ray_report = time.monotonic()
         self.worker_start_time = time.time()  # for the pipeline's time breakdown (ray_jobs/pipeline.py)
         self.ray_reports = 0  # reports passed on to Ray (all of them carry the same steps on every rank)

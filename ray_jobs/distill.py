@@ -3,15 +3,15 @@ the sweep's best model and exported as a diffusers pipeline (`bootdiff.distill`,
 
     python -m ray_jobs.distill --config configs/quickstart.yaml distill.enabled=true [key=value ...]
 
-1. Teacher samples: the plan's shards (`bootdiff.distill.teacher_shard_plan`) split over parallel
+1. Teacher samples: the plan's shards (`bootdiff.distill.student.teacher_shard_plan`) split over parallel
    ``@ray.remote`` tasks, each loading the teacher once and writing a few shards
-   (`bootdiff.distill.write_teacher_shards`; committed shards are skipped), then their manifest.
+   (`bootdiff.distill.student.write_teacher_shards`; committed shards are skipped), then their manifest.
 2. The student: a Ray Train run named ``distill`` under ``{storage}/{name}/distill/runs``, through
    the view models' own worker and trainer (`ray_jobs.train_views.train_worker`, `make_trainer`,
    `fit_retrying`): DDP over ``distill.scaling``, checkpoints, retries, resume on re-submission.
-3. Export: ``models/student`` and ``export/diffusers`` (`bootdiff.distill.export_student`), then
+3. Export: ``models/student`` and ``export/diffusers`` (`bootdiff.distill.student.export_student`), then
    the done-marker ``distill/COMPLETE``; a re-submitted pipeline skips the stage when it exists
-   (`bootdiff.distill.stage_action`).
+   (`bootdiff.distill.student.stage_action`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from __future__ import annotations
 import sys
 import time
 
-from bootdiff import distill, experiment
-from bootdiff.layout import RunLayout
+from bootdiff import experiment
+from bootdiff.distill import student as distill
+from bootdiff.run.layout import RunLayout
 from ray_jobs import common
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 

@@ -4,14 +4,16 @@ without ``--local``); the benchmark itself is `bootdiff.efficiency`.
 Each job trains through the pipeline's own trainers — `ray_jobs.train_views.make_trainer` for
 the view models, the N-image baselines and the oracle; `ray_jobs.sweep_residual.residual_worker`
 for the residuals — under ``{out}/ray/<model>`` (a re-submitted run resumes from its latest
-checkpoint, docs/RAY.md), then is scored by `bootdiff.efficiency.evaluate_job`. The jobs of one
+checkpoint, docs/RAY.md), then is scored by `bootdiff.efficiency.models.evaluate_job`. The jobs of one
 stage run concurrently, each ``fit()`` in its own zero-CPU task (``fit`` blocks its caller).
 """
 
 from __future__ import annotations
 
-from bootdiff import efficiency, util
-from bootdiff.layout import RunLayout
+from bootdiff import util
+from bootdiff.efficiency.models import job_cfg
+from bootdiff.efficiency.run import run_job
+from bootdiff.run.layout import RunLayout
 from ray_jobs import common
 
 
@@ -34,11 +36,11 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from bootdiff.config import to_yaml
-    from bootdiff.evaluate import export_result
+    from bootdiff.experiment import export_result
     from ray_jobs.sweep_residual import residual_worker, worker_cpus
     from ray_jobs.train_views import make_trainer
 
-    cfg = efficiency.job_cfg(job, b)
+    cfg = job_cfg(job, b)
     cfg_yaml = to_yaml(cfg)
     storage = util.join(out, "ray")
     name = job["id"].replace("/", "__")
@@ -67,11 +69,11 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
 
 
 def _run_job(job: dict, b: dict, out: str, num_samples: int) -> dict:
-    return efficiency.run_job(job, b, out, num_samples, train_fn=train_ray)
+    return run_job(job, b, out, num_samples, train_fn=train_ray)
 
 
 def ray_runner(cfg):
-    """A `bootdiff.efficiency.run_benchmark` runner: a stage's jobs concurrently on the cluster,
+    """A `bootdiff.efficiency.run.run_benchmark` runner: a stage's jobs concurrently on the cluster,
     each finished row yielded as it arrives (so it is persisted at once)."""
 
     def run(todo, b, out, num_samples):

@@ -1,9 +1,9 @@
-"""Stage 3 on Ray: the evaluation procedure (`bootdiff.evaluate.evaluate`) as one Ray task.
+"""Stage 3 on Ray: the evaluation procedure (`bootdiff.evaluation.evaluate.evaluate`) as one Ray task.
 
     python -m ray_jobs.evaluate --config configs/quickstart.yaml [key=value ...]
 
 Scores and samples the sweep's best trial and the baselines and writes the sweep report to
-``{storage}/{name}/sweep/report/`` (`bootdiff.layout.RunLayout.report`), exporting the
+``{storage}/{name}/sweep/report/`` (`bootdiff.run.layout.RunLayout.report`), exporting the
 bootstrapped model and the full-res baseline under ``models/``. The task asks for a sweep
 trial's resources (a GPU when the trials have one).
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 
 from bootdiff import util
-from bootdiff.evaluate import evaluate
-from bootdiff.layout import RunLayout
+from bootdiff.distill.student import student_entry
+from bootdiff.evaluation.evaluate import evaluate
+from bootdiff.run.layout import RunLayout
 from ray_jobs import common
 from ray_jobs.sweep_residual import sweep_done
 
@@ -29,7 +30,7 @@ def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
     opts = {"num_cpus": cfg.sweep.trial_cpus, "num_gpus": cfg.sweep.trial_gpus}
     if cfg.sweep.trial_resources:
         opts["resources"] = dict(cfg.sweep.trial_resources)
-    urls = ray.get(ray.remote(**opts)(evaluate).remote(cfg, cfg_yaml, outcome))
+    urls = ray.get(ray.remote(**opts)(evaluate).remote(cfg, cfg_yaml, outcome, student_entry))
     print(f"[bootdiff] report: {urls.get('html')}", flush=True)
     return urls
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from bootdiff import experiment, util
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from ray_jobs import common
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 
 from bootdiff import util
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from ray_jobs import common, distill, evaluate, ingest, sweep_residual, train_views
 
 

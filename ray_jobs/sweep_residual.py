@@ -16,7 +16,7 @@ it left unfinished) writes no ``sweep.json``; run again, it is restored with ``T
 and only unfinished trials run (`RestoreSafeASHA`: none is stopped on rungs the restore emptied),
 each trial's Train run resuming from its own latest checkpoint. The outcome goes to
 ``{storage}/{name}/sweep/sweep.json``. The trials, their rows and the best trial are
-`bootdiff.sweep`'s; the G reported at checkpoints is `bootdiff.evaluate`'s.
+`bootdiff.sweep`'s; the G reported at checkpoints is `bootdiff.evaluation.evaluate`'s.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from bootdiff import experiment, util
 from bootdiff.errors import deterministic
-from bootdiff.evaluate import generalization_pair, validation_G
-from bootdiff.layout import TUNE_NAME, RunLayout
+from bootdiff.evaluation.scores import generalization_pair, validation_G
+from bootdiff.run.layout import TUNE_NAME, RunLayout
 from bootdiff.memo import memoized
 from bootdiff.sweep import chosen_report, select_best, trial_list, trial_residual_config, trial_row
-from bootdiff.tb import trial_hparams
+from bootdiff.run.tb import trial_hparams
 from ray_jobs import common
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 

@@ -8,7 +8,7 @@ loss (also per σ band), kimg, img/s and lr, checkpoints to ``{storage}/{name}/v
 (local or s3://), retries a lost worker from that checkpoint (`fit_retrying`; a deterministic
 failure is not retried), and resumes from its latest checkpoint when the
 same run is submitted again. The final checkpoint's EMA weights are exported in diffusers format to
-``{storage}/{name}/models/<v>`` (`bootdiff.evaluate.export_result`). The training itself is
+``{storage}/{name}/models/<v>`` (`bootdiff.experiment.export_result`). The training itself is
 `bootdiff.train.train`.
 """
 
@@ -19,8 +19,8 @@ import time
 from typing import Callable
 
 from bootdiff import experiment, util
-from bootdiff.evaluate import export_result
-from bootdiff.layout import RunLayout
+from bootdiff.experiment import export_result
+from bootdiff.run.layout import RunLayout
 from ray_jobs import common
 
 
@@ -34,7 +34,7 @@ def train_worker(config: dict) -> None:
     rank, world, device, run_dir = common.worker_setup(vcfg.scaling.cpus_per_worker, cfg.ray.train_log_level)
     manifest = experiment.read_manifest(cfg)
     if view == "distill":  # the student of ray_jobs/distill.py: same worker, its own (model, loss, data)
-        from bootdiff.distill import distill_training
+        from bootdiff.distill.student import distill_training
 
         model, loss, data = distill_training(cfg, manifest, rank, world)
     else:

@@ -1,4 +1,4 @@
-"""The student as a diffusers pipeline (`bootdiff.diffusers_export`): the folder loads with plain
+"""The student as a diffusers pipeline (`bootdiff.distill.export`): the folder loads with plain
 ``DiffusionPipeline.from_pretrained``, samples, and matches bootdiff's own Heun sampler on the same
 model for the same initial noise and σ schedule; the scheduler's preconditioning is bootdiff's."""
 
@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler
 
 from bootdiff.config import NetConfig, SamplerConfig
-from bootdiff.diffusers_export import PIPELINE_FILE, save_pipeline
+from bootdiff.distill.export import PIPELINE_FILE, save_pipeline
 from bootdiff.nets import make_net
 from bootdiff.precond import EDMPrecond, edm_coefficients
 from bootdiff.samplers import sample

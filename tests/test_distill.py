@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from bootdiff import distill, experiment
+from bootdiff import experiment
+from bootdiff.distill import student as distill
 from bootdiff.config import ConfigError, LossConfig, NetConfig, TrainConfig, load_config, to_object
 from bootdiff.data.shards import FORMAT, ShardWriter, split_entry, write_manifest
 from bootdiff.fusion import CombinedDenoiser, ViewModel
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from bootdiff.losses import EDMLoss
 from bootdiff.nets import make_net
 from bootdiff.precond import EDMPrecond

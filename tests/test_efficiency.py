@@ -9,10 +9,15 @@ import math
 import pytest
 import torch
 
-from bootdiff import efficiency, efficiency_report, experiment, util
+from bootdiff import experiment, util
+from bootdiff.efficiency import report as efficiency_report
+from bootdiff.efficiency.data import prepare, source_indices, val_count
+from bootdiff.efficiency.models import gap_closed, jobs, select
+from bootdiff.efficiency.run import run_benchmark
+from bootdiff.evaluation.scores import generalization
 from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object
 from bootdiff.data.shards import read_manifest
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from test_data import RandomSource  # tiny in-memory source of random 16×16 grey images
 
 torch.set_num_threads(1)
@@ -31,7 +36,7 @@ def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     cfg = _cfg(tmp)
     out = str(tmp / "out")
-    plan = efficiency.prepare(cfg, out, [8, 16, 64], val_fraction=0.25, source=RandomSource())
+    plan = prepare(cfg, out, [8, 16, 64], val_fraction=0.25, source=RandomSource())
     manifests = {k: read_manifest(RunLayout.of(from_yaml(y, ExperimentConfig)).data)
                  for k, y in plan["datasets"].items()}
     return cfg, out, plan, manifests
@@ -41,38 +46,38 @@ def test_fixed_partial_pool_and_untouched_test(bench):
     cfg, out, plan, m = bench
     assert plan["ns"] == [8, 16]  # 64 does not fit 100 training samples with an equal partial pool
     base = m["base"]
-    test = efficiency.source_indices(base, "test")
-    views = {v: efficiency.source_indices(base, v) for v in cfg.views}
+    test = source_indices(base, "test")
+    views = {v: source_indices(base, v) for v in cfg.views}
     assert sorted(set(views["patch"])) == sorted(plan["partial"]) == sorted(set(views["low"]))
     fulls = {}
     for n in plan["ns"]:
         mn = m[f"N{n}"]
-        full = efficiency.source_indices(mn, "full")
+        full = source_indices(mn, "full")
         fulls[n] = full
         assert full == plan["pool"][:n]
-        assert efficiency.source_indices(mn, "test") == test  # the same samples, same order
+        assert source_indices(mn, "test") == test  # the same samples, same order
         for v in cfg.views:  # the same view shards, byte for byte
             assert [s["sha256"] for s in mn["splits"][v]["shards"]] == [s["sha256"] for s in base["splits"][v]["shards"]]
-            assert set(efficiency.source_indices(mn, v)).isdisjoint(full)
+            assert set(source_indices(mn, v)).isdisjoint(full)
         assert set(full).isdisjoint(test)
         assert [s["sha256"] for s in mn["splits"]["test"]["shards"]] == [s["sha256"] for s in base["splits"]["test"]["shards"]]
     assert fulls[16][:8] == fulls[8]  # nested
-    oracle = efficiency.source_indices(m["oracle"], "full")
+    oracle = source_indices(m["oracle"], "full")
     assert sorted(oracle) == sorted(plan["partial"] + plan["pool"]) and set(oracle).isdisjoint(test)
-    assert efficiency.source_indices(m["oracle"], "test") == test
+    assert source_indices(m["oracle"], "test") == test
 
 
 def test_validation_carve_out_never_touches_test(bench):
     cfg, out, plan, m = bench
-    test = set(efficiency.source_indices(m["base"], "test"))
+    test = set(source_indices(m["base"], "test"))
     for n in plan["ns"]:
         sel = m[f"N{n}-select"]
-        train, val = efficiency.source_indices(sel, "full"), efficiency.source_indices(sel, "test")
-        assert len(val) == efficiency.val_count(n, 0.25) and set(train).isdisjoint(val)
+        train, val = source_indices(sel, "full"), source_indices(sel, "test")
+        assert len(val) == val_count(n, 0.25) and set(train).isdisjoint(val)
         assert sorted(train + val) == sorted(plan["pool"][:n])
         assert set(val).isdisjoint(test) and set(train).isdisjoint(test)
     with pytest.raises(ValueError, match="N=3"):
-        efficiency.val_count(3, 0.25)
+        val_count(3, 0.25)
 
 
 def test_one_g_weighting_for_all(bench):
@@ -86,21 +91,21 @@ def test_one_g_weighting_for_all(bench):
     gs = []
     for name in ("N8", "N16", "oracle"):
         assert experiment.g_sigma_data(m[name]) == sig
-        gs.append(experiment.generalization(cfg, m[name], D, "test")["total"])
+        gs.append(generalization(cfg, m[name], D, "test")["total"])
     assert gs[0] == gs[1] == gs[2]  # ... but G of one model on the test split is one number
-    unfixed = [experiment.generalization(cfg, {k: v for k, v in m[f"N{n}"].items() if k != "g_sigma_data"}, D,
+    unfixed = [generalization(cfg, {k: v for k, v in m[f"N{n}"].items() if k != "g_sigma_data"}, D,
                                          "test")["total"] for n in plan["ns"]]
     assert unfixed[0] != unfixed[1]  # what the fixed weighting repairs
 
 
 def test_gap_closed():
-    assert efficiency.gap_closed(1.0, 0.8, 0.6) == pytest.approx(0.5)
-    assert efficiency.gap_closed(1.0, 0.6, 0.6) == pytest.approx(1.0)
-    assert efficiency.gap_closed(1.0, 1.1, 0.6) == pytest.approx(-0.25)  # worse than the baseline
-    assert math.isnan(efficiency.gap_closed(1.0, 0.9, 1.0))  # no gap to close
-    assert math.isnan(efficiency.gap_closed(0.4745, 0.503, 0.4734))  # a gap inside the noise: no ratio
-    assert efficiency.gap_closed(0.4845, 0.4795, 0.4734) == pytest.approx(0.45, abs=0.01)  # 2.3 %: a gap
-    assert math.isnan(efficiency.gap_closed(float("nan"), 0.9, 0.5))
+    assert gap_closed(1.0, 0.8, 0.6) == pytest.approx(0.5)
+    assert gap_closed(1.0, 0.6, 0.6) == pytest.approx(1.0)
+    assert gap_closed(1.0, 1.1, 0.6) == pytest.approx(-0.25)  # worse than the baseline
+    assert math.isnan(gap_closed(1.0, 0.9, 1.0))  # no gap to close
+    assert math.isnan(gap_closed(0.4745, 0.503, 0.4734))  # a gap inside the noise: no ratio
+    assert gap_closed(0.4845, 0.4795, 0.4734) == pytest.approx(0.45, abs=0.01)  # 2.3 %: a gap
+    assert math.isnan(gap_closed(float("nan"), 0.9, 0.5))
     s = efficiency_report.summarize({"oracle": {"test_G": 0.5, "swd": 0.1},
                               "N8/baseline": {"test_G": 1.0, "swd": 0.3}, "N8/bootstrap": {"test_G": 0.75, "swd": 0.25},
                               "N8/select-a": {"test_G": 0.9, "trial": {"label": "a"}}},
@@ -122,7 +127,7 @@ def test_gap_closed():
                "N8/select-baseline": {"test_G": 0.85, "curve": base_val},
                "N8/select-a": {"test_G": 0.8, "trial": {"label": "a"}, "curve": val},
                "N8/select-b": {"test_G": 0.75, "trial": {"label": "b"}, "curve": [{"kimg": 2.0, "test_G": 0.78}]}}
-    assert efficiency.select(results, 8) == {"label": "a"}  # 0.7 at 4 kimg beats b's 0.78, though b ends lower
+    assert select(results, 8) == {"label": "a"}  # 0.7 at 4 kimg beats b's 0.78, though b ends lower
     row = efficiency_report.summarize(results, {"ns": [8], "g_sigma_data": 0.5, "pool": [1], "partial": [2],
                                                 "test": [3], "views": []}, {"full_res_kimg": 1, "view_kimg": 2})["per_n"]["8"]
     assert row["bootstrap_early_stopped"] == {"kimg": 4.05, "test_G": 0.65, "train_G": 0.4, "val_kimg": 4.0,
@@ -143,12 +148,12 @@ def test_rerun_with_other_ns_keeps_the_pool(bench, tmp_path):
     the views were cut around, and an N beyond it (which would take images from the views' partial
     pool) is an error naming the folder, before anything is written."""
     cfg, out, plan, _ = bench
-    again = efficiency.prepare(cfg, out, [8], source=RandomSource())
+    again = prepare(cfg, out, [8], source=RandomSource())
     assert again["pool"] == plan["pool"] and again["partial"] == plan["partial"]
     small = str(tmp_path / "small")
-    efficiency.prepare(cfg, small, [8], source=RandomSource())
+    prepare(cfg, small, [8], source=RandomSource())
     with pytest.raises(ValueError, match=r"ingested for N up to 8.*N=16"):
-        efficiency.prepare(cfg, small, [8, 16], source=RandomSource())
+        prepare(cfg, small, [8, 16], source=RandomSource())
     assert not util.exists(f"{small}/N16/data/manifest.json")
 
 
@@ -166,14 +171,14 @@ def test_resume_skips_finished_models(bench):
                       "wall_s": 0.0, "curve": []}
 
     with pytest.raises(KeyboardInterrupt):
-        efficiency.run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(),
+        run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(),
                                  runner=lambda *a: runner(*a, stop_after=4))
     first = list(seen)
     assert len(first) == 4 and len(util.url_fs(f"{out}/results")[0].ls(f"{out}/results")) == 4
     seen.clear()
-    summary = efficiency.run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(), runner=runner)
+    summary = run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(), runner=runner)
     assert not set(seen) & set(first)  # finished models are not run again
-    ids = {j["id"] for j in efficiency.jobs(json.loads(util.read_bytes(f"{out}/plan.json")) | {
+    ids = {j["id"] for j in jobs(json.loads(util.read_bytes(f"{out}/plan.json")) | {
         "datasets": {k: "" for k in ("base", "oracle", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
     assert set(first) | set(seen) == ids
     assert {"N8/select-baseline", "N16/select-baseline"} <= ids  # the baseline's own validation run

@@ -1,6 +1,6 @@
-"""Metrics (`bootdiff.metrics`: generalization error with fixed noise, sliced Wasserstein distance,
-memorisation), the sweep's bookkeeping (`bootdiff.sweep`), the run's URLs (`bootdiff.layout`), FD
-wired into `bootdiff.evaluate.sample_quality` with a random local DINOv2, the `eval.features`
+"""Metrics (`bootdiff.evaluation.metrics`: generalization error with fixed noise, sliced Wasserstein distance,
+memorisation), the sweep's bookkeeping (`bootdiff.sweep`), the run's URLs (`bootdiff.run.layout`), FD
+wired into `bootdiff.evaluation.evaluate.sample_quality` with a random local DINOv2, the `eval.features`
 check at config load, and the full-res baseline's default budget.
 The evaluation procedure itself runs end to end in tests/test_experiment.py."""
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bootdiff.config import EvalConfig
-from bootdiff.metrics import (fixed_noise, generalization_error, laplacian_pyramid, memorization_rate,
+from bootdiff.evaluation.metrics import (fixed_noise, generalization_error, laplacian_pyramid, memorization_rate,
                               nearest_neighbour_distance, sigma_grid, sliced_wasserstein,
                               sliced_wasserstein_levels)
 
@@ -204,7 +204,7 @@ def test_memorization_and_nearest_neighbour():
 
 def test_run_layout_urls(tmp_path, monkeypatch):
     from bootdiff.config import ExperimentConfig
-    from bootdiff.layout import RunLayout
+    from bootdiff.run.layout import RunLayout
 
     monkeypatch.chdir(tmp_path)
     lay = RunLayout.of(ExperimentConfig(name="exp", storage="runs"))  # relative -> absolute, once
@@ -232,7 +232,7 @@ def test_ingest_writes_where_the_layout_says(tmp_path, monkeypatch):
     from bootdiff import experiment
     from bootdiff.config import load_config
     from bootdiff.data.ingest import ingest
-    from bootdiff.layout import RunLayout
+    from bootdiff.run.layout import RunLayout
 
     class Tiny:
         kind, description, fixed_test, ids = "image", "tiny", None, [str(i) for i in range(12)]
@@ -350,9 +350,9 @@ QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_fd_for_every_model_with_a_local_network(tmp_path, dinov2_dir):
     from types import SimpleNamespace
 
-    from bootdiff import fd, report
+    from bootdiff.evaluation import fd, report
     from bootdiff.config import FeatureKind, FeaturesConfig
-    from bootdiff.evaluate import fd_note, frechet_distances, sample_quality
+    from bootdiff.evaluation.evaluate import fd_note, frechet_distances, sample_quality
 
     test_x = _smooth_images(24, 0).clamp(-1, 1)
     samples = {"combined": _smooth_images(12, 1).clamp(-1, 1), "bootstrapped": test_x[:12].clone(),
@@ -416,7 +416,7 @@ def test_features_config_checked_at_load(tmp_path, dinov2_dir, monkeypatch):
 
 def test_full_res_budget_defaults_to_the_bootstrapped_models():
     from bootdiff.config import full_res_budget, load_config, to_object
-    from bootdiff.evaluate import budgets
+    from bootdiff.evaluation.evaluate import budgets
 
     cfg = to_object(load_config(QUICK))
     views = sum(v.train.total_kimg for v in cfg.views.values())

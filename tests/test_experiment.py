@@ -1,6 +1,6 @@
 """The experiment glue without Ray, in latent space: a tiny random AutoencoderKL (a local folder,
 as a user's SD VAE would be) → latent ingest of real MNIST → view models trained with bare
-`bootdiff.train` and exported → one residual trial → `bootdiff.evaluate.evaluate` (stage 3),
+`bootdiff.train` and exported → one residual trial → `bootdiff.evaluation.evaluate.evaluate` (stage 3),
 whose report shows VAE-decoded pictures."""
 
 import os
@@ -11,9 +11,11 @@ from bootdiff import experiment, util
 from bootdiff.checkpoint import load_checkpoint
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
-from bootdiff.evaluate import evaluate, evaluate_checkpoint, export_result, generalization_pair, load_trial
+from bootdiff.evaluation.evaluate import evaluate
+from bootdiff.evaluation.scores import evaluate_checkpoint, generalization, generalization_pair
+from bootdiff.experiment import export_result, load_trial
 from bootdiff.export import load_bootstrap_model, load_view_model
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from bootdiff.sweep import trial_residual_config
 from bootdiff.train import train
 
@@ -65,7 +67,7 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     res = train(model, loss, data, rcfg.train, run_dir=str(tmp_path / "runs" / "residual"))
     G, G_train = generalization_pair(cfg, manifest, res.ema)
     combined = experiment.build_combined(cfg, manifest)
-    G_comb = experiment.generalization(cfg, manifest, combined, "test")
+    G_comb = generalization(cfg, manifest, combined, "test")
     assert len(G["mean"]) == 4 and G["total"] > 0 and G_comb["total"] > 0
     # r(σ) is fitted once per run (the run's eval_cache): another trial reads the same values
     assert len([f for f in os.listdir(layout.eval_cache) if f.startswith("range-")]) == 1

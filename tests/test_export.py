@@ -146,7 +146,7 @@ def _residual_experiment(tmp_path, monkeypatch):
     that counts its calls and raises once the data is "gone"."""
     from bootdiff import experiment
     from bootdiff.config import load_config, to_object
-    from bootdiff.layout import RunLayout
+    from bootdiff.run.layout import RunLayout
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = to_object(load_config(os.path.join(repo, "configs", "quickstart.yaml"), [

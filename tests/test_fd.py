@@ -1,4 +1,4 @@
-"""Fréchet distance (bootdiff/fd.py, docs/METHOD.md §8): randomly initialised feature networks saved
+"""Fréchet distance (bootdiff/evaluation/fd.py, docs/METHOD.md §8): randomly initialised feature networks saved
 the way a user has them (a state-dict .pth for Inception-v3, a save_pretrained folder for DINOv2),
 FD of a set with itself, FD growing with a mean shift, the statistics against scipy, the errors."""
 
@@ -9,8 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from bootdiff import fd
-from bootdiff.inception import InceptionV3FID
+from bootdiff.evaluation import fd
+from bootdiff.evaluation.inception import InceptionV3FID
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The run lease (bootdiff/lease.py) on local disk and on the moto S3 server: two processes at once,
+"""The run lease (bootdiff/run/lease.py) on local disk and on the moto S3 server: two processes at once,
 waiting, stale takeover after SIGKILL, heartbeat, and a release after a takeover.
 
 Contenders are forked processes (``multiprocessing`` "fork": no re-import, so the races are tight).
@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from bootdiff.lease import LeaseHeld, LeaseLost, RunLease, read_lease
+from bootdiff.run.lease import LeaseHeld, LeaseLost, RunLease, read_lease
 
 FORK = mp.get_context("fork")
 TTL = 2.0  # S3 measures heartbeat age in whole seconds (HTTP dates): keep ttl >= 2

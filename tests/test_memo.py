@@ -8,7 +8,7 @@ import torch
 from bootdiff.config import NetConfig
 from bootdiff.fusion import CombinedDenoiser, FusionWeights, ViewModel
 from bootdiff.memo import MemoDenoiser, fingerprint, memoize_combined, memoized
-from bootdiff.metrics import generalization_error
+from bootdiff.evaluation.metrics import generalization_error
 from bootdiff.nets import make_net
 from bootdiff.precond import EDMPrecond
 from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond

@@ -124,7 +124,7 @@ def test_ray_report_due_by_time_or_checkpoint(monkeypatch):
 
 
 def test_time_breakdown_reads_the_stage_records(tmp_path, capsys):
-    from bootdiff.layout import RunLayout
+    from bootdiff.run.layout import RunLayout
     from ray_jobs import common
     from ray_jobs.pipeline import time_breakdown
 

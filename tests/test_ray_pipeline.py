@@ -192,7 +192,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
 
     # TensorBoard: one run per view model and trained trial under tb/, with its curves, G at
     # checkpoints, and each step once although views and the full-res baseline were resumed.
-    from bootdiff.tb import read_runs
+    from bootdiff.run.tb import read_runs
 
     tb = read_runs(os.path.join(root, "tb"))
     assert set(tb) == {"view-patch", "view-low", "distill"} | {f"trial-{t['trial_id']}" for t in sweep["trials"]

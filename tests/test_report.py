@@ -1,4 +1,4 @@
-"""The sweep report (bootdiff.report): CSV, Markdown, self-contained HTML, rendered in Chromium."""
+"""The sweep report (bootdiff.evaluation.report): CSV, Markdown, self-contained HTML, rendered in Chromium."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bootdiff import report
+from bootdiff.evaluation import report
 
 CHROMIUM = "/usr/bin/chromium"
 SIGMA = np.geomspace(0.002, 80.0, 8)
@@ -242,7 +242,7 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     from types import SimpleNamespace
 
     from bootdiff.config import EvalConfig
-    from bootdiff.evaluate import fd_note, sample_quality
+    from bootdiff.evaluation.evaluate import fd_note, sample_quality
 
     samples, test_x, train_x = _figure1_samples()
     cfg = SimpleNamespace(eval=EvalConfig())  # eval.features.kind none: FD skipped

@@ -1,4 +1,4 @@
-"""bootdiff.tb: TensorBoard event files of a training run (tags, steps, hparams), a resumed run
+"""bootdiff.run.tb: TensorBoard event files of a training run (tags, steps, hparams), a resumed run
 continuing its curves with no step twice (local and s3://), and the report's training curves
 drawn from event files. CPU only: the tiny Gaussian-mixture EDM of tests/test_train.py."""
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from bootdiff import report, util
+from bootdiff import util
+from bootdiff.evaluation import report
 from bootdiff.checkpoint import load_checkpoint
-from bootdiff.layout import RunLayout
-from bootdiff.tb import TensorBoardHooks, TensorBoardRun, read_runs, trial_hparams
+from bootdiff.run.layout import RunLayout
+from bootdiff.run.tb import TensorBoardHooks, TensorBoardRun, read_runs, trial_hparams
 from bootdiff.train import train
 from test_train import Recorder, RecordingLoss, TinyEDM, gmm_data, make_cfg
 

@@ -47,7 +47,7 @@ def test_moving_mnist_config_loads_and_is_gpu_sized():
     """The config passes every load-time check as written and with the test's overrides; its own
     settings are the GPU-sized ones (64² 20-frame videos, 4-frame clips, GPU workers and trials)."""
     from bootdiff.config import load_config, to_object
-    from bootdiff.config_check import check
+    from bootdiff.config.check import check
     from bootdiff.experiment import build_view_denoiser
 
     cfg = to_object(load_config(CONFIG))

@@ -43,7 +43,7 @@ import numpy as np
 from bootdiff.config import DataConfig, from_yaml, load_config, to_yaml
 from bootdiff.data.shards import (FORMAT, ShardInfo, ShardWriter, shard_is_complete, shard_name,
                                   split_entry, write_manifest)
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from bootdiff.util import join, url_fs
 from bootdiff.views import RESERVED_NAMES, FullView, view_class
 

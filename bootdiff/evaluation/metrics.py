@@ -13,7 +13,7 @@
   L2 distance ratio is below 1/3; ``nearest_neighbour_distance`` — mean L2 to the nearest
   training sample. Both batched with ``torch.cdist`` and chunking.
 
-The evaluation procedure that applies them to a finished sweep is `bootdiff.evaluate`.
+The evaluation procedure that applies them to a finished sweep is `bootdiff.evaluation.evaluate`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from bootdiff.view_base import (IndexCache, View, bad_value, check_at_least_1, check_ndim, config_value, kind_name,
+from bootdiff.views.base import (IndexCache, View, bad_value, check_at_least_1, check_ndim, config_value, kind_name,
                                  window_starts)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from bootdiff.view_base import View, bad_value, check_at_least_1, config_value
+from bootdiff.views.base import View, bad_value, check_at_least_1, config_value
 
 
 # ----------------------------------------------------------------------------- low resolution

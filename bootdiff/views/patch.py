@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from bootdiff.view_base import (IntPair, IndexCache, View, as_pair, bad_value, check_at_least_1, check_ndim, config_value,
+from bootdiff.views.base import (IntPair, IndexCache, View, as_pair, bad_value, check_at_least_1, check_ndim, config_value,
                                  kind_name, window_starts)
 
 

@@ -5,7 +5,7 @@
 
     model_index.json        {"_class_name": ["bootdiff_pipeline", "BootdiffEDMPipeline"], "time_scale": …,
                              "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "EDMEulerScheduler"]}
-    bootdiff_pipeline.py    the pipeline class (`bootdiff.diffusers_pipeline`, torch + diffusers only)
+    bootdiff_pipeline.py    the pipeline class (`bootdiff.distill.pipeline`, torch + diffusers only)
     unet/                   the student's raw network F, a plain ``UNet2DModel``
     scheduler/              ``EDMEulerScheduler(sigma_data=σ_d, sigma_min, sigma_max, rho)``: Karras σ schedule
 
@@ -25,7 +25,7 @@ executes a folder's own code only with ``trust_remote_code=True``
 pipeline in diffusers fits: ``DDPMPipeline`` and the like feed the U-Net the raw sample and an
 integer timestep, without c_in, the σ_max start or ``time_scale``. So the fewest extra arguments
 are that one flag. With bootdiff installed, ``BootdiffEDMPipeline.from_pretrained(path)``
-(`bootdiff.diffusers_pipeline`) needs none.
+(`bootdiff.distill.pipeline`) needs none.
 
 Preconditioning: bootdiff's `EDMPrecond` and the scheduler agree term by term — c_in, c_skip,
 c_out (``prediction_type="epsilon"``) and ``c_noise = ¼ ln σ`` (bootdiff: ``ln(σ)/4``); the
@@ -50,7 +50,7 @@ def make_pipeline(student, sampler_cfg):
     """The in-memory `BootdiffEDMPipeline` of an `EDMPrecond` student whose net is an ``ImageUNet``."""
     from diffusers import EDMEulerScheduler
 
-    from bootdiff.diffusers_pipeline import BootdiffEDMPipeline
+    from bootdiff.distill.pipeline import BootdiffEDMPipeline
     from bootdiff.nets import ImageUNet
 
     if not isinstance(student.net, ImageUNet):
@@ -67,7 +67,7 @@ def make_pipeline(student, sampler_cfg):
 
 def save_pipeline(student, url: str, sampler_cfg) -> str:
     """Write the student as a diffusers pipeline folder at ``url`` (see the module docstring)."""
-    from bootdiff import diffusers_pipeline
+    from bootdiff.distill import pipeline as diffusers_pipeline
 
     pipe = make_pipeline(student, sampler_cfg)
     with util.atomic_dir(str(url)) as stage:

@@ -19,9 +19,9 @@
     models/student/           exported student (bootdiff format)                  (distill)
     export/diffusers/         the student as a diffusers pipeline folder          (distill)
     tb/<run>/                 TensorBoard event files of each training run: view-<v>, trial-<label>
-                              (`tensorboard --logdir {storage}/{name}/tb`; bootdiff.tb)
+                              (`tensorboard --logdir {storage}/{name}/tb`; bootdiff.run.tb)
     config.json               the resolved config of a pipeline run
-    lease.json                who runs this run now (`bootdiff.lease.RunLease`; every entry point)
+    lease.json                who runs this run now (`bootdiff.run.lease.RunLease`; every entry point)
 
 Later additions belong here too, one more property each.
 ``storage`` is a local path or any fsspec URL (``s3://``); a local path is made absolute once, here (`absolute_url`), so Ray workers running
@@ -72,7 +72,7 @@ class RunLayout:
 
     @property
     def lease(self) -> str:
-        """The run's lease object (`bootdiff.lease.RunLease`): one submission at a time."""
+        """The run's lease object (`bootdiff.run.lease.RunLease`): one submission at a time."""
         return join(self.root, "lease.json")
 
     def url(self, path: str) -> str:
@@ -168,19 +168,19 @@ class RunLayout:
 
     @property
     def distill_done(self) -> str:
-        """The stage's done-marker, written after both exports (`bootdiff.distill.mark_done`)."""
+        """The stage's done-marker, written after both exports (`bootdiff.distill.student.mark_done`)."""
         return join(self.distill, "COMPLETE")
 
     @property
     def diffusers_export(self) -> str:
-        """The student as a diffusers pipeline folder (`bootdiff.diffusers_export`)."""
+        """The student as a diffusers pipeline folder (`bootdiff.distill.export`)."""
         return join(self.root, "export", "diffusers")
 
     # ------------------------------------------------------------------------- TensorBoard
 
     @property
     def tb(self) -> str:
-        """TensorBoard's ``--logdir``: one folder per training run (`bootdiff.tb`)."""
+        """TensorBoard's ``--logdir``: one folder per training run (`bootdiff.run.tb`)."""
         return join(self.root, "tb")
 
     def tb_run(self, run: str) -> str:

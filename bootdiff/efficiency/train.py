@@ -9,12 +9,12 @@ from typing import Optional
 
 from bootdiff import experiment, util
 from bootdiff.config import to_yaml
-from bootdiff.efficiency import job_cfg
-from bootdiff.layout import RunLayout
+from bootdiff.efficiency.models import job_cfg
+from bootdiff.run.layout import RunLayout
 
 
 class CurveHooks:
-    """`bootdiff.train` hooks (inside `bootdiff.tb.TensorBoardHooks`, which adds G at checkpoints):
+    """`bootdiff.train` hooks (inside `bootdiff.run.tb.TensorBoardHooks`, which adds G at checkpoints):
     each checkpoint's kimg, loss and test / train G appended to ``curve_url`` (kept on resume)."""
 
     def __init__(self, curve_url: str):
@@ -33,9 +33,10 @@ class CurveHooks:
 def train_local(job: dict, b: dict, out: str) -> dict:
     """Train one job in this process (`bootdiff.train.train`), resuming from its own run folder;
     returns ``{"checkpoint": url, "curve": [...], "kimg": k}``."""
-    from bootdiff.evaluate import evaluate_checkpoint, export_result
+    from bootdiff.evaluation.scores import evaluate_checkpoint
+    from bootdiff.experiment import export_result
     from bootdiff.sweep import trial_residual_config
-    from bootdiff.tb import TensorBoardHooks
+    from bootdiff.run.tb import TensorBoardHooks
     from bootdiff.train import train
 
     cfg = job_cfg(job, b)

@@ -1,7 +1,7 @@
 """TensorBoard event files of a training run, and reading them back for the report.
 
 Every training run (a view model, the full-resolution baseline, a sweep trial, a benchmark run)
-writes one TensorBoard run folder, ``{storage}/{name}/tb/<run>/`` (`bootdiff.layout.RunLayout.
+writes one TensorBoard run folder, ``{storage}/{name}/tb/<run>/`` (`bootdiff.run.layout.RunLayout.
 tb_run`), so that ``tensorboard --logdir {storage}/{name}/tb`` shows all runs side by side. Only
 rank 0 writes. The event step is the number of training images seen (``kimg · 1000``), so runs
 with different batch sizes line up; the scalars are `bootdiff.train`'s report metrics under their
@@ -179,7 +179,7 @@ class TensorBoardHooks:
         train(model, loss, data, cfg.train, run_dir=..., hooks=hooks)
 
     ``extra_metrics(checkpoint_url) -> dict`` (rank 0, at checkpoints) adds e.g. held-out G
-    (`bootdiff.evaluate.evaluate_checkpoint`); ``hooks`` (optional) receives every call after.
+    (`bootdiff.evaluation.scores.evaluate_checkpoint`); ``hooks`` (optional) receives every call after.
     """
 
     def __init__(self, url: str, hparams: Optional[dict] = None,

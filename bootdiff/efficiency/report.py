@@ -9,7 +9,7 @@ import math
 from typing import Dict, Optional
 
 from bootdiff import util
-from bootdiff.efficiency import best_val_G, gap_closed
+from bootdiff.efficiency.models import best_val_G, gap_closed
 
 def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     """Per N: each model's scores and gap_closed for test G and SWD (against the oracle)."""

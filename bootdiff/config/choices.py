@@ -120,7 +120,7 @@ class Schedule(Choice):
 
 
 class FeatureKind(Choice):
-    """The feature network of the Fréchet distance (`bootdiff.fd`); none: FD is skipped."""
+    """The feature network of the Fréchet distance (`bootdiff.evaluation.fd`); none: FD is skipped."""
 
     none = "none"
     inception = "inception"

@@ -7,7 +7,7 @@ over-fitting), the per-σ (1−δ) quantile of the per-sample error, a heatmap o
 animated GIF each), and training curves read from the runs' TensorBoard event files (loss of the
 view models and the full-res baseline, test/train G of every trial). Pure data in, files out
 through fsspec URLs (`bootdiff.util`). The pictures themselves (sample grids, heatmap, per-σ
-curves) are drawn in `bootdiff.report_plots`; their public names are re-exported here.
+curves) are drawn in `bootdiff.evaluation.plots`; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import re
 import numpy as np
 from PIL import Image
 
-from bootdiff.report_plots import (OK_STATUS, _fmt, _ok, _png, grid_scale, image_grid, plot_curves,
+from bootdiff.evaluation.plots import (OK_STATUS, _fmt, _ok, _png, grid_scale, image_grid, plot_curves,
                                    plot_heatmap, sample_grid, to_uint8_images, training_figures, video_animation)
-from bootdiff.report_quality import _change, budget_lines, figure1_sentence, figure1_table
+from bootdiff.evaluation.quality import _change, budget_lines, figure1_sentence, figure1_table
 from bootdiff.sweep import KINDS, select_best
 from bootdiff.sweep import num as _num
 from bootdiff.util import atomic_write_bytes, join
@@ -348,7 +348,7 @@ def _figures(trials, curves, samples, best):
         figures.append(("heatmap.png", "Test generalization error over (μ_var, μ_L1)",
                         "Lower is better; the best trial is outlined in red; hatched cells have no "
                         "trial or no finite G.", hm, False, "heatmap"))
-    # the best trial's curve: keyed by its id, or "bootstrapped" (as bootdiff/evaluate.py does)
+    # the best trial's curve: keyed by its id, or "bootstrapped" (as bootdiff/evaluation/evaluate.py does)
     best_name = next((n for n in ((best or {}).get("trial_id"), "bootstrapped") if n in curves), None)
     if curves:
         png = plot_curves(curves, [("test_mean", "-", "test (held-out)"), ("train_mean", "--", "train")],
@@ -391,12 +391,12 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
     default as `bootdiff.sweep.select_best` picks it (lowest finite validation G, residual
     trials first). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
-    or tables after the trials. ``quality``: {sample set: metrics} (`bootdiff.evaluate.sample_quality`),
+    or tables after the trials. ``quality``: {sample set: metrics} (`bootdiff.evaluation.evaluate.sample_quality`),
     shown beside the sample grids as Figure 1 (`figure1_table`, `figure1_sentence`), with
     ``roles`` ({sample set: what it was trained on}) and ``fd_note`` (one line: FD skipped, or how it
-    was measured). ``budget`` (`bootdiff.evaluate.budgets`): the budget sentences of the summary
-    (`budget_lines`). ``training``: the runs of the TensorBoard tree (`bootdiff.tb.read_runs`),
-    drawn as training curves (`bootdiff.report_plots.training_figures`).
+    was measured). ``budget`` (`bootdiff.evaluation.evaluate.budgets`): the budget sentences of the summary
+    (`budget_lines`). ``training``: the runs of the TensorBoard tree (`bootdiff.run.tb.read_runs`),
+    drawn as training curves (`bootdiff.evaluation.plots.training_figures`).
     """
     trials = validate_trials(trials)
     curves, samples, extra = dict(curves or {}), dict(samples or {}), dict(extra or {})

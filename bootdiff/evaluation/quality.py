@@ -3,7 +3,7 @@ paper as numbers — the sliced Wasserstein distance of each model's samples to 
 pyramid level (low-res only, patches only, combined, bootstrapped, full-res only), FD beside it when
 measured — with the sentence that reads it, and the two summary sentences on training budgets:
 both budgets side by side, and whether the partial data helped at this N (said only at equal
-budgets). Pure data in, tables ``(columns, rows)`` and text out; `bootdiff.report` lays them out.
+budgets). Pure data in, tables ``(columns, rows)`` and text out; `bootdiff.evaluation.report` lays them out.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from bootdiff.report_plots import _fmt
+from bootdiff.evaluation.plots import _fmt
 from bootdiff.sweep import num as _num
 
 
@@ -37,7 +37,7 @@ def _figure1_order(quality) -> list:
 
 def figure1_table(quality, roles=None):
     """Figure 1 of the paper as numbers (docs/METHOD.md §8): ``(columns, rows)``, one row per
-    sample set of ``quality`` (`bootdiff.evaluate.sample_quality`): what it was trained on, its
+    sample set of ``quality`` (`bootdiff.evaluation.evaluate.sample_quality`): what it was trained on, its
     SWD to the test split per pyramid level (finest first), their mean, FD when measured,
     memorisation rate and nearest-neighbour distance."""
     order = _figure1_order(quality)
@@ -97,7 +97,7 @@ def figure1_sentence(quality) -> str:
 
 def budget_lines(budget, trials, best=None) -> list:
     """Two sentences: the training budgets of the bootstrapped model and of the full-res baseline
-    side by side (kimg; ``budget`` as `bootdiff.evaluate.budgets` returns it), and whether the
+    side by side (kimg; ``budget`` as `bootdiff.evaluation.evaluate.budgets` returns it), and whether the
     partial data helped at this N, with the test G of both — said only at equal budgets."""
     b, n = budget, budget["n_full"]
     boot = b["bootstrapped"]

@@ -10,108 +10,29 @@ Fréchet distance to the test split in a local feature network when ``eval.featu
 (§8; `sample_quality`), and the training budget of each model (`budgets`: the full-res baseline
 gets the bootstrapped model's kimg by default, `bootdiff.config.full_res_budget`). Writes
 ``report.html``, ``report.md``,
-``trials.csv`` and ``summary.json`` to the run's report folder (`bootdiff.layout.RunLayout.report`)
+``trials.csv`` and ``summary.json`` to the run's report folder (`bootdiff.run.layout.RunLayout.report`)
 and exports the bootstrapped model and the full-res baseline in diffusers format under
 ``models/``. Also the held-out/training G pair that the Ray jobs report at each checkpoint, and
 the export of a finished view run. No Ray here: ``ray_jobs/evaluate.py`` runs `evaluate` as a Ray
-task, and the metrics themselves are `bootdiff.metrics`.
+task, and the metrics themselves are `bootdiff.evaluation.metrics`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
-from bootdiff import experiment, fd, util
-from bootdiff.layout import RunLayout
-from bootdiff.sweep import num, trial_residual_config
+from bootdiff import experiment, util
+from bootdiff.evaluation import fd
+from bootdiff.evaluation.scores import generalization_pair
+from bootdiff.run.layout import RunLayout
+from bootdiff.sweep import num
 
 TEST_KEY = "\0test split"  # the test split among the sets `decode_latents` decodes
 ROW_METRICS = ("swd_test", "swd_fine", "swd_coarse", "fd", "memorization_rate", "nn_distance_train")
-
-# ----------------------------------------------------------------------------- G at checkpoints
-
-
-def generalization_pair(cfg, manifest: dict, D) -> Tuple[dict, dict]:
-    """G of ``D`` on the held-out ``test`` split and on the scarce training split ``full``
-    (docs/METHOD.md §6): their gap is the over-fitting the sweep is after."""
-    return (experiment.generalization(cfg, manifest, D, "test"),
-            experiment.generalization(cfg, manifest, D, "full"))
-
-
-def validation_G(cfg, manifest: dict, D) -> float:
-    """Total G of ``D`` on the held-out ``val`` split (``data.num_val``), the score the sweep
-    chooses on (ASHA, the best trial; docs/METHOD.md §6); NaN when the run has no ``val`` split."""
-    if "val" not in manifest.get("splits", {}):
-        return float("nan")
-    return experiment.generalization(cfg, manifest, D, "val")["total"]
-
-
-def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
-    """``val_G``, ``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
-    ``model`` on its device (the training run's GPU when it has one; its own weights are left
-    untouched). A bootstrapped model's frozen
-    D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
-    they are the same at every checkpoint and in every trial with the same fusion weights."""
-    from bootdiff.checkpoint import load_checkpoint
-    from bootdiff.memo import memoize_combined
-
-    state = load_checkpoint(checkpoint_url)
-    ema = experiment.ema_model(copy.deepcopy(model), state)
-    memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
-    test, train = generalization_pair(cfg, manifest, ema)
-    val = validation_G(cfg, manifest, ema)
-    if memo is not None:
-        memo.save()
-    return {"val_G": val, "test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
-
-
-# ----------------------------------------------------------------------------- trained models
-
-
-def load_run(cfg, manifest: dict, run: str, checkpoint: str):
-    """(EMA model, checkpoint state) of a view-model run (a view, or ``"full_res"``) from one of
-    its checkpoints (a URL, or a path as Ray reports it)."""
-    from bootdiff.checkpoint import load_checkpoint
-
-    vcfg, split = experiment.run_split(cfg, run)
-    info = experiment.view_info(manifest, split)
-    model = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
-    state = load_checkpoint(RunLayout.of(cfg).url(checkpoint))
-    return experiment.ema_model(model, state), state
-
-
-def load_trial(cfg, manifest: dict, row: dict):
-    """The trained model of a sweep trial (a ``sweep.json`` row with a checkpoint), EMA weights.
-
-    A residual trial's model is built without fitting anything and takes its fitted constants
-    (fusion weights, r(σ)) from the checkpoint, so loading never re-estimates them."""
-    if row["kind"] == "full_res":
-        return load_run(cfg, manifest, "full_res", row["checkpoint"])[0]
-    from bootdiff.checkpoint import load_checkpoint
-
-    state = load_checkpoint(RunLayout.of(cfg).url(row["checkpoint"]))
-    model = experiment.build_bootstrap(cfg, manifest, trial_residual_config(cfg, row))
-    return experiment.ema_model(model, state)
-
-
-def export_result(cfg, view: str, checkpoint_path: str) -> str:
-    """Export a view run's checkpoint (EMA weights) to ``models/<view>`` in diffusers format."""
-    from bootdiff.export import save_view_model
-
-    manifest = experiment.read_manifest(cfg)
-    vcfg, split = experiment.run_split(cfg, view)
-    model, state = load_run(cfg, manifest, view, checkpoint_path)
-    url = RunLayout.of(cfg).model(view)
-    save_view_model(model, url, vcfg, extra={"shape": list(experiment.view_sample_shape(manifest, split)),
-                                             "step": state.get("step"), "kimg": state.get("kimg"),
-                                             "checkpoint": checkpoint_path})
-    return url
-
 
 # ----------------------------------------------------------------------------- the procedure
 
@@ -127,15 +48,19 @@ def sample_images(cfg, D, shape, seed: int) -> torch.Tensor:
     return out.clamp(-1, 1).cpu()
 
 
-def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
+def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = None) -> dict:
     """Everything the report shows, from a sweep's ``outcome`` (``sweep.json``: ``trials`` rows
     and the ``best`` trial id); writes the report, ``summary.json`` and the exported models and
-    returns the report's URLs (`bootdiff.report.write_report`)."""
+    returns the report's URLs (`bootdiff.evaluation.report.write_report`).
+
+    ``student(cfg, models, shape)``, when given, returns (a distilled student to score beside the
+    others, or None; its sampling-step cost against the teacher's, or None): the pipeline passes
+    `bootdiff.distill.student.student_entry`, so evaluation never imports the later stage."""
     from bootdiff.export import save_bootstrap_model, save_view_model
     from bootdiff.fusion import CombinedDenoiser
     from bootdiff.memo import memoize_combined, memoized
-    from bootdiff.report import write_report
-    from bootdiff.tb import read_runs
+    from bootdiff.evaluation.report import write_report
+    from bootdiff.run.tb import read_runs
 
     layout = RunLayout.of(cfg)
     manifest = experiment.read_manifest(cfg)
@@ -144,18 +69,18 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     rows = {r["trial_id"]: r for r in outcome["trials"]}
     models, curves, samples = {}, {}, {}
     if outcome.get("best"):
-        best = load_trial(cfg, manifest, rows[outcome["best"]])
+        best = experiment.load_trial(cfg, manifest, rows[outcome["best"]])
         models["bootstrapped"] = best
         save_bootstrap_model(best, layout.model("bootstrap"))
     models["combined"] = experiment.build_combined(cfg, manifest)
     full = [r for r in outcome["trials"] if r["kind"] == "full_res" and r.get("checkpoint")]
     if full:
-        models["full_res"] = load_trial(cfg, manifest, full[0])
+        models["full_res"] = experiment.load_trial(cfg, manifest, full[0])
         save_view_model(models["full_res"], layout.model("full_res"), cfg.full_res,
                         extra={"shape": list(shape)})
-    student, step_cost = distill_entry(cfg, models, shape)
-    if student is not None:
-        models["student"] = student
+    distilled, step_cost = student(cfg, models, shape) if student is not None else (None, None)
+    if distilled is not None:
+        models["student"] = distilled
 
     for name, D in models.items():
         print(f"[bootdiff] evaluating {name} ...", flush=True)
@@ -212,18 +137,6 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
     return urls
 
 
-def distill_entry(cfg, models: dict, shape):
-    """(the exported student or None, its sampling-step cost against the teacher's —
-    `bootdiff.distill.step_time_ratio`, on one ``eval.batch_size`` batch in this process — or None)."""
-    from bootdiff.distill import load_student, step_time_ratio
-
-    student = load_student(cfg)
-    if student is None or "bootstrapped" not in models:
-        return student, None
-    cost = step_time_ratio(student, models["bootstrapped"], shape, cfg.eval.batch_size)
-    return student, {**cost, "goal_ratio": 1 / (len(cfg.views) + 1)}  # K view models + the residual
-
-
 def decode_latents(manifest: dict, samples: dict) -> dict:
     """Latent-space experiments: decode samples with the same local VAE for the report's
     pictures, FD and the SWD's pyramid levels (G, ``swd_test``, memorisation and nearest
@@ -249,7 +162,7 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distances(features_cfg, pictures: dict, reference: torch.Tensor, device=None) -> dict:
-    """FD (docs/METHOD.md §8, `bootdiff.fd`) of every picture set in ``pictures`` ({name: [-1, 1]
+    """FD (docs/METHOD.md §8, `bootdiff.evaluation.fd`) of every picture set in ``pictures`` ({name: [-1, 1]
     images [N, C, H, W] or videos [N, C, T, H, W], scored frame by frame}) against ``reference``
     (the test split's pictures: decoded when the experiment is latent), in the feature network
     that ``features_cfg`` (`bootdiff.config.FeaturesConfig`) names; {} when its kind is none.
@@ -273,7 +186,7 @@ def sample_quality(cfg, samples: dict, test_x, train_x, pictures=None, test_pict
     levels of the SWD (finest first; ``swd_fine`` / ``swd_coarse``: the finest and the coarsest,
     Figure 1 of the paper as numbers) and FD (when ``cfg.eval.features`` names a network) are
     measured on them. Public for the data-efficiency benchmark."""
-    from bootdiff.metrics import memorization_rate, nearest_neighbour_distance, sliced_wasserstein_levels
+    from bootdiff.evaluation.metrics import memorization_rate, nearest_neighbour_distance, sliced_wasserstein_levels
 
     same = pictures is None  # the pictures are the samples: one SWD computation serves both
     pictures = samples if same else pictures

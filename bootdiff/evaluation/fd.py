@@ -6,7 +6,7 @@ is the squared 2-Wasserstein distance between the Gaussians fitted to two featur
 al. 2017, "GANs trained by a two time-scale update rule converge to a local Nash equilibrium",
 eq. 6). Two feature networks, both loaded from the user's disk only (nothing is ever downloaded):
 
-  kind "inception": the FID Inception-v3 (bootdiff/inception.py, the network of pytorch-fid,
+  kind "inception": the FID Inception-v3 (bootdiff/evaluation/inception.py, the network of pytorch-fid,
       torch-fidelity and NVlabs/edm), pool_3 features, D = 2048. `path` is its state-dict file:
       pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's
       weights-inception-2015-12-05-6726825d.pth. Images -> uint8 -> TF1 bilinear resize to 299.
@@ -19,7 +19,7 @@ Images are [-1, 1] tensors [N, C, H, W]; they are quantised to uint8 first as th
 implementations see them (saved PNGs; `x * 127.5 + 128` truncated, as EDM's generate.py), and
 grey images (C = 1) are repeated to 3 channels.
 
-Config block (`eval.features` in bootdiff/config.py; `check_features_config` is its load check):
+Config block (`eval.features` in bootdiff/config/schema.py; `check_features_config` is its load check):
 
     class FeatureKind(Choice):
         none = "none"
@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bootdiff import inception
+from bootdiff.evaluation import inception
 
 FEATURE_KINDS = ("none", "inception", "dinov2")
 

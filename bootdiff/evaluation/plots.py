@@ -1,6 +1,6 @@
 """The sweep report's pictures: sample grids (numpy → uint8 tiles → PNG) and matplotlib plots.
 
-Draws the figures of docs/METHOD.md §6 and §8 for `bootdiff.report`: the heatmap of test G
+Draws the figures of docs/METHOD.md §6 and §8 for `bootdiff.evaluation.report`: the heatmap of test G
 over (μ_var, μ_L1) per range-adapter setting, per-σ curves (mean error test vs train, and the
 (1−δ) quantile of the per-sample error) on log-log axes, and the unscaled sample grids (images:
 a tile grid; videos: one frame strip per video, and an animated GIF). Pure data in, PNG bytes out; plots are drawn on
@@ -299,7 +299,7 @@ def _log_if_wide(ax, values) -> None:
 
 def plot_training_loss(runs):
     """PNG of the training loss vs kimg, one line per run, or None. ``runs``: {label: (kimg,
-    loss)} as the TensorBoard event files hold them (`bootdiff.tb.read_runs`)."""
+    loss)} as the TensorBoard event files hold them (`bootdiff.run.tb.read_runs`)."""
     runs = {k: v for k, v in runs.items() if len(v[0])}
     if not runs:
         return None
@@ -370,7 +370,7 @@ def plot_training_G(series, references=None):
 
 def training_figures(trials, training, best=None) -> list:
     """The report's training-curve figures ``[(file name, title, caption, png, False, "training")]``
-    from the runs of a ``tb`` tree (`bootdiff.tb.read_runs`: ``view-<v>`` runs and one
+    from the runs of a ``tb`` tree (`bootdiff.run.tb.read_runs`: ``view-<v>`` runs and one
     ``trial-<trial_id>`` run per trained trial): the loss of each view model and of the full-res
     baseline, and test/train G of every trial. Nothing is re-computed."""
     training = training or {}

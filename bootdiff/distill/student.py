@@ -1,10 +1,10 @@
 """Distillation: one full-resolution student trained to match the frozen best model (docs/METHOD.md §9).
 
-The teacher is the sweep's best trial (`bootdiff.evaluate.load_trial` of ``sweep.json``'s
+The teacher is the sweep's best trial (`bootdiff.experiment.load_trial` of ``sweep.json``'s
 ``best``: the bootstrapped denoiser ``D_boot``, which evaluates every view model and the residual
 at each step). The student is an EDM-preconditioned backbone (`bootdiff.precond.EDMPrecond` over
 `bootdiff.nets.make_net` of ``distill.net``; by default a diffusers ``UNet2DModel``, so it exports
-as a diffusers pipeline: `bootdiff.diffusers_export`). Its loss, per sample (`DistillLoss`):
+as a diffusers pipeline: `bootdiff.distill.export`). Its loss, per sample (`DistillLoss`):
 
     L = λ(σ)·mean((D_student(x_σ;σ) − D_teacher(x_σ;σ))²) + w_real·[x real]·λ(σ)·mean((D_student(x_σ;σ) − x)²)
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from bootdiff import experiment, util
 from bootdiff.config import to_yaml
-from bootdiff.layout import RunLayout
+from bootdiff.run.layout import RunLayout
 from bootdiff.losses import check_weighting, noisy_batch, per_sample_mean
 from bootdiff.schedules import weighting
 
@@ -115,8 +115,8 @@ def best_row(cfg) -> dict:
 
 
 def load_teacher(cfg, manifest: dict):
-    """The frozen teacher: the best trial's EMA model (`bootdiff.evaluate.load_trial`), eval, no grad."""
-    from bootdiff.evaluate import load_trial
+    """The frozen teacher: the best trial's EMA model (`bootdiff.experiment.load_trial`), eval, no grad."""
+    from bootdiff.experiment import load_trial
 
     return load_trial(cfg, manifest, best_row(cfg)).eval().requires_grad_(False)
 
@@ -252,10 +252,10 @@ def teacher_samples_done(cfg) -> bool:
 
 def export_student(cfg, checkpoint_url: str) -> dict:
     """The run's final checkpoint (EMA weights) → ``models/student`` (bootdiff format, as the
-    full-res baseline) and ``export/diffusers`` (`bootdiff.diffusers_export`); returns their URLs."""
+    full-res baseline) and ``export/diffusers`` (`bootdiff.distill.export`); returns their URLs."""
     from bootdiff.checkpoint import load_checkpoint
     from bootdiff.config import ViewConfig, ViewKind
-    from bootdiff.diffusers_export import save_pipeline
+    from bootdiff.distill.export import save_pipeline
     from bootdiff.export import save_view_model
 
     layout = RunLayout.of(cfg)
@@ -313,3 +313,14 @@ def step_time_ratio(student, teacher, shape: Sequence[int], batch: int, repeats:
     x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
     s, t = step_time(student, x, repeats=repeats), step_time(teacher, x, repeats=repeats)
     return {"student_s": s, "teacher_s": t, "ratio": s / t, "batch": batch}
+
+
+def student_entry(cfg, models: dict, shape):
+    """The evaluation's ``student`` hook (`bootdiff.evaluation.evaluate.evaluate`): (the exported
+    student or None, its sampling-step cost against the teacher's — `step_time_ratio`, on one
+    ``eval.batch_size`` batch in this process — or None)."""
+    student = load_student(cfg)
+    if student is None or "bootstrapped" not in models:
+        return student, None
+    cost = step_time_ratio(student, models["bootstrapped"], shape, cfg.eval.batch_size)
+    return student, {**cost, "goal_ratio": 1 / (len(cfg.views) + 1)}  # K view models + the residual

@@ -19,8 +19,8 @@ import math
 import re
 from typing import Any, List, Optional, Sequence, Tuple
 
-from bootdiff.config import (VIDEO_SOURCES, ConfigError, ExperimentConfig, Fusion, NetKind,
-                             SourceKind, ViewKind, to_object)
+from bootdiff.config.choices import VIDEO_SOURCES, Fusion, NetKind, SourceKind, ViewKind
+from bootdiff.config.schema import ConfigError, ExperimentConfig, to_object
 
 NEEDS_PATH = (SourceKind.images, SourceKind.tar, SourceKind.idx, SourceKind.video, SourceKind.frames)
 MASK_KINDS = (SourceKind.images, SourceKind.tar)
@@ -256,9 +256,9 @@ def _check_eval(p: _Problems, cfg: ExperimentConfig) -> None:
 
 
 def _check_features(p: _Problems, f) -> None:
-    """``eval.features``: the feature network is loaded once on the CPU (`bootdiff.fd`), so a
+    """``eval.features``: the feature network is loaded once on the CPU (`bootdiff.evaluation.fd`), so a
     missing or wrong weights file fails here, before any training."""
-    from bootdiff import fd
+    from bootdiff.evaluation import fd
 
     if not (isinstance(f.batch_size, int) and f.batch_size >= 1):
         p.bad("eval.features.batch_size", f.batch_size, "must be an integer >= 1")

@@ -1,6 +1,6 @@
 """A diffusers pipeline for an EDM-preconditioned ``UNet2DModel`` (bootdiff's distilled student).
 
-This file imports only torch and diffusers: `bootdiff.diffusers_export.save_pipeline` copies it
+This file imports only torch and diffusers: `bootdiff.distill.export.save_pipeline` copies it
 into the exported folder as ``bootdiff_pipeline.py`` and names it in ``model_index.json``
 (``"_class_name": ["bootdiff_pipeline", "BootdiffEDMPipeline"]``), so anyone with diffusers loads
 the folder without bootdiff::

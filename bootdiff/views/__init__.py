@@ -2,8 +2,8 @@
 
 docs/METHOD.md §1. Every view satisfies ``A_k A_kᵀ = c_k·I``, so a noisy full sample seen through
 the view is a noisy view sample with white noise of level ``σ_k = σ·√c_k``. One class per kind, each
-in its own file (`bootdiff.view_patch`, `view_downsample`, `view_clip`; the base class and the
-identity in `bootdiff.view_base`), registered here in ``VIEW_CLASSES`` (kind -> class); ingest,
+in its own file (`bootdiff.views.patch`, `bootdiff.views.downsample`, `bootdiff.views.clip`; the base class and the
+identity in `bootdiff.views.base`), registered here in ``VIEW_CLASSES`` (kind -> class); ingest,
 export and config checks dispatch through it. Each class has (docs/CONTRACTS.md):
 
 - the operator (batched torch, device-agnostic): ``c``; ``project(x)`` = ``A x``, views with ``L``
@@ -31,10 +31,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from bootdiff.view_base import RESERVED_NAMES, FullView, View, bad_value, config_value, kind_name
-from bootdiff.view_clip import ClipView
-from bootdiff.view_downsample import DownsampleView
-from bootdiff.view_patch import MaskedPatchView, PatchView
+from bootdiff.views.base import RESERVED_NAMES, FullView, View, bad_value, config_value, kind_name
+from bootdiff.views.clip import ClipView
+from bootdiff.views.downsample import DownsampleView
+from bootdiff.views.patch import MaskedPatchView, PatchView
 
 __all__ = ["RESERVED_NAMES", "VIEW_CLASSES", "ClipView", "DownsampleView", "FullView", "MaskedPatchView", "PatchView",
            "View", "check_view_config", "make_view", "view_class", "view_from_json"]

@@ -1,6 +1,6 @@
 """The Inception-v3 network of the FID (Heusel et al. 2017, "GANs trained by a two time-scale update
 rule converge to a local Nash equilibrium"), as torch-fidelity and pytorch-fid define it — see
-docs/METHOD.md §8 and bootdiff/fd.py, which loads it.
+docs/METHOD.md §8 and bootdiff/evaluation/fd.py, which loads it.
 
 This is the TensorFlow graph `inception-2015-12-05` that the original FID code, NVlabs/edm's
 `fid.py` and every published FID use, re-expressed in PyTorch. It is copied here, not imported,

@@ -1,0 +1,162 @@
+"""The data-efficiency benchmark's models as jobs: their budgets and configs, the choice of the
+residual setting on validation, and the scores of a finished model (`bootdiff.efficiency`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from typing import Dict, List, Optional
+
+from bootdiff import experiment, util
+from bootdiff.config import to_object
+from bootdiff.run.layout import RunLayout
+
+
+def model_file(model_id: str) -> str:
+    return model_id.replace("/", "__") + ".json"
+
+
+def gap_closed(base: float, boot: float, oracle: float, min_gap: float = 0.01) -> float:
+    """(base − boot) / (base − oracle): 0 = no better than the baseline, 1 = as good as the oracle;
+    NaN when the baseline is within ``min_gap`` (relative, of the oracle's value) of the oracle:
+    there is no gap to close, and a ratio over a gap inside the metric's noise would read as a
+    huge gain or loss (G moves by ≈ 1 % between neighbouring checkpoints of one model)."""
+    vals = [float(v) for v in (base, boot, oracle)]
+    if not all(math.isfinite(v) for v in vals) or abs(vals[0] - vals[2]) <= min_gap * abs(vals[2]):
+        return float("nan")
+    return (vals[0] - vals[1]) / (vals[0] - vals[2])
+
+
+def budgets(cfg, kimg: Optional[float] = None) -> dict:
+    """The benchmark's budgets: every baseline and residual ``kimg`` (default: the residual's),
+    every view model and the oracle the views' largest ``total_kimg``."""
+    k = float(kimg if kimg is not None else cfg.residual.train.total_kimg)
+    view = max(float(v.train.total_kimg) for v in cfg.views.values())
+    return {"full_res_kimg": k, "residual_kimg": k, "view_kimg": view, "oracle_kimg": view}
+
+
+def with_budgets(cfg, b: dict):
+    c = copy.deepcopy(to_object(cfg))
+    c.full_res.train.total_kimg = c.residual.train.total_kimg = b["full_res_kimg"]
+    return c
+
+
+def jobs(plan: dict, cfg) -> List[dict]:
+    """Every model of the benchmark as a job dict, in stages (0: views, baselines; 1: oracle,
+    combined, selection residuals; 2: bootstraps, whose μ comes from stage 1)."""
+    from bootdiff.sweep import trial_list
+
+    ds = plan["datasets"]
+    out = [{"id": f"view-{v}", "kind": "view", "view": v, "data": "base", "stage": 0} for v in plan["views"]]
+    out.append({"id": "oracle", "kind": "full_res", "data": "oracle", "stage": 1, "N": None})
+    grid = [t for t in trial_list(cfg) if t["kind"] == "residual"]
+    for n in plan["ns"]:
+        out.append({"id": f"N{n}/baseline", "kind": "full_res", "data": f"N{n}", "stage": 0, "N": n})
+        out.append({"id": f"N{n}/select-baseline", "kind": "full_res", "data": f"N{n}-select", "stage": 0,
+                    "N": n, "quick": True})
+        out.append({"id": f"N{n}/combined", "kind": "combined", "data": f"N{n}", "stage": 1, "N": n})
+        for t in grid:
+            out.append({"id": f"N{n}/select-{t['label']}", "kind": "residual", "data": f"N{n}-select",
+                        "stage": 1, "N": n, "trial": t, "quick": True})
+        out.append({"id": f"N{n}/bootstrap", "kind": "residual", "data": f"N{n}", "stage": 2, "N": n})
+    for j in out:
+        j["cfg_yaml"] = ds[j["data"]]
+    return out
+
+
+def job_cfg(job: dict, b: dict):
+    from bootdiff.config import ExperimentConfig, from_yaml
+
+    cfg = from_yaml(job["cfg_yaml"], ExperimentConfig)
+    cfg = with_budgets(cfg, b)
+    if job["id"] == "oracle":
+        cfg.full_res.train.total_kimg = b["oracle_kimg"]
+    return cfg
+
+
+def best_val_G(row: dict) -> float:
+    """A selection run's best validation G: the lowest over its checkpoints (the model is taken at
+    its validation minimum, `bootdiff.efficiency.report.early_stopped`), its final G without a curve."""
+    vals = [p["test_G"] for p in row.get("curve") or [] if p.get("test_G") is not None]
+    return min(vals) if vals else row["test_G"]
+
+
+def select(results: Dict[str, dict], n: int) -> dict:
+    """The residual setting with the lowest validation G among N's selection runs (each at its own
+    validation minimum)."""
+    rows = [r for k, r in results.items() if k.startswith(f"N{n}/select-") and r.get("trial")]
+    if not rows:
+        raise RuntimeError(f"data-efficiency: no selection run of N={n} finished")
+    best = min(rows, key=best_val_G)
+    return dict(best["trial"])
+
+
+def share_view_models(plan: dict, out: str) -> None:
+    """Copy the exported view models of ``base`` to every other dataset (the same weights)."""
+    from bootdiff.config import ExperimentConfig, from_yaml
+
+    src = RunLayout(out, "base")
+    for name, y in plan["datasets"].items():
+        if name in ("base", "oracle"):
+            continue
+        dst = RunLayout.of(from_yaml(y, ExperimentConfig))
+        for v in plan["views"]:
+            if util.exists(util.join(dst.model(v), "bootdiff.json")) or not util.exists(src.model(v)):
+                continue  # copied before, or not trained (then loading it names the missing model)
+            fs, sp = util.url_fs(src.model(v))
+            _, dp = util.url_fs(dst.model(v))
+            if util._is_local(fs):
+                shutil.copytree(sp, dp, dirs_exist_ok=True)
+            else:
+                fs.copy(sp, dp, recursive=True)
+
+
+def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
+    """The EMA model of a finished job (the combined denoiser needs no checkpoint)."""
+    from bootdiff.checkpoint import load_checkpoint
+    from bootdiff.sweep import trial_residual_config
+
+    if job["kind"] == "combined":
+        return experiment.build_combined(cfg, manifest)
+    if job["kind"] == "full_res":
+        return experiment.load_run(cfg, manifest, "full_res", checkpoint)[0]
+    state = load_checkpoint(RunLayout.of(cfg).url(checkpoint))
+    model = experiment.build_bootstrap(cfg, manifest, trial_residual_config(cfg, job["trial"]))
+    return experiment.ema_model(model, state)
+
+
+def evaluate_job(job: dict, b: dict, checkpoint: Optional[str], num_samples: int) -> dict:
+    """Scores of a finished model: test and train G (the manifest's fixed σ_data), and — except
+    for selection runs — SWD to the test split (total and per pyramid level), memorisation rate and
+    nearest-neighbour distance to its own training set, FD when ``eval.features`` is set."""
+    from bootdiff.evaluation.evaluate import sample_images
+    from bootdiff.evaluation.scores import generalization
+    from bootdiff.evaluation.metrics import memorization_rate, nearest_neighbour_distance, sliced_wasserstein_levels
+
+    cfg = job_cfg(job, b)
+    manifest = experiment.read_manifest(cfg)
+    D = load_model(job, cfg, manifest, checkpoint).to(util.compute_device())
+    out = {"test_G": generalization(cfg, manifest, D, "test")["total"],
+           "train_G": generalization(cfg, manifest, D, "full")["total"],
+           "g_sigma_data": experiment.g_sigma_data(manifest)}
+    if job.get("quick"):
+        return out
+    cfg.eval.num_images = num_samples
+    samples = sample_images(cfg, D, experiment.full_shape(manifest), cfg.eval.seed)
+    test_x = experiment.load_all(cfg, manifest, "test", cfg.eval.max_samples)
+    train_x = experiment.load_all(cfg, manifest, "full", experiment.view_info(manifest, "full")["count"])
+    swd = sliced_wasserstein_levels(samples, test_x)
+    out.update(swd=swd["swd"], swd_levels=swd["per_level"], swd_resolutions=swd["resolutions"],
+               memorization_rate=memorization_rate(samples, train_x),
+               nn_distance_train=nearest_neighbour_distance(samples, train_x), num_samples=num_samples)
+    feats = getattr(cfg.eval, "features", None)
+    kind = str(getattr(getattr(feats, "kind", None), "value", getattr(feats, "kind", "none")))
+    if feats is not None and kind != "none":
+        from bootdiff.evaluation import fd
+
+        net = fd.load_feature_network(kind, feats.path)
+        out["fd"] = fd.fd_features(fd.features(net, samples, feats.batch_size),
+                                   fd.features(net, test_x, feats.batch_size))
+    return out

@@ -1,0 +1,66 @@
+"""Generalization error G of a denoiser on a full-resolution split (docs/METHOD.md §6), as every
+stage measures it: the held-out ``test`` and training ``full`` pair, the ``val`` score the sweep
+chooses on, and the three of a checkpoint's EMA weights that the Ray jobs report at each
+checkpoint. The metric itself is `bootdiff.evaluation.metrics.generalization_error`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+
+from bootdiff import experiment, util
+from bootdiff.run.layout import RunLayout
+
+
+def generalization(cfg, manifest: dict, D, split: str = "test", max_samples: Optional[int] = None) -> dict:
+    """G per σ and in total (docs/METHOD.md §6) of denoiser ``D`` on a full-resolution split.
+
+    The weighting λ(σ) uses `g_sigma_data` of the manifest: the σ_data of its ``full`` split, or
+    the fixed value a manifest states (``g_sigma_data``), so G is comparable across datasets
+    that differ only in the scarce set (the data-efficiency benchmark, `bootdiff.efficiency`)."""
+    from bootdiff.evaluation.metrics import generalization_error, sigma_grid
+
+    ecfg = cfg.eval
+    n = max_samples or ecfg.max_samples
+    sigma_data = experiment.g_sigma_data(manifest)
+    batches = experiment.stream(cfg, manifest, split, batch_size=ecfg.batch_size, mode="eval", max_samples=n)
+    with torch.no_grad():
+        return generalization_error(D, batches, sigma_grid(ecfg), sigma_data, seed=ecfg.seed, delta=ecfg.delta,
+                                    device=util.module_device(D))
+
+
+def generalization_pair(cfg, manifest: dict, D) -> Tuple[dict, dict]:
+    """G of ``D`` on the held-out ``test`` split and on the scarce training split ``full``
+    (docs/METHOD.md §6): their gap is the over-fitting the sweep is after."""
+    return (generalization(cfg, manifest, D, "test"),
+            generalization(cfg, manifest, D, "full"))
+
+
+def validation_G(cfg, manifest: dict, D) -> float:
+    """Total G of ``D`` on the held-out ``val`` split (``data.num_val``), the score the sweep
+    chooses on (ASHA, the best trial; docs/METHOD.md §6); NaN when the run has no ``val`` split."""
+    if "val" not in manifest.get("splits", {}):
+        return float("nan")
+    return generalization(cfg, manifest, D, "val")["total"]
+
+
+def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
+    """``val_G``, ``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
+    ``model`` on its device (the training run's GPU when it has one; its own weights are left
+    untouched). A bootstrapped model's frozen
+    D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
+    they are the same at every checkpoint and in every trial with the same fusion weights."""
+    from bootdiff.checkpoint import load_checkpoint
+    from bootdiff.memo import memoize_combined
+
+    state = load_checkpoint(checkpoint_url)
+    ema = experiment.ema_model(copy.deepcopy(model), state)
+    memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
+    test, train = generalization_pair(cfg, manifest, ema)
+    val = validation_G(cfg, manifest, ema)
+    if memo is not None:
+        memo.save()
+    return {"val_G": val, "test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
