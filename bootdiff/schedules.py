@@ -39,24 +39,48 @@ def _rand(n: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
 
 
 def sample_training_sigma(n: int, loss_cfg, generator: Optional[torch.Generator] = None,
-                          device=None) -> torch.Tensor:
+                          device=None, lo: float = 0.0, hi: float = math.inf) -> torch.Tensor:
     """``n`` training noise levels ``[n]`` (float32) from ``loss_cfg.sigma_dist``.
 
     ``lognormal``: σ = exp(P_mean + P_std·ξ), ξ ~ N(0,1) (EDM, Table 1).
     ``loguniform``: σ = exp(U(ln sigma_min, ln sigma_max)).
+
+    With ``lo > 0`` or ``hi < ∞`` the same distribution truncated to ``lo ≤ σ ≤ hi`` (inverse
+    CDF of the truncated law: one uniform draw per σ), the σ gate of Ambient Diffusion Omni
+    (`bootdiff.peers.ambient`); without bounds the draws are exactly the untruncated ones.
     """
     kind = loss_cfg.sigma_dist
+    if not (0 <= lo < hi):
+        raise ValueError(f"σ gate: need 0 <= lo < hi, got lo={lo}, hi={hi}")
+    gated = lo > 0 or math.isfinite(hi)
     if kind == "lognormal":
         if not loss_cfg.P_std > 0:
             raise ValueError(f"loss.P_std must be > 0, got {loss_cfg.P_std}")
-        xi = randn((n,), generator, device, torch.float64)
+        if gated:
+            def cdf(s):
+                if s <= 0:
+                    return 0.0
+                if math.isinf(s):
+                    return 1.0
+                return 0.5 * math.erfc(-(math.log(s) - loss_cfg.P_mean) / (loss_cfg.P_std * math.sqrt(2)))
+            a, b = cdf(lo), cdf(hi)
+            u = (a + (b - a) * _rand(n, generator, device)).clamp(1e-12, 1 - 1e-12)
+            xi = torch.special.ndtri(u)
+        else:
+            xi = randn((n,), generator, device, torch.float64)
         sigma = torch.exp(loss_cfg.P_mean + loss_cfg.P_std * xi)
     elif kind == "loguniform":
         _check_range("loss", loss_cfg.sigma_min, loss_cfg.sigma_max)
-        lo, hi = math.log(loss_cfg.sigma_min), math.log(loss_cfg.sigma_max)
-        sigma = torch.exp(lo + (hi - lo) * _rand(n, generator, device))
+        lo_, hi_ = max(loss_cfg.sigma_min, lo), min(loss_cfg.sigma_max, hi)
+        if not lo_ < hi_:
+            raise ValueError(f"σ gate [{lo}, {hi}] lies outside loss.sigma_min..sigma_max "
+                             f"[{loss_cfg.sigma_min}, {loss_cfg.sigma_max}]")
+        a, b = math.log(lo_), math.log(hi_)
+        sigma = torch.exp(a + (b - a) * _rand(n, generator, device))
     else:
         raise ValueError(f"loss.sigma_dist must be one of {SIGMA_DISTS}, got {kind!r}")
+    if gated:  # float rounding at the edges: the gate is a hard rule
+        sigma = sigma.clamp(min=lo, max=hi)
     return sigma.to(torch.float32)
 
 

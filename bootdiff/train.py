@@ -9,7 +9,8 @@ automatic resume, and reports to caller hooks. Ray code only wraps it (see ``ray
 Data and exact resumption
 -------------------------
 ``data`` yields micro-batches ``[cfg.batch_size, ...]`` for this rank (``cfg.accum_steps`` of
-them make one optimizer step). It is either
+them make one optimizer step), or tuples of tensors that the loss takes apart (the groups of a
+mixed batch; the kimg count is ``cfg.batch_size`` per micro-batch all the same). It is either
 
 * an iterator / iterable — used as is (the caller must position it when resuming), or
 * a callable ``data(start_step) -> iterator`` — called once with the number of optimizer steps
@@ -147,6 +148,17 @@ def _seed_all(seed: int, gen: torch.Generator) -> None:
     gen.manual_seed(seed)
 
 
+def _to_device(x: Any, device, channels_last: bool):
+    """A micro-batch on the training device: a tensor, or a tuple of tensors (the groups of a
+    mixed batch, e.g. `bootdiff.peers.ambient`), each float32 (and channels_last when asked)."""
+    if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(_to_device(t, device, channels_last) for t in x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"train(): data must yield tensors (or tuples of tensors), got {type(x).__name__}")
+    x = x.to(device, torch.float32, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
 def _open_data(data: Any, start_step: int):
     if hasattr(data, "__next__"):
         return data
@@ -250,11 +262,7 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
                 except StopIteration:
                     raise RuntimeError(f"train(): data iterator exhausted at step {step + 1} "
                                        f"(micro-batch {round_idx + 1} of {cfg.accum_steps})") from None
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"train(): data must yield tensors, got {type(x).__name__}")
-                x = x.to(device, torch.float32, non_blocking=True)
-                if channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = _to_device(x, device, channels_last)
                 no_sync = ddp.no_sync() if distributed and round_idx < cfg.accum_steps - 1 else contextlib.nullcontext()
                 with no_sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -298,6 +298,21 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     _check_scaling(p, "distill.scaling", d.scaling)
 
 
+def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
+    """``peers.ambient`` (`bootdiff.peers.ambient`): gates, shares, and the views it names."""
+    a = cfg.peers.ambient
+    for key in ("sigma_tn", "sigma_crop"):
+        if not getattr(a, key) > 0:
+            p.bad(f"peers.ambient.{key}", getattr(a, key), "must be > 0 (a noise level)")
+    if not 0 <= a.low_share < 1:
+        p.bad("peers.ambient.low_share", a.low_share, "must be in [0, 1) (the rest are full-res rows)")
+    p.at_least("peers.ambient.crop_ratio", a.crop_ratio, 0)
+    for key, kind in (("low_view", ViewKind.downsample), ("crop_view", ViewKind.patch)):
+        name = getattr(a, key)
+        if name and (name not in cfg.views or cfg.views[name].kind != kind):
+            p.bad(f"peers.ambient.{key}", name, f"must name a {kind.value} view (views: {', '.join(cfg.views) or 'none'})")
+
+
 def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:
     """Check every cross-field rule of ``cfg`` (an `ExperimentConfig` or its DictConfig); raise one
     ``ConfigError`` listing each problem as ``<file or command line>: key=value: why``.
@@ -314,6 +329,7 @@ def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:
     _check_sweep(p, cfg)
     _check_eval(p, cfg)
     _check_distill(p, cfg)
+    _check_peers(p, cfg)
     p.at_least("ray.max_failures", cfg.ray.max_failures, -1, "must be >= -1 (-1: retry forever)")
     p.at_least("ray.ingest_tasks", cfg.ray.ingest_tasks, 0, "must be >= 0 (0: one task per shard range)")
     p.at_least("ray.worker_start_timeout_s", cfg.ray.worker_start_timeout_s, 0)

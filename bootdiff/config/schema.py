@@ -266,6 +266,28 @@ class DistillConfig:
 
 
 @dataclass
+class AmbientConfig:
+    """One full-res network trained the Ambient Diffusion Omni way (Daras et al. 2025; a peer of
+    the bootstrap, `bootdiff.peers.ambient`): the scarce full-res images at every σ, the low-res
+    view's samples lifted to full resolution (Aᵀ/c) only at σ ≥ ``sigma_tn``, the patch view's
+    crops (at their own size) only at σ ≤ ``sigma_crop``. Net and training: ``full_res``'s."""
+
+    sigma_tn: float = 0.5  # lifted low-res samples only at σ >= this (their missing detail drowns)
+    sigma_crop: float = 0.5  # crops only at σ <= this (the denoiser is local there)
+    low_share: float = 0.5  # share of each micro-batch's full-size rows that are lifted low-res samples
+    crop_ratio: float = 1.0  # crops per micro-batch, as a multiple of full_res.train.batch_size (0: none)
+    low_view: str = ""  # the downsample view to lift ("": the only one)
+    crop_view: str = ""  # the patch view to crop from ("": the only one)
+
+
+@dataclass
+class PeersConfig:
+    """Peer methods: one ordinary network trained on the same full-res and partial data."""
+
+    ambient: AmbientConfig = field(default_factory=AmbientConfig)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "bootdiff"
     storage: str = "./bootdiff_runs"  # URL root: shards, checkpoints, sweep results, report
@@ -281,6 +303,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
 
 
 # ----------------------------------------------------------------------------- reading and writing

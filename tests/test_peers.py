@@ -1,0 +1,112 @@
+"""Peer methods (`bootdiff.peers`): the σ gates of the Ambient-Omni loss, the truncated σ law
+behind them, and the peer's training run on real shards through `bootdiff.train.train`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from bootdiff import experiment
+from bootdiff.config import LossConfig, to_object
+from bootdiff.data.ingest import ingest
+from bootdiff.peers.ambient import AmbientLoss, ambient_training, group_sizes, pick_view
+from bootdiff.schedules import sample_training_sigma
+from bootdiff.train import train
+from bootdiff.views import DownsampleView
+from tests.datagen import RandomSource, small_cfg
+
+
+def _phi(z):
+    return 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def test_ungated_sigma_draws_are_the_untruncated_ones():
+    cfg = LossConfig()
+    a = sample_training_sigma(1000, cfg, torch.Generator().manual_seed(3))
+    xi = torch.randn(1000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(a, torch.exp(cfg.P_mean + cfg.P_std * xi).float())
+
+
+@pytest.mark.parametrize("lo,hi", [(0.5, math.inf), (0.0, 0.5), (0.2, 3.0)])
+def test_truncated_lognormal_is_the_truncated_law(lo, hi):
+    """Inside the gate only, and distributed as p_train restricted to it: Φ((ln σ − P_mean)/P_std)
+    is uniform on [Φ(a), Φ(b)], so its mean is the midpoint and its quartiles are evenly spaced."""
+    cfg = LossConfig()
+    s = sample_training_sigma(20000, cfg, torch.Generator().manual_seed(0), lo=lo, hi=hi).double()
+    assert s.min() >= torch.tensor(lo, dtype=torch.float32) and s.max() <= torch.tensor(hi, dtype=torch.float32)
+    u = torch.tensor([_phi((math.log(v) - cfg.P_mean) / cfg.P_std) for v in s.tolist()])
+    a = _phi((math.log(lo) - cfg.P_mean) / cfg.P_std) if lo > 0 else 0.0
+    b = _phi((math.log(hi) - cfg.P_mean) / cfg.P_std) if math.isfinite(hi) else 1.0
+    assert u.mean().item() == pytest.approx((a + b) / 2, abs=0.01 * (b - a) + 1e-3)
+    q = torch.quantile(u, torch.tensor([0.25, 0.75], dtype=u.dtype))
+    assert q.tolist() == pytest.approx([a + (b - a) / 4, a + 3 * (b - a) / 4], abs=0.02 * (b - a))
+
+
+def test_loguniform_gate_and_a_gate_outside_the_range():
+    cfg = LossConfig(sigma_dist="loguniform", sigma_min=0.01, sigma_max=10.0)
+    s = sample_training_sigma(5000, cfg, torch.Generator().manual_seed(1), lo=1.0)
+    assert s.min() >= 1.0 and s.max() <= 10.0 and s.median() == pytest.approx(math.sqrt(10), rel=0.1)
+    with pytest.raises(ValueError, match="outside"):
+        sample_training_sigma(4, cfg, torch.Generator(), lo=20.0)
+
+
+def test_ambient_gates_no_lifted_sample_below_sigma_tn_no_crop_above_sigma_crop():
+    seen = []
+
+    def D(x, sigma):  # records what the network is given: shape and σ per row
+        seen.append((tuple(x.shape), sigma.clone()))
+        return torch.zeros_like(x)
+
+    view = DownsampleView(2)
+    loss = AmbientLoss(LossConfig(), 0.5, view.lift, sigma_tn=0.7, sigma_crop=0.3)
+    gen = torch.Generator().manual_seed(0)
+    full, low, crops = torch.rand(6, 1, 16, 16), torch.rand(5, 1, 8, 8), torch.rand(7, 1, 8, 8)
+    by_group = {0: [], 1: [], 2: []}
+    for _ in range(200):
+        out = loss(D, (full, low, crops), gen)
+        assert out.shape == (18,) and torch.isfinite(out).all()
+        for g in by_group:
+            by_group[g].append(loss.last_sigma[loss.last_groups == g])
+    shapes = [s for s, _ in seen[:3]]
+    assert shapes == [(6, 1, 16, 16), (5, 1, 16, 16), (7, 1, 8, 8)]  # low-res lifted, crops at their size
+    s0, s1, s2 = (torch.cat(v) for v in by_group.values())
+    assert s1.min() >= torch.tensor(0.7) and s2.max() <= torch.tensor(0.3)
+    assert s0.min() < 0.3 and s0.max() > 0.7  # the full-res images at every σ
+    # the network sees exactly the σ the loss reports, and the lifted rows are the view's lift
+    assert torch.equal(torch.cat([s for _, s in seen[-3:]]), loss.last_sigma)
+    assert torch.equal(view.lift(low)[:, :, ::2, ::2], low)
+
+
+def test_group_sizes_and_view_choice():
+    acfg = to_object(small_cfg("/tmp/unused")).peers.ambient
+    assert group_sizes(acfg, 32) == (16, 16, 32)
+    acfg.low_share, acfg.crop_ratio = 0.25, 0.0
+    assert group_sizes(acfg, 32) == (24, 8, 0)
+    acfg.low_share = 1.0
+    with pytest.raises(ValueError, match="low_share"):
+        group_sizes(acfg, 32)
+    cfg = to_object(small_cfg("/tmp/unused"))
+    assert pick_view(cfg, "downsample", "") == "low" and pick_view(cfg, "patch", "") == "patch"
+    with pytest.raises(ValueError, match="peers.ambient.low_view='patch'"):
+        pick_view(cfg, "downsample", "patch")
+
+
+def test_ambient_peer_trains_on_real_shards_and_its_stream_resumes_exactly(tmp_path):
+    cfg = to_object(small_cfg(tmp_path, extra=[
+        "full_res.train.total_kimg=0.064", "full_res.train.batch_size=8", "full_res.train.checkpoint_every_kimg=0",
+        "full_res.net.channels=[8,16]", "full_res.net.norm_groups=4", "full_res.net.attention=[false,false]"]))
+    manifest = ingest(cfg, progress=False, source=RandomSource(n=60))
+    model, loss, data = ambient_training(cfg, manifest)
+    first = list(itertools.islice(data(0), 4))
+    full, low, crops = first[0]
+    assert full.shape == (4, 1, 16, 16) and low.shape == (4, 1, 8, 8) and crops.shape == (8, 1, 8, 8)
+    for a, b in zip(first[2], next(iter(data(2)))):  # data(k) starts at micro-batch k
+        assert torch.equal(a, b)
+    res = train(model, loss, data, cfg.full_res.train)
+    assert res.step == 8 and math.isfinite(res.loss)
+    assert set(loss.last_groups.tolist()) == {0, 1, 2}
+    G = experiment.view_info(manifest, "full")  # the peer is a full-res denoiser: same shape as the data
+    assert tuple(model(full, torch.full((4,), 0.5)).shape) == tuple([4, *G["shape"]])
