@@ -44,9 +44,9 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     cfg_yaml = to_yaml(cfg)
     storage = util.join(out, "ray")
     name = job["id"].replace("/", "__")
-    if job["kind"] in ("view", "full_res"):
-        view = job["view"] if job["kind"] == "view" else "full_res"
-        trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] == "full_res")
+    if job["kind"] in ("view", "full_res", "ambient"):
+        view = job["view"] if job["kind"] == "view" else job["kind"]
+        trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view")
     else:
         sw = cfg.sweep
         resources = {"CPU": worker_cpus(cfg), **dict(sw.trial_resources)}

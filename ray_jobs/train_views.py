@@ -37,6 +37,10 @@ def train_worker(config: dict) -> None:
         from bootdiff.distill.student import distill_training
 
         model, loss, data = distill_training(cfg, manifest, rank, world)
+    elif view == "ambient":  # the Ambient-Omni peer of the data-efficiency benchmark
+        from bootdiff.peers.ambient import ambient_training
+
+        model, loss, data = ambient_training(cfg, manifest, rank, world)
     else:
         model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
     extra = None
@@ -74,7 +78,7 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
             checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints,
-                                                       chosen_on_val=view == "full_res" and evaluate),
+                                                       chosen_on_val=view in ("full_res", "ambient") and evaluate),
             callbacks=callbacks, logging_config=common.train_logging(cfg)),
     )
 

@@ -182,6 +182,8 @@ def test_resume_skips_finished_models(bench):
         "datasets": {k: "" for k in ("base", "oracle", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
     assert set(first) | set(seen) == ids
     assert {"N8/select-baseline", "N16/select-baseline"} <= ids  # the baseline's own validation run
+    assert {"N8/ambient", "N8/select-ambient", "N16/ambient"} <= ids  # the peer, stopped on validation too
+    assert "ambient" in summary["per_n"]["8"] and "ambient" in summary["per_n"]["8"]["selection"]
     boot = json.loads(util.read_bytes(f"{out}/results/N8__bootstrap.json"))
     sel = {k: json.loads(util.read_bytes(f"{out}/results/N8__select-{k}.json"))["test_G"]
            for k in ("residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1")}
@@ -189,3 +191,54 @@ def test_resume_skips_finished_models(bench):
     assert summary["budgets"]["full_res_kimg"] == summary["budgets"]["residual_kimg"] == 1
     for f in ("efficiency.json", "g_vs_n.png", "swd_vs_n.png", "summary.md"):
         assert util.exists(f"{out}/{f}")
+
+
+def test_peer_budget_is_the_bootstraps_training_compute(bench):
+    """The Ambient peer's kimg buys the FLOPs of the view models plus the residual, within one of
+    its steps and never more; FLOPs per step scale with the micro-batch; the job gets that kimg."""
+    import dataclasses
+
+    from bootdiff.efficiency import compute
+    from bootdiff.efficiency.data import dataset_cfg
+    from bootdiff.efficiency.models import budgets, job_cfg, peer_budgets
+
+    cfg, out, plan, m = bench
+    b = budgets(cfg, 1)
+    pb = peer_budgets(cfg, m["base"], b)
+    f = pb["flops"]
+    ft = cfg.full_res.train
+    boot = f["bootstrap"]
+    assert boot["total"] == pytest.approx(boot["view-patch"] + boot["view-low"] + boot["residual"])
+    assert boot["total"] - f["ambient_per_step"] < f["ambient"] <= boot["total"]
+    assert pb["ambient_kimg"] == compute.steps(pb["ambient_kimg"], ft.batch_size) * ft.batch_size / 1000
+    # a view's step: one view network, forward + backward, on its own batch size
+    v = cfg.views["patch"]
+    one = compute.view_step_flops(cfg, m["base"], "patch", v)
+    two = compute.view_step_flops(cfg, m["base"], "patch", dataclasses.replace(
+        v, train=dataclasses.replace(v.train, batch_size=2 * v.train.batch_size)))
+    assert two == pytest.approx(2 * one, rel=1e-6)
+    assert boot["view-patch"] == compute.steps(b["view_kimg"], v.train.batch_size) * one
+    # the residual pays the frozen D_comb's forward at every step: more than its own network alone
+    assert compute.residual_step_flops(cfg, m["base"]) > compute.view_step_flops(cfg, m["base"], "full", cfg.residual)
+    job = {"id": "N8/ambient", "kind": "ambient", "cfg_yaml": plan["datasets"]["N8"]}
+    assert job_cfg(job, {**b, **pb}).full_res.train.total_kimg == pb["ambient_kimg"]
+    with pytest.raises(RuntimeError, match="no budget"):
+        job_cfg(job, b)
+    assert dataset_cfg(cfg, out, "base").name == "base"
+
+
+def test_ambient_job_trains_locally_and_is_scored(bench):
+    """The peer row end to end in this process: trained on its dataset's full-res images and the
+    shared views' shards (`train_local`), G at its checkpoints as its curve, scored like the others."""
+    from bootdiff.efficiency.models import budgets, evaluate_job
+    from bootdiff.efficiency.train import train_local
+
+    cfg, out, plan, _ = bench
+    b = {**budgets(cfg, 0.05), "ambient_kimg": 0.064}
+    job = {"id": "N8/select-ambient", "kind": "ambient", "data": "N8-select", "N": 8, "quick": True,
+           "cfg_yaml": plan["datasets"]["N8-select"]}
+    trained = train_local(job, b, out)
+    assert trained["kimg"] == pytest.approx(0.064, abs=0.04) and trained["checkpoint"]
+    assert trained["curve"] and math.isfinite(trained["curve"][-1]["test_G"])
+    scores = evaluate_job(job, b, trained["checkpoint"], num_samples=4)
+    assert math.isfinite(scores["test_G"]) and scores["test_G"] == pytest.approx(trained["curve"][-1]["test_G"], rel=1e-4)

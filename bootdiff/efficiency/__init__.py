@@ -21,7 +21,11 @@ models, no training, docs/METHOD.md §3), ``select-*`` residuals on N − v imag
 held back, ``select-baseline`` (the baseline on the same N − v, whose validation curve says where
 to stop the baseline, as the selected residual's says for the bootstrap), and ``bootstrap`` (the
 residual with the selected μ_var / μ_L1 on all N, §4); once an ``oracle`` (full-res model on the
-whole pool, with a view model's budget). Baselines and residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency.train.train_local`
+whole pool, with a view model's budget); and per peer method the config's views allow
+(`bootdiff.efficiency.models.peers`: ``ambient``, `bootdiff.peers.ambient`) one network on the
+N images and the same partial pool, with its own ``select-<peer>`` run on N − v that says where
+to stop it, given the bootstrap's training compute in FLOPs (view models + residual,
+`bootdiff.efficiency.compute`), not its kimg. Baselines and residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency.train.train_local`
 in this process, Ray Train in
 ``ray_jobs/efficiency.py``; `evaluate_job` scores a finished model (G on test and train, SWD per
 pyramid level, memorisation, nearest-neighbour distance, FD when ``eval.features`` is set, §8).

@@ -37,6 +37,39 @@ def budgets(cfg, kimg: Optional[float] = None) -> dict:
     return {"full_res_kimg": k, "residual_kimg": k, "view_kimg": view, "oracle_kimg": view}
 
 
+def peers(cfg) -> List[str]:
+    """The peer methods (`bootdiff.peers`) this config's views allow: ``ambient`` needs one
+    downsample and one patch view (or ``peers.ambient.low_view`` / ``crop_view`` naming them)."""
+    from bootdiff.peers.ambient import pick_view
+
+    try:
+        pick_view(cfg, "downsample", cfg.peers.ambient.low_view)
+        pick_view(cfg, "patch", cfg.peers.ambient.crop_view)
+    except ValueError:
+        return []
+    return ["ambient"]
+
+
+def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
+    """Each peer's kimg at the bootstrap's training compute (`bootdiff.efficiency.compute`): the
+    FLOPs of every view model (``view_kimg``) and of the residual (``residual_kimg``), divided by
+    the peer's FLOPs per step. Returns ``{"<peer>_kimg": k, "flops": {...}}``: the bootstrap's
+    FLOPs by part, each peer's per step and in total, and the baseline's per step."""
+    from bootdiff.efficiency import compute
+
+    boot = compute.bootstrap_flops(cfg, manifest, b)
+    ft = cfg.full_res.train
+    flops = {"bootstrap": boot, "baseline_per_step": compute.view_step_flops(cfg, manifest, "full", cfg.full_res)}
+    out = {}
+    for peer in peers(cfg):
+        per_step = compute.ambient_step_flops(cfg, manifest)
+        kimg = compute.equal_compute_kimg(boot["total"], per_step, ft.batch_size, ft.accum_steps)
+        out[f"{peer}_kimg"] = kimg
+        flops[f"{peer}_per_step"] = per_step
+        flops[peer] = compute.steps(kimg, ft.batch_size, ft.accum_steps) * per_step
+    return {**out, "flops": flops}
+
+
 def with_budgets(cfg, b: dict):
     c = copy.deepcopy(to_object(cfg))
     c.full_res.train.total_kimg = c.residual.train.total_kimg = b["full_res_kimg"]
@@ -56,6 +89,10 @@ def jobs(plan: dict, cfg) -> List[dict]:
         out.append({"id": f"N{n}/baseline", "kind": "full_res", "data": f"N{n}", "stage": 0, "N": n})
         out.append({"id": f"N{n}/select-baseline", "kind": "full_res", "data": f"N{n}-select", "stage": 0,
                     "N": n, "quick": True})
+        for peer in peers(cfg):  # one ordinary network on the same data, stopped on validation too
+            out.append({"id": f"N{n}/{peer}", "kind": peer, "data": f"N{n}", "stage": 0, "N": n})
+            out.append({"id": f"N{n}/select-{peer}", "kind": peer, "data": f"N{n}-select", "stage": 0,
+                        "N": n, "quick": True})
         out.append({"id": f"N{n}/combined", "kind": "combined", "data": f"N{n}", "stage": 1, "N": n})
         for t in grid:
             out.append({"id": f"N{n}/select-{t['label']}", "kind": "residual", "data": f"N{n}-select",
@@ -73,6 +110,10 @@ def job_cfg(job: dict, b: dict):
     cfg = with_budgets(cfg, b)
     if job["id"] == "oracle":
         cfg.full_res.train.total_kimg = b["oracle_kimg"]
+    if job["kind"] in peers(cfg):
+        if f"{job['kind']}_kimg" not in b:
+            raise RuntimeError(f"data-efficiency: no budget for {job['id']} (peer_budgets was not run)")
+        cfg.full_res.train.total_kimg = b[f"{job['kind']}_kimg"]
     return cfg
 
 
@@ -120,7 +161,7 @@ def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
 
     if job["kind"] == "combined":
         return experiment.build_combined(cfg, manifest)
-    if job["kind"] == "full_res":
+    if job["kind"] in ("full_res", "ambient"):  # a peer is a full-res network of the baseline's size
         return experiment.load_run(cfg, manifest, "full_res", checkpoint)[0]
     state = load_checkpoint(RunLayout.of(cfg).url(checkpoint))
     model = experiment.build_bootstrap(cfg, manifest, trial_residual_config(cfg, job["trial"]))

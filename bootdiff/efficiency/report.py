@@ -11,6 +11,10 @@ from typing import Dict, Optional
 from bootdiff import util
 from bootdiff.efficiency.models import best_val_G, gap_closed
 
+MODELS = ("baseline", "combined", "bootstrap")
+PEERS = ("ambient",)  # `bootdiff.efficiency.models.peers`: the rows a config's views allow
+
+
 def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     """Per N: each model's scores and gap_closed for test G and SWD (against the oracle)."""
     oracle = results.get("oracle", {})
@@ -19,19 +23,20 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     per_n = {}
     for n in plan["ns"]:
         row = {m: {k: results[f"N{n}/{m}"].get(k) for k in keys if k in results.get(f"N{n}/{m}", {})}
-               for m in ("baseline", "combined", "bootstrap") if f"N{n}/{m}" in results}
+               for m in MODELS + PEERS if f"N{n}/{m}" in results}
         row["selection"] = {k.split("/select-")[1]: best_val_G(r) for k, r in results.items()
                             if k.startswith(f"N{n}/select-")}
         for metric in ("test_G", "swd"):
             vals = [row.get(m, {}).get(metric, float("nan")) for m in ("baseline", "bootstrap")]
             row[f"gap_closed_{metric}"] = gap_closed(vals[0], vals[1], oracle.get(metric, float("nan")))
-        early = {m: early_stopped(results, n, m) for m in ("baseline", "bootstrap")}
+        early = {m: early_stopped(results, n, m) for m in ("baseline", "bootstrap", *PEERS)}
         for m, e in early.items():
             if e:
                 row[f"{m}_early_stopped"] = e
-        if early["baseline"] and early["bootstrap"]:  # both stopped by the same rule
-            row["gap_closed_test_G_early_stopped"] = gap_closed(early["baseline"]["test_G"], early["bootstrap"]["test_G"],
-                                                                oracle.get("test_G", float("nan")))
+        for m in ("bootstrap", *PEERS):  # both stopped by the same rule
+            if early["baseline"] and early[m]:
+                key = "gap_closed_test_G_early_stopped" + ("" if m == "bootstrap" else f"_{m}")
+                row[key] = gap_closed(early["baseline"]["test_G"], early[m]["test_G"], oracle.get("test_G", float("nan")))
         per_n[str(n)] = row
     wall = sum(r.get("wall_s", 0.0) for r in results.values())
     return {"ns": plan["ns"], "budgets": b, "g_sigma_data": plan["g_sigma_data"],
@@ -43,13 +48,13 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
 
 
 def early_stopped(results: Dict[str, dict], n: int, model: str = "bootstrap") -> Optional[dict]:
-    """N's ``baseline`` or ``bootstrap`` stopped where its validation G was lowest, one rule for
-    both: the kimg of the minimum of its selection run's curve (the same model and setting trained
-    on N − v images, G on the v carved out — never the test split: ``select-baseline``, or the
-    selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
+    """N's ``baseline``, ``bootstrap`` or a peer stopped where its validation G was lowest, one
+    rule for all: the kimg of the minimum of its selection run's curve (the same model and setting
+    trained on N − v images, G on the v carved out — never the test split: ``select-baseline``,
+    ``select-<peer>``, or the selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
     ``{"kimg", "test_G", "train_G", "val_kimg", "val_G"}`` — or None without both curves."""
     own_row = results.get(f"N{n}/{model}") or {}
-    label = "baseline" if model == "baseline" else (own_row.get("trial") or {}).get("label")
+    label = model if model != "bootstrap" else (own_row.get("trial") or {}).get("label")
     sel = results.get(f"N{n}/select-{label}") or {}
     val = [p for p in sel.get("curve") or [] if p.get("test_G") is not None]
     own = [p for p in own_row.get("curve") or [] if p.get("test_G") is not None]
@@ -71,10 +76,10 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
 
     ns = summary["ns"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-")):
+    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-"), ("ambient", "d-")):
         ax.plot(ns, [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns], style, label=m)
     if metric == "test_G":  # baseline and bootstrap at their validation minima (`early_stopped`)
-        for m, style, colour in (("baseline", "o:", "C0"), ("bootstrap", "^:", "C2")):
+        for m, style, colour in (("baseline", "o:", "C0"), ("bootstrap", "^:", "C2"), ("ambient", "d:", "C3")):
             ax.plot(ns, [(summary["per_n"][str(n)].get(f"{m}_early_stopped") or {}).get("test_G", float("nan"))
                          for n in ns], style, color=colour, mfc="none", label=f"{m}, stopped at validation minimum")
     o = summary["oracle"].get(metric)
@@ -102,7 +107,8 @@ def markdown(summary: dict) -> str:
     b = summary["budgets"]
     lines = ["# Data efficiency — test G and SWD vs N", "",
              f"Budgets: baseline and residual {b['full_res_kimg']:g} kimg each; view models and oracle "
-             f"{b['view_kimg']:g} kimg. G weighting σ_data = {summary['g_sigma_data']:.4f}, "
+             f"{b['view_kimg']:g} kimg" + "".join(f"; {p} {b[p + '_kimg']:g} kimg (the bootstrap's training FLOPs)"
+                                                  for p in PEERS if p + "_kimg" in b) + ". G weighting σ_data = {summary['g_sigma_data']:.4f}, "
              f"{summary['g_sigma_data_from']}. Partial pool {summary['num_partial']} samples, test "
              f"{summary['num_test']}.", "",
              "| N | model | test G | train G | SWD | memorised | NN dist | μ (selected) |",
@@ -112,22 +118,24 @@ def markdown(summary: dict) -> str:
                  f"{_fmt(o.get('memorization_rate'))} | {_fmt(o.get('nn_distance_train'))} | |")
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]
-        for m in ("baseline", "combined", "bootstrap"):
+        for m in MODELS + tuple(p for p in PEERS if p in row):
             r = row.get(m, {})
             mu = r.get("trial", {}).get("label", "") if m == "bootstrap" else ""
             lines.append(f"| {n} | {m} | {_fmt(r.get('test_G'))} | {_fmt(r.get('train_G'))} | {_fmt(r.get('swd'))} | "
                          f"{_fmt(r.get('memorization_rate'))} | {_fmt(r.get('nn_distance_train'))} | {mu} |")
-        for m in ("baseline", "bootstrap"):
+        for m in ("baseline", "bootstrap", *PEERS):
             e = row.get(f"{m}_early_stopped")
             if e:
                 lines.append(f"| {n} | {m}, stopped at {e['kimg']:g} kimg (validation minimum) | {_fmt(e['test_G'])} | "
                              f"{_fmt(e.get('train_G'))} | | | | |")
-    lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), both stopped at validation minimum |",
-              "|---|---|---|---|"]
+    lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), both stopped at validation minimum |"
+              + "".join(f" {p}: gap closed, stopped |" for p in PEERS),
+              "|---|---|---|---|" + "---|" * len(PEERS)]
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]
         lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} | "
-                     f"{_fmt(row.get('gap_closed_test_G_early_stopped'))} |")
+                     f"{_fmt(row.get('gap_closed_test_G_early_stopped'))} |"
+                     + "".join(f" {_fmt(row.get('gap_closed_test_G_early_stopped_' + p))} |" for p in PEERS))
     lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
               "full resolution, 0 = no better than the N images alone; – = the baseline is within 1 % of the "
               "oracle (no gap to close at this budget).", ""]

@@ -10,10 +10,11 @@ from typing import Callable, List, Optional
 
 import torch
 
-from bootdiff import util
+from bootdiff import experiment, util
 from bootdiff.config import to_object
-from bootdiff.efficiency.data import prepare
-from bootdiff.efficiency.models import budgets, evaluate_job, jobs, model_file, select, share_view_models
+from bootdiff.efficiency.data import dataset_cfg, prepare
+from bootdiff.efficiency.models import (budgets, evaluate_job, jobs, model_file, peer_budgets, peers, select,
+                                        share_view_models)
 
 DEFAULT_NS = (16, 64, 256, 1024)
 
@@ -77,6 +78,10 @@ def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, nu
     out = util.join(out, "") .rstrip("/")
     plan = prepare(cfg, out, ns, val_fraction, source=source, ingest_fn=ingest_fn)
     b = budgets(cfg, kimg)
+    b.update(peer_budgets(cfg, experiment.read_manifest(dataset_cfg(cfg, out, "base")), b))
+    for peer in peers(cfg):
+        print(f"[bench] {peer}: {b[f'{peer}_kimg']:g} kimg = the bootstrap's training compute "
+              f"({b['flops']['bootstrap']['total']:.3g} FLOPs: views + residual)", flush=True)
     util.atomic_write_bytes(util.join(out, "plan.json"), json.dumps(
         {**{k: v for k, v in plan.items() if k != "datasets"}, "budgets": b}).encode())
     all_jobs = jobs(plan, cfg)

@@ -49,6 +49,11 @@ def train_local(job: dict, b: dict, out: str) -> dict:
     elif job["kind"] == "full_res":
         model, loss, data = experiment.view_training(cfg, manifest, "full", cfg.full_res)
         tcfg = cfg.full_res.train
+    elif job["kind"] == "ambient":
+        from bootdiff.peers.ambient import ambient_training
+
+        model, loss, data = ambient_training(cfg, manifest)
+        tcfg = cfg.full_res.train
     else:
         rcfg = trial_residual_config(cfg, job["trial"])
         model, loss, data = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir,

@@ -1,0 +1,109 @@
+"""Equal compute for the data-efficiency benchmark's peers: training FLOPs per optimizer step of
+each model, counted by `torch.utils.flop_counter.FlopCounterMode` on one real step (forward and
+backward of its loss on a micro-batch of its own shapes), so that a peer is given the training
+compute the bootstrap used — every view model plus the residual — and not the same kimg.
+
+The residual's step is its real loss on the bootstrapped denoiser: its own network's forward and
+backward and the frozen combined denoiser's forward (every view network on its view of the
+batch: `bootdiff.fusion`), which the residual pays at every step. Weights do not change FLOPs, so freshly built networks of each
+configured size are counted (no trained model is needed before the benchmark starts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def step_flops(model, loss_fn, batch, extra=None) -> float:
+    """FLOPs of one training micro-batch: ``loss_fn(model, batch, gen).mean().backward()``, plus
+    ``extra()`` (a forward that the step also runs, without gradients) when given."""
+    gen = torch.Generator().manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, batch, gen).mean().backward()
+        if extra is not None:
+            with torch.no_grad():
+                extra()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _rand(shape, n):
+    return torch.rand((n, *shape)) * 2 - 1
+
+
+def view_step_flops(cfg, manifest: dict, view: str, vcfg) -> float:
+    """A view model's (or, with ``view="full"``, the full-res baseline's) FLOPs per optimizer step."""
+    from bootdiff import experiment
+    from bootdiff.losses import EDMLoss
+
+    info = experiment.view_info(manifest, view)
+    model = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
+    loss = EDMLoss(vcfg.train.loss, float(info["sigma_data"]))
+    return step_flops(model, loss, _rand(info["shape"], vcfg.train.batch_size)) * vcfg.train.accum_steps
+
+
+def residual_step_flops(cfg, manifest: dict) -> float:
+    """The residual's FLOPs per optimizer step: `bootdiff.residual.ResidualLoss` on the
+    bootstrapped denoiser (`bootdiff.experiment.build_bootstrap`), whose frozen D_comb runs every
+    view network on its view of the micro-batch, forward only."""
+    from bootdiff import experiment
+    from bootdiff.fusion import CombinedDenoiser, ViewModel
+    from bootdiff.residual import ResidualLoss
+    from bootdiff.views import make_view
+
+    shape = experiment.full_shape(manifest)
+    rcfg = cfg.residual
+    views = []
+    for name, vcfg in cfg.views.items():
+        info = experiment.view_info(manifest, name)
+        denoiser = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
+        views.append(ViewModel(name, make_view(vcfg, shape, name=name), denoiser.eval().requires_grad_(False)))
+    combined = CombinedDenoiser(views, fusion=rcfg.fusion).eval()
+    model = experiment.build_bootstrap(cfg, manifest, rcfg, combined=combined)
+    sigma_data = float(experiment.view_info(manifest, "full")["sigma_data"])
+    # the sweep's costliest setting, so a peer is never given less than the bootstrap used
+    loss = ResidualLoss(rcfg.train.loss, sigma_data, mu_var=max(cfg.sweep.mu_var, default=rcfg.mu_var),
+                        mu_l1=max(cfg.sweep.mu_l1, default=rcfg.mu_l1), l1_decay=rcfg.l1_decay)
+    return step_flops(model, loss, _rand(shape, rcfg.train.batch_size)) * rcfg.train.accum_steps
+
+
+def ambient_step_flops(cfg, manifest: dict) -> float:
+    """The Ambient-Omni peer's FLOPs per optimizer step, on a micro-batch of its three groups."""
+    from bootdiff import experiment
+    from bootdiff.peers.ambient import ambient_training, group_sizes, pick_view
+
+    model, loss, _ = ambient_training(cfg, manifest)
+    acfg, tcfg = cfg.peers.ambient, cfg.full_res.train
+    low, crop = pick_view(cfg, "downsample", acfg.low_view), pick_view(cfg, "patch", acfg.crop_view)
+    n_full, n_low, n_crop = group_sizes(acfg, tcfg.batch_size)
+    batch = (_rand(experiment.full_shape(manifest), n_full), _rand(experiment.view_sample_shape(manifest, low), n_low),
+             _rand(experiment.view_sample_shape(manifest, crop), n_crop))
+    return step_flops(model, loss, batch) * tcfg.accum_steps
+
+
+def steps(kimg: float, batch_size: int, accum_steps: int = 1) -> int:
+    """Optimizer steps of a run of ``kimg`` (as `bootdiff.train.train` counts them, one rank)."""
+    return math.ceil(round(kimg * 1000) / (batch_size * accum_steps))
+
+
+def bootstrap_flops(cfg, manifest: dict, b: dict) -> dict:
+    """Training FLOPs of the bootstrap at the benchmark's budgets ``b``: each view model's
+    (``view_kimg``) and the residual's (``residual_kimg``), and their total."""
+    out = {}
+    for name, vcfg in cfg.views.items():
+        out[f"view-{name}"] = steps(b["view_kimg"], vcfg.train.batch_size, vcfg.train.accum_steps) * \
+            view_step_flops(cfg, manifest, name, vcfg)
+    rt = cfg.residual.train
+    out["residual"] = steps(b["residual_kimg"], rt.batch_size, rt.accum_steps) * residual_step_flops(cfg, manifest)
+    out["total"] = sum(out.values())
+    return out
+
+
+def equal_compute_kimg(total_flops: float, flops_per_step: float, batch_size: int, accum_steps: int = 1) -> float:
+    """The kimg of a run whose optimizer steps (``flops_per_step`` each) add up to ``total_flops``
+    (rounded down to whole steps: a peer never gets more compute than the bootstrap)."""
+    n = math.floor(total_flops / flops_per_step)
+    return n * batch_size * accum_steps / 1000
