@@ -242,3 +242,40 @@ def test_ambient_job_trains_locally_and_is_scored(bench):
     assert trained["curve"] and math.isfinite(trained["curve"][-1]["test_G"])
     scores = evaluate_job(job, b, trained["checkpoint"], num_samples=4)
     assert math.isfinite(scores["test_G"]) and scores["test_G"] == pytest.approx(trained["curve"][-1]["test_G"], rel=1e-4)
+
+
+def test_worth_in_images_against_hand_computed_values():
+    from bootdiff.efficiency.models import worth_in_images
+
+    curve = {16: 0.55, 64: 0.47, 256: 0.45}
+    # halfway from 0.55 to 0.47 in G is halfway from 16 to 64 in log N: sqrt(16·64) = 32
+    assert worth_in_images(0.51, curve) == {"images": pytest.approx(32.0), "bound": "="}
+    # a quarter of the way from 64 to 256: 64·4^0.25 = 90.51
+    assert worth_in_images(0.465, curve)["images"] == pytest.approx(64 * 4 ** 0.25)
+    assert worth_in_images(0.47, curve) == {"images": 64.0, "bound": "="}
+    assert worth_in_images(0.40, curve) == {"images": 256.0, "bound": ">"}  # beats every measured N
+    assert worth_in_images(0.60, curve) == {"images": 16.0, "bound": "<"}
+    assert worth_in_images(float("nan"), curve)["images"] is None
+    # a non-monotone curve is taken as its running minimum: 0.5 at 64 counts as 0.47 (from N=16 on)
+    bumpy = {16: 0.47, 64: 0.50, 256: 0.43}
+    assert worth_in_images(0.45, bumpy)["images"] == pytest.approx(128.0)  # halfway 64 -> 256 in log N
+    assert worth_in_images(0.47, bumpy) == {"images": 16.0, "bound": "="}
+
+
+def test_summary_says_what_each_model_is_worth_in_images():
+    """Worth on the curve of the stopped baselines plus the oracle at the whole pool (64 + 960)."""
+    results = {"oracle": {"test_G": 0.44}, "N16/baseline": {"test_G": 0.55}, "N64/baseline": {"test_G": 0.47},
+               "N16/bootstrap": {"test_G": 0.51}, "N64/bootstrap": {"test_G": 0.43},
+               "N16/ambient": {"test_G": 0.455}, "N16/combined": {"test_G": 0.6}}
+    plan = {"ns": [16, 64], "g_sigma_data": 0.5, "pool": list(range(64)), "partial": list(range(960)),
+            "test": [0], "views": []}
+    s = efficiency_report.summarize(results, plan, {"full_res_kimg": 1, "view_kimg": 2, "ambient_kimg": 3})
+    w16, w64 = s["per_n"]["16"]["worth"], s["per_n"]["64"]["worth"]
+    assert w16["bootstrap"]["images"] == pytest.approx(32.0) and w16["bootstrap"]["partial_pool_worth"] == pytest.approx(16.0)
+    # 0.455 is halfway from 0.47 (N = 64) to 0.44 (the oracle, N = 1024) in G: 64·16^0.5 = 256
+    assert w16["ambient"]["images"] == pytest.approx(256.0) and w16["ambient"]["bound"] == "="
+    assert w16["combined"] == {"images": 16.0, "bound": "<", "partial_pool_worth": 0.0}
+    assert w64["bootstrap"]["bound"] == ">"  # better than the oracle: worth more than every image there is
+    md = efficiency_report.markdown(s)
+    assert "| 16 | bootstrap | ≈ 32 | +16 images |" in md and "| 64 | bootstrap | > 1024 |" in md
+    assert "ambient 3 kimg (the bootstrap's training FLOPs)" in md

@@ -29,6 +29,33 @@ def gap_closed(base: float, boot: float, oracle: float, min_gap: float = 0.01) -
     return (vals[0] - vals[1]) / (vals[0] - vals[2])
 
 
+def worth_in_images(g: float, curve: Dict[float, float]) -> dict:
+    """What a test G is worth in full-resolution images: the N at which the full-res-only curve
+    ``curve`` ({N: test G}, measured N) reaches ``g``, interpolated linearly in log N between the
+    measured N. The curve is first made non-increasing (G at N is the best at any N' ≤ N: a model
+    may always ignore images), so the answer is unique. Returns ``{"images": K, "bound": "="}``;
+    ``bound`` ``">"`` with K the largest N when ``g`` beats the whole curve, ``"<"`` with K the
+    smallest N when the smallest N already does better, and K None for a non-finite ``g``."""
+    pts = sorted((float(n), float(v)) for n, v in curve.items() if v is not None and math.isfinite(float(v)))
+    if not pts or g is None or not math.isfinite(float(g)):
+        return {"images": None, "bound": None}
+    mono, best = [], math.inf
+    for n, v in pts:
+        best = min(best, v)
+        mono.append((n, best))
+    g = float(g)
+    if g > mono[0][1]:
+        return {"images": mono[0][0], "bound": "<"}
+    hit = next((n for n, v in mono if v == g), None)  # a measured N exactly (the first one reaching g)
+    if hit is not None:
+        return {"images": hit, "bound": "="}
+    for (n0, v0), (n1, v1) in zip(mono, mono[1:]):
+        if v1 < g < v0:
+            t = (v0 - g) / (v0 - v1)
+            return {"images": math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))), "bound": "="}
+    return {"images": mono[-1][0], "bound": ">"}
+
+
 def budgets(cfg, kimg: Optional[float] = None) -> dict:
     """The benchmark's budgets: every baseline and residual ``kimg`` (default: the residual's),
     every view model and the oracle the views' largest ``total_kimg``."""

@@ -9,7 +9,7 @@ import math
 from typing import Dict, Optional
 
 from bootdiff import util
-from bootdiff.efficiency.models import best_val_G, gap_closed
+from bootdiff.efficiency.models import best_val_G, gap_closed, worth_in_images
 
 MODELS = ("baseline", "combined", "bootstrap")
 PEERS = ("ambient",)  # `bootdiff.efficiency.models.peers`: the rows a config's views allow
@@ -38,6 +38,7 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
                 key = "gap_closed_test_G_early_stopped" + ("" if m == "bootstrap" else f"_{m}")
                 row[key] = gap_closed(early["baseline"]["test_G"], early[m]["test_G"], oracle.get("test_G", float("nan")))
         per_n[str(n)] = row
+    _add_worth(per_n, plan, oracle)
     wall = sum(r.get("wall_s", 0.0) for r in results.values())
     return {"ns": plan["ns"], "budgets": b, "g_sigma_data": plan["g_sigma_data"],
             "g_sigma_data_from": "the test split (fixed for every N and the oracle)",
@@ -45,6 +46,28 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
             "oracle": {k: oracle.get(k) for k in keys if k in oracle}, "per_n": per_n,
             "views": {v: {k: results.get(f"view-{v}", {}).get(k) for k in ("kimg", "wall_s")} for v in plan["views"]},
             "model_wall_s": wall}
+
+
+def _stopped_G(row: dict, m: str):
+    e = row.get(f"{m}_early_stopped")
+    return e["test_G"] if e else (row.get(m) or {}).get("test_G")
+
+
+def _add_worth(per_n: dict, plan: dict, oracle: dict) -> None:
+    """Each N's ``worth``: what every model's test G (at its validation minimum when stopped) is
+    worth in full-resolution images (`bootdiff.efficiency.models.worth_in_images`) on the curve of
+    the full-res-only models — the baselines at their validation minima, and the oracle at the
+    whole pool — and ``partial_pool_worth`` = that minus N, the images the partial pool stood in for."""
+    curve = {int(n): _stopped_G(row, "baseline") for n, row in per_n.items()}
+    if oracle.get("test_G") is not None:
+        curve[len(plan["pool"]) + len(plan["partial"])] = oracle["test_G"]
+    for n, row in per_n.items():
+        row["worth"] = {}
+        for m in ("combined", "bootstrap", *PEERS):
+            w = worth_in_images(_stopped_G(row, m), curve)
+            if w["images"] is not None:
+                w["partial_pool_worth"] = w["images"] - int(n)
+                row["worth"][m] = w
 
 
 def early_stopped(results: Dict[str, dict], n: int, model: str = "bootstrap") -> Optional[dict]:
@@ -136,6 +159,12 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} | "
                      f"{_fmt(row.get('gap_closed_test_G_early_stopped'))} |"
                      + "".join(f" {_fmt(row.get('gap_closed_test_G_early_stopped_' + p))} |" for p in PEERS))
+    lines += ["", "| N | model | worth (full-res images, log-interpolated on the baselines' curve) | the partial pool stood in for |",
+              "|---|---|---|---|"]
+    for n in summary["ns"]:
+        for m, w in summary["per_n"][str(n)].get("worth", {}).items():
+            lines.append(f"| {n} | {m} | {w['bound'] if w['bound'] != '=' else '≈'} {w['images']:.0f} | "
+                         f"{w['partial_pool_worth']:+.0f} images |")
     lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
               "full resolution, 0 = no better than the N images alone; – = the baseline is within 1 % of the "
               "oracle (no gap to close at this budget).", ""]
