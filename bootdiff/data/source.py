@@ -68,7 +68,7 @@ class Source(abc.ABC):
 
 
 class SubsetSource(Source):
-    """The samples ``indices`` of another source (ids, masks and the fixed test split follow)."""
+    """The samples ``indices`` of another source (ids, masks, labels and the fixed test split follow)."""
 
     def __init__(self, base: Source, indices: Sequence[int], description: str = ""):
         self.base = base
@@ -87,6 +87,11 @@ class SubsetSource(Source):
 
     def mask(self, i: int) -> Optional[np.ndarray]:
         return self.base.mask(self.indices[self._check_index(i)])
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        base = getattr(self.base, "labels", None)
+        return None if base is None else np.asarray(base)[self.indices]
 
 
 def limit_source(source: Source, limit: int) -> Source:

@@ -219,6 +219,9 @@ def evaluate_job(job: dict, b: dict, checkpoint: Optional[str], num_samples: int
     out.update(swd=swd["swd"], swd_levels=swd["per_level"], swd_resolutions=swd["resolutions"],
                memorization_rate=memorization_rate(samples, train_x),
                nn_distance_train=nearest_neighbour_distance(samples, train_x), num_samples=num_samples)
+    from bootdiff.evaluation.classifier import label_quality
+
+    out.update(label_quality(cfg, manifest, samples, test_x))  # classifier FD, confident share (labelled sources)
     feats = getattr(cfg.eval, "features", None)
     kind = str(getattr(getattr(feats, "kind", None), "value", getattr(feats, "kind", "none")))
     if feats is not None and kind != "none":

@@ -19,6 +19,7 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     """Per N: each model's scores and gap_closed for test G and SWD (against the oracle)."""
     oracle = results.get("oracle", {})
     keys = ("test_G", "train_G", "swd", "swd_levels", "memorization_rate", "nn_distance_train", "fd",
+            "classifier_fd", "confident_share",
             "curve", "kimg", "wall_s", "trial")
     per_n = {}
     for n in plan["ns"]:
@@ -134,18 +135,20 @@ def markdown(summary: dict) -> str:
                                                   for p in PEERS if p + "_kimg" in b) + ". G weighting σ_data = {summary['g_sigma_data']:.4f}, "
              f"{summary['g_sigma_data_from']}. Partial pool {summary['num_partial']} samples, test "
              f"{summary['num_test']}.", "",
-             "| N | model | test G | train G | SWD | memorised | NN dist | μ (selected) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| N | model | test G | train G | SWD | memorised | NN dist | μ (selected) | classifier FD | share ≥ 0.9 confident |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     o = summary["oracle"]
     lines.append(f"| all | oracle | {_fmt(o.get('test_G'))} | {_fmt(o.get('train_G'))} | {_fmt(o.get('swd'))} | "
-                 f"{_fmt(o.get('memorization_rate'))} | {_fmt(o.get('nn_distance_train'))} | |")
+                 f"{_fmt(o.get('memorization_rate'))} | {_fmt(o.get('nn_distance_train'))} | | "
+                 f"{_fmt(o.get('classifier_fd'))} | {_fmt(o.get('confident_share'))} |")
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]
         for m in MODELS + tuple(p for p in PEERS if p in row):
             r = row.get(m, {})
             mu = r.get("trial", {}).get("label", "") if m == "bootstrap" else ""
             lines.append(f"| {n} | {m} | {_fmt(r.get('test_G'))} | {_fmt(r.get('train_G'))} | {_fmt(r.get('swd'))} | "
-                         f"{_fmt(r.get('memorization_rate'))} | {_fmt(r.get('nn_distance_train'))} | {mu} |")
+                         f"{_fmt(r.get('memorization_rate'))} | {_fmt(r.get('nn_distance_train'))} | {mu} | "
+                         f"{_fmt(r.get('classifier_fd'))} | {_fmt(r.get('confident_share'))} |")
         for m in ("baseline", "bootstrap", *PEERS):
             e = row.get(f"{m}_early_stopped")
             if e:

@@ -4,6 +4,8 @@
   nearest neighbours (docs/METHOD.md §6, §8);
 - `bootdiff.evaluation.fd`, `bootdiff.evaluation.inception`: Fréchet distance in a local feature
   network (FID Inception-v3 or DINOv2), never downloaded;
+- `bootdiff.evaluation.classifier`: for labelled sources, a small classifier trained on the
+  training pool (never the test split): FD in its features and the share of confident samples;
 - `bootdiff.evaluation.scores`: G of a model on a split, and of a checkpoint (what every training
   run reports);
 - `bootdiff.evaluation.evaluate`: stage 3, every model scored and sampled, the report written;
