@@ -108,5 +108,5 @@ def test_ambient_peer_trains_on_real_shards_and_its_stream_resumes_exactly(tmp_p
     res = train(model, loss, data, cfg.full_res.train)
     assert res.step == 8 and math.isfinite(res.loss)
     assert set(loss.last_groups.tolist()) == {0, 1, 2}
-    G = experiment.view_info(manifest, "full")  # the peer is a full-res denoiser: same shape as the data
-    assert tuple(model(full, torch.full((4,), 0.5)).shape) == tuple([4, *G["shape"]])
+    info = experiment.view_info(manifest, "full")  # the peer is a full-res denoiser: same shape as the data
+    assert tuple(model(full, torch.full((4,), 0.5)).shape) == (4, *info["shape"])

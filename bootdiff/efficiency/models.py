@@ -182,17 +182,13 @@ def share_view_models(plan: dict, out: str) -> None:
 
 
 def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
-    """The EMA model of a finished job (the combined denoiser needs no checkpoint)."""
-    from bootdiff.checkpoint import load_checkpoint
-    from bootdiff.sweep import trial_residual_config
-
+    """The EMA model of a finished job (the combined denoiser needs no checkpoint), loaded as the
+    pipeline loads a sweep trial (`bootdiff.experiment.load_trial`); a peer is a full-res network
+    of the baseline's size."""
     if job["kind"] == "combined":
         return experiment.build_combined(cfg, manifest)
-    if job["kind"] in ("full_res", "ambient"):  # a peer is a full-res network of the baseline's size
-        return experiment.load_run(cfg, manifest, "full_res", checkpoint)[0]
-    state = load_checkpoint(RunLayout.of(cfg).url(checkpoint))
-    model = experiment.build_bootstrap(cfg, manifest, trial_residual_config(cfg, job["trial"]))
-    return experiment.ema_model(model, state)
+    kind = "full_res" if job["kind"] in ("full_res", "ambient") else "residual"
+    return experiment.load_trial(cfg, manifest, {**(job.get("trial") or {}), "kind": kind, "checkpoint": checkpoint})
 
 
 def evaluate_job(job: dict, b: dict, checkpoint: Optional[str], num_samples: int) -> dict:
