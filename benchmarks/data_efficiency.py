@@ -32,6 +32,9 @@ def main(argv=None) -> int:
                    help="budget of every baseline and residual (default: residual.train.total_kimg)")
     p.add_argument("--num-samples", type=int, default=128, help="samples per model for SWD / memorisation")
     p.add_argument("--val-fraction", type=float, default=0.25, help="of N, held back to pick μ_var / μ_L1")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop every model when its validation G has not improved for this many checkpoints "
+                        "(baselines and oracle then capped at the bootstrap's training compute; 0: fixed budgets)")
     p.add_argument("--local", action="store_true", help="train in this process (CPU), no Ray")
     p.add_argument("--workers", type=int, default=1, help="with --local: models trained at once, one process each")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
 
         runner = ray_runner(cfg)
     start = time.time()
-    summary = run_benchmark(cfg, out, args.ns, args.kimg, args.num_samples, args.val_fraction, runner)
+    summary = run_benchmark(cfg, out, args.ns, args.kimg, args.num_samples, args.val_fraction, runner,
+                            patience=args.patience)
     from bootdiff.efficiency.report import markdown
 
     print(markdown(summary))

@@ -186,6 +186,37 @@ def checkpoint_evaluator(cfg, manifest: dict, model):
     return extra
 
 
+def curve_hooks(config: dict, tcfg, rank: int):
+    """Rank 0's `bootdiff.efficiency.train.CurveHooks` when the run's ``train_loop_config`` names
+    a ``curve_url`` (a data-efficiency job, `ray_jobs.efficiency`): G at every checkpoint kept
+    in storage (Train's own result keeps only the retained checkpoints' metrics), and patience
+    on it (``train.patience``, replayed from that file on resume); else None."""
+    if rank != 0 or not config.get("curve_url"):
+        return None
+    from bootdiff.efficiency.train import CurveHooks
+
+    return CurveHooks(config["curve_url"], int(tcfg.patience))
+
+
+def stopping_hooks(config: dict, tcfg, rank: int) -> dict:
+    """`RayReportHooks`' early stopping for a worker's ``train_loop_config``: a data-efficiency
+    job's curve file and patience (`curve_hooks`), else patience on ``val_G`` (`early_stopper`)."""
+    curve = curve_hooks(config, tcfg, rank)
+    if curve is not None:
+        return {"hooks": curve}
+    return {"stopper": early_stopper(tcfg, rank)}
+
+
+def early_stopper(tcfg, rank: int, key: str = "val_G"):
+    """Rank 0's `bootdiff.stopping.Patience` on ``key`` for a run evaluated at its checkpoints
+    with ``train.patience`` > 0, else None. A run resumed by Train counts its patience afresh from
+    the resumed checkpoint (the reports before it are Train's, not the worker's), so it stops at
+    most ``patience`` checkpoints later than it would have uninterrupted."""
+    from bootdiff.stopping import Patience
+
+    return Patience(tcfg.patience, key) if rank == 0 and int(tcfg.patience) > 0 else None
+
+
 def checkpoint_config(cfg, keep: int, chosen_on_val: bool):
     """Train's ``CheckpointConfig``: keep ``keep`` checkpoints. With ``chosen_on_val`` (a run
     evaluated at its checkpoints, with a ``val`` split) those are the ``keep`` lowest ``val_G``
@@ -226,11 +257,17 @@ class RayReportHooks:
     ``eval_s``, its time. Reports to Ray carry ``worker_start_time`` and ``report_time`` (epoch
     seconds) for the pipeline's time breakdown (`ray_jobs.pipeline.time_breakdown`).
     ``fail_at_step`` injects one failure (test hook): it raises once, remembered by a marker URL.
+    ``stopper`` (rank 0, a `bootdiff.stopping.Patience`) sees every report after ``extra_metrics``
+    and ends the run through ``should_stop`` (`early_stopper`); ``hooks`` (optional, rank 0)
+    receive every report after them too, and may end the run the same way (e.g. the benchmark's
+    `bootdiff.efficiency.train.CurveHooks`).
     """
 
     def __init__(self, tag: dict, extra_metrics=None, fail_at_step: int = -1, fail_marker: str = "",
-                 report_every_s: float = 5.0, tb=None):
+                 report_every_s: float = 5.0, tb=None, stopper=None, hooks=None):
         self.tag = tag
+        self.stopper = stopper
+        self.hooks = hooks
         self.extra_metrics = extra_metrics
         self.fail_at_step = fail_at_step
         self.fail_marker = fail_marker
@@ -246,11 +283,19 @@ class RayReportHooks:
             t = time.time()
             metrics.update(self.extra_metrics(checkpoint_url))
             metrics["eval_s"] = time.time() - t
+        if self.stopper is not None:
+            self.stopper.update(metrics)
+        if self.hooks is not None:
+            self.hooks.on_report(metrics, checkpoint_url)
         self.to_tensorboard(metrics, checkpoint_url)
         self.report_to_ray(metrics, checkpoint_url)
         if 0 <= self.fail_at_step <= int(metrics.get("step", -1)) and not util.exists(self.fail_marker):
             util.atomic_write_bytes(self.fail_marker, f"failed at step {metrics.get('step')}\n".encode())
             raise RuntimeError(f"injected failure at step {metrics.get('step')} (ray.inject_failure_step)")
+
+    def should_stop(self) -> bool:
+        return (self.stopper is not None and self.stopper.should_stop()) or \
+            bool(getattr(self.hooks, "should_stop", lambda: False)())
 
     def on_start(self, info: dict) -> None:
         """`bootdiff.train` has (re)started at ``info["kimg"]``: rank 0 opens its TensorBoard run

@@ -10,24 +10,13 @@ stage run concurrently, each ``fit()`` in its own zero-CPU task (``fit`` blocks 
 
 from __future__ import annotations
 
+import json
+
 from bootdiff import util
 from bootdiff.efficiency.models import job_cfg
 from bootdiff.efficiency.run import run_job
 from bootdiff.run.layout import RunLayout
 from ray_jobs import common
-
-
-def _curve(result) -> list:
-    """G at each checkpoint from a Train result's reported metrics."""
-    df = result.metrics_dataframe
-    out = []
-    if df is None:
-        return out
-    for _, r in df.iterrows():
-        g = r.get("test_G")
-        if g is not None and g == g:
-            out.append({"kimg": float(r["kimg"]), "test_G": float(g), "train_G": float(r.get("train_G"))})
-    return out
 
 
 def train_ray(job: dict, b: dict, out: str) -> dict:
@@ -44,9 +33,13 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     cfg_yaml = to_yaml(cfg)
     storage = util.join(out, "ray")
     name = job["id"].replace("/", "__")
+    # G at every checkpoint, written by the worker (`bootdiff.efficiency.train.CurveHooks`), which
+    # also stops a selection run by patience on it: its "test" split is its validation carve-out
+    curve_url = util.join(storage, name, "curve.json")
     if job["kind"] in ("view", "full_res", "ambient"):
         view = job["view"] if job["kind"] == "view" else job["kind"]
-        trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view")
+        trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view",
+                               curve_url=curve_url if job["kind"] != "view" else "")
     else:
         sw = cfg.sweep
         resources = {"CPU": worker_cpus(cfg), **dict(sw.trial_resources)}
@@ -54,7 +47,7 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
             resources["GPU"] = sw.trial_gpus
         path, fs = common.ray_storage(storage)
         trainer = TorchTrainer(
-            residual_worker, train_loop_config={"cfg_yaml": cfg_yaml, "trial": job["trial"]},
+            residual_worker, train_loop_config={"cfg_yaml": cfg_yaml, "trial": job["trial"], "curve_url": curve_url},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
@@ -65,7 +58,11 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     ckpt = RunLayout.of(cfg).url(result.checkpoint.path)
     if job["kind"] == "view":
         export_result(cfg, job["view"], ckpt)
-    return {"checkpoint": ckpt, "curve": _curve(result), "kimg": float(result.metrics.get("kimg", 0))}
+    kimg = float(result.metrics.get("kimg", 0))
+    tcfg = cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train
+    curve = json.loads(util.read_bytes(curve_url)) if util.exists(curve_url) else []
+    return {"checkpoint": ckpt, "curve": curve, "kimg": kimg,
+            "stopped_early": job["kind"] != "view" and kimg < float(tcfg.total_kimg) - 1e-6}
 
 
 def _run_job(job: dict, b: dict, out: str, num_samples: int) -> dict:

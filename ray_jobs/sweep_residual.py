@@ -61,7 +61,8 @@ def residual_worker(config: dict) -> None:
     extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
     hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
                                   report_every_s=rcfg.train.report_every_s,
-                                  tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])))
+                                  tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])),
+                                  **common.stopping_hooks(config, rcfg.train, rank))
     try:
         train(model, loss, data, rcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=resume, config_yaml=config["cfg_yaml"])

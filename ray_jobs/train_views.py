@@ -49,7 +49,8 @@ def train_worker(config: dict) -> None:
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
                                   report_every_s=vcfg.train.report_every_s,
-                                  tb=common.tensorboard_run(cfg, rank, {"kind": "full_res"} if view == "full_res" else None))
+                                  tb=common.tensorboard_run(cfg, rank, {"kind": "full_res"} if view == "full_res" else None),
+                                  **(common.stopping_hooks(config, vcfg.train, rank) if config.get("evaluate") else {}))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
@@ -58,8 +59,10 @@ def train_worker(config: dict) -> None:
 
 
 def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, callbacks=None,
-                 evaluate: bool = False, cpus_per_worker=None):
-    """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``)."""
+                 evaluate: bool = False, cpus_per_worker=None, curve_url: str = ""):
+    """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``);
+    ``evaluate`` runs G at its checkpoints, and with ``train.patience`` the run stops on its
+    ``val_G`` — or, given ``curve_url`` (a data-efficiency job), keeps its curve there and stops on it."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -71,7 +74,7 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
     storage_path, storage_fs = common.ray_storage(storage)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg_yaml": cfg_yaml, "view": view, "evaluate": evaluate},
+        train_loop_config={"cfg_yaml": cfg_yaml, "view": view, "evaluate": evaluate, "curve_url": curve_url},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -168,7 +168,7 @@ def test_resume_skips_finished_models(bench):
             seen.append(j["id"])
             g = 1.0 / (1 + len(j["id"])) if j["kind"] != "view" else None
             yield j, {**{k: v for k, v in j.items() if k != "cfg_yaml"}, "test_G": g, "swd": 0.1,
-                      "wall_s": 0.0, "curve": []}
+                      "wall_s": 0.0, "curve": [], "kimg": 1.0}
 
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(),
@@ -179,9 +179,9 @@ def test_resume_skips_finished_models(bench):
     summary = run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(), runner=runner)
     assert not set(seen) & set(first)  # finished models are not run again
     ids = {j["id"] for j in jobs(json.loads(util.read_bytes(f"{out}/plan.json")) | {
-        "datasets": {k: "" for k in ("base", "oracle", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
+        "datasets": {k: "" for k in ("base", "oracle", "oracle-select", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
     assert set(first) | set(seen) == ids
-    assert {"N8/select-baseline", "N16/select-baseline"} <= ids  # the baseline's own validation run
+    assert {"N8/select-baseline", "N16/select-baseline", "select-oracle"} <= ids  # their own validation runs
     assert {"N8/ambient", "N8/select-ambient", "N16/ambient"} <= ids  # the peer, stopped on validation too
     assert "ambient" in summary["per_n"]["8"] and "ambient" in summary["per_n"]["8"]["selection"]
     boot = json.loads(util.read_bytes(f"{out}/results/N8__bootstrap.json"))
@@ -232,12 +232,24 @@ def test_ambient_job_trains_locally_and_is_scored(bench):
     from bootdiff.efficiency.train import train_local
 
     cfg, out, plan, _ = bench
-    b = {**budgets(cfg, 0.05), "ambient_kimg": 0.064}
+    from bootdiff.config import to_yaml
+
+    b = {**budgets(cfg, 0.05, patience=1), "ambient_kimg": 0.128}
+    c = from_yaml(plan["datasets"]["N8-select"], ExperimentConfig)
+    c.full_res.train.checkpoint_every_kimg = 0.032  # 4 checkpoints of G on the carve-out
     job = {"id": "N8/select-ambient", "kind": "ambient", "data": "N8-select", "N": 8, "quick": True,
-           "cfg_yaml": plan["datasets"]["N8-select"]}
+           "cfg_yaml": to_yaml(c)}
     trained = train_local(job, b, out)
-    assert trained["kimg"] == pytest.approx(0.064, abs=0.04) and trained["checkpoint"]
-    assert trained["curve"] and math.isfinite(trained["curve"][-1]["test_G"])
+    assert trained["kimg"] <= 0.128 and trained["checkpoint"]
+    curve = trained["curve"]
+    assert curve and math.isfinite(curve[-1]["test_G"])
+    # patience 1 on its carve-out's G (a selection run): it ran to its cap, or it stopped one
+    # checkpoint after its best — never while still improving
+    best = min(range(len(curve)), key=lambda i: curve[i]["test_G"])
+    if trained["stopped_early"]:
+        assert best == len(curve) - 2 and trained["kimg"] < 0.128
+    else:
+        assert trained["kimg"] == pytest.approx(0.128) and len(curve) == 4
     scores = evaluate_job(job, b, trained["checkpoint"], num_samples=4)
     assert math.isfinite(scores["test_G"]) and scores["test_G"] == pytest.approx(trained["curve"][-1]["test_G"], rel=1e-4)
 
@@ -277,3 +289,61 @@ def test_summary_says_what_each_model_is_worth_in_images():
     md = efficiency_report.markdown(s)
     assert "| 16 | bootstrap | ≈ 32 | +16 images |" in md and "| 64 | bootstrap | > 1024 |" in md
     assert "ambient 3 kimg (the bootstrap's training FLOPs)" in md
+
+
+def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_path):
+    """With patience: every selection run (baselines, peers, oracle, residuals) trains with it on
+    its carve-out and the model it selects for trains exactly as long as it ran, without it; the
+    caps of the baselines and the oracle are the bootstrap's compute (the oracle's at least every
+    row's); the oracle is taken at its validation minimum, and a row near or below it is named."""
+    from bootdiff.efficiency.models import job_cfg
+
+    cfg, _, _, _ = bench
+    out = str(tmp_path / "p")
+    stop_at = {"N8/select-baseline": 0.4, "N8/select-ambient": 0.6, "select-oracle": 0.8,
+               "N8/select-residual-mv0-ml0-ra1": 0.3, "N8/select-residual-mv1-ml0-ra1": 0.5}
+    val_G = {"N8/select-residual-mv0-ml0-ra1": 0.9, "N8/select-residual-mv1-ml0-ra1": 0.7}
+    test_G = {"N8/baseline": 1.0, "N8/bootstrap": 0.6, "N8/ambient": 0.5, "N8/combined": 0.552, "oracle": 0.62}
+    seen = {}
+
+    def runner(todo, b, out_, num_samples):
+        for j in todo:
+            c = job_cfg(j, b)
+            t = c.residual.train if j["kind"] == "residual" else c.full_res.train
+            seen[j["id"]] = {"budget": j.get("budget_kimg"), "total": t.total_kimg, "patience": t.patience, "b": b}
+            kimg = stop_at.get(j["id"], t.total_kimg)
+            g = val_G.get(j["id"], test_G.get(j["id"], 1.0))
+            # G at 0.2 kimg and at the end; the main oracle's minimum is where its selection run's was
+            curve = [{"kimg": 0.2, "test_G": g + (0.0 if j["id"] == "select-oracle" else 0.1)},
+                     {"kimg": kimg, "test_G": g + (0.05 if j["id"] == "select-oracle" else 0.0)}]
+            if j["id"] == "oracle":
+                curve = [{"kimg": 0.2, "test_G": 0.55}, {"kimg": kimg, "test_G": 0.62}]
+            yield j, {**{k: v for k, v in j.items() if k != "cfg_yaml"}, "test_G": g, "swd": 0.1, "wall_s": 0.0,
+                      "curve": curve, "kimg": kimg, "stopped_early": kimg < t.total_kimg,
+                      "patience": t.patience}
+
+    summary = run_benchmark(cfg, out, [8], kimg=1, source=RandomSource(), runner=runner, patience=2)
+    b = summary["budgets"]
+    eq = b["baseline_kimg_at_bootstrap_compute"]
+    assert b["patience"] == 2 and b["full_res_kimg"] == max(1, eq) and b["residual_kimg"] == 1
+    assert b["oracle_kimg"] >= max(b["view_kimg"], b["residual_kimg"], b["full_res_kimg"], b["ambient_kimg"])
+    for jid, s in seen.items():
+        assert s["patience"] == (2 if "select-" in jid else 0), jid
+    assert seen["select-oracle"]["total"] == b["oracle_kimg"] and seen["N8/select-baseline"]["total"] == b["full_res_kimg"]
+    assert seen["N8/select-ambient"]["total"] == b["ambient_kimg"]
+    for main, sel in (("N8/baseline", "N8/select-baseline"), ("N8/ambient", "N8/select-ambient"),
+                      ("oracle", "select-oracle"), ("N8/bootstrap", "N8/select-residual-mv1-ml0-ra1")):
+        assert seen[main]["budget"] == seen[main]["total"] == stop_at[sel], main  # as long as its selection run
+    row = summary["per_n"]["8"]
+    oe = summary["oracle_early_stopped"]
+    assert oe["val_kimg"] == 0.2 and oe["test_G"] == 0.55 and summary["oracle_best_test_G"] == 0.55
+    assert oe["still_improving"] is False  # patience ended select-oracle before its cap
+    # gap against the oracle at its best: (1.1 − 0.6) / (1.1 − 0.55) for the stopped bootstrap
+    boot = row["bootstrap_early_stopped"]
+    assert row["gap_closed_test_G_early_stopped"] == pytest.approx(
+        (row["baseline_early_stopped"]["test_G"] - boot["test_G"]) / (row["baseline_early_stopped"]["test_G"] - 0.55))
+    assert boot["test_G"] == 0.6  # its own checkpoint at its selection run's minimum (0.5 kimg)
+    # ambient 0.5 < 0.55 (said, not hidden); combined 0.552 within 1 % of it; bootstrap 0.6 neither
+    assert row["vs_oracle"] == {"ambient": "beats", "combined": "within noise"}
+    md = util.read_bytes(f"{out}/summary.md").decode()
+    assert "oracle, stopped at 0.2 kimg" in md and "A row that beats the oracle means the oracle was cut short" in md

@@ -110,7 +110,7 @@ def test_no_import_circle_and_no_ray_in_the_library():
 # the shared helpers, never a row below it.
 ROWS = [("bootdiff.config",), ("bootdiff.views",), ("bootdiff.data",),
         ("bootdiff.precond", "bootdiff.nets", "bootdiff.losses", "bootdiff.schedules", "bootdiff.train",
-         "bootdiff.checkpoint"),
+         "bootdiff.checkpoint", "bootdiff.stopping"),
         ("bootdiff.fusion",), ("bootdiff.residual", "bootdiff.sweep", "bootdiff.memo"), ("bootdiff.export",),
         ("bootdiff.samplers",), ("bootdiff.experiment",), ("bootdiff.peers",), ("bootdiff.evaluation",), ("bootdiff.distill",),
         ("bootdiff.efficiency",)]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from bootdiff.config import ExperimentConfig, from_yaml, to_yaml
 from bootdiff.efficiency.data import prepare
 from bootdiff.efficiency.models import budgets
 from test_data import RandomSource
@@ -23,12 +24,26 @@ def test_ambient_peer_trains_as_a_ray_train_run(local_ray, tmp_path):
     cfg = _cfg(tmp_path)
     out = str(tmp_path / "out")
     plan = prepare(cfg, out, [8], val_fraction=0.25, source=RandomSource())
-    b = {**budgets(cfg, 0.05), "ambient_kimg": 0.064}
-    job = {"id": "N8/ambient", "kind": "ambient", "data": "N8", "N": 8, "stage": 0,
-           "cfg_yaml": plan["datasets"]["N8"]}
-    rows = list(ray_runner(cfg)([job], b, out, 4))
-    (done, row), = rows
-    assert done["id"] == "N8/ambient" and row["kind"] == "ambient"
-    assert row["checkpoint"].startswith(out) and row["kimg"] == pytest.approx(0.064, abs=0.04)
+    b = {**budgets(cfg, 0.05, patience=1), "ambient_kimg": 0.128}
+    job = {"id": "N8/ambient", "kind": "ambient", "data": "N8", "N": 8, "stage": 1,
+           "cfg_yaml": plan["datasets"]["N8"], "budget_kimg": 0.064}
+    c = from_yaml(plan["datasets"]["N8-select"], ExperimentConfig)
+    c.full_res.train.checkpoint_every_kimg = 0.032  # 4 checkpoints of G on the carve-out
+    sel = {"id": "N8/select-ambient", "kind": "ambient", "data": "N8-select", "N": 8, "stage": 0, "quick": True,
+           "cfg_yaml": to_yaml(c)}
+    rows = dict((j["id"], r) for j, r in ray_runner(cfg)([job, sel], b, out, 4))
+    row = rows["N8/ambient"]
+    assert row["kind"] == "ambient" and row["patience"] == 0 and not row["stopped_early"]
+    assert row["checkpoint"].startswith(out) and row["kimg"] == pytest.approx(0.064, abs=1e-6)  # its budget_kimg
     assert row["curve"] and all(math.isfinite(p["test_G"]) for p in row["curve"])
     assert math.isfinite(row["test_G"]) and math.isfinite(row["swd"])  # scored like every row
+    # the selection run, with patience 1 on its carve-out's G through RayReportHooks' stopper: it
+    # ran to its cap, or stopped one checkpoint after its best — never while still improving
+    s = rows["N8/select-ambient"]
+    curve = s["curve"]
+    assert s["patience"] == 1 and curve
+    best = min(range(len(curve)), key=lambda i: curve[i]["test_G"])
+    if s["stopped_early"]:
+        assert best == len(curve) - 2 and s["kimg"] < 0.128
+    else:
+        assert s["kimg"] == pytest.approx(0.128) and len(curve) == 4

@@ -106,7 +106,8 @@ def _check_train(p: _Problems, key: str, t) -> None:
     for k, why in (("warmup_kimg", ""), ("weight_decay", ""), ("grad_clip", "(0 disables clipping)"),
                    ("ema_halflife_kimg", ""), ("ema_rampup_ratio", ""),
                    ("checkpoint_every_kimg", "(0: one checkpoint, at the end)"),
-                   ("report_every", "(0: report at checkpoints only)"), ("num_workers", "")):
+                   ("report_every", "(0: report at checkpoints only)"), ("num_workers", ""),
+                   ("patience", "(checkpoints without a lower held-out G before stopping; 0: never)")):
         p.at_least(f"{key}.{k}", getattr(t, k), 0, f"must be a finite number >= 0 {why}".strip())
     p.at_least(f"{key}.report_every_s", t.report_every_s, RAY_POLL_S,
                f"must be >= {RAY_POLL_S:g} s, Ray Train's poll interval: a report sooner after the previous "

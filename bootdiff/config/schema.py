@@ -72,6 +72,10 @@ class TrainConfig:
     compile: bool = False
     checkpoint_every_kimg: float = 0.5
     keep_checkpoints: int = 2
+    # Early stopping (`bootdiff.stopping.Patience`): stop after this many checkpoints in a row
+    # without a lower held-out G, where the run is evaluated at its checkpoints; 0: train to
+    # total_kimg (then the cap).
+    patience: int = 0
     report_every: int = 50  # steps between reports to the hooks (stdout, TensorBoard)
     # Seconds between reports that the Ray hooks pass on to ray.train.report (checkpoint reports
     # always go): a report < ~2 s after the previous one blocks training (docs/RAY.md §3).

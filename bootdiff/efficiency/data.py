@@ -125,7 +125,11 @@ def prepare(cfg, out: str, ns, val_fraction: float = 0.25, source=None, ingest_f
     idx = split_indices(len(src), src.fixed_test, _data_cfg(base_cfg))
     g_sigma = float(base["splits"]["test"]["sigma_data"])
     views = list(cfg.views)
-    plans = {"oracle": {"full": idx["partial"] + idx["full"], "test": "test"}}
+    part = idx["partial"]
+    v_oracle = min(len(idx["test"]), max(2, round(val_fraction * len(part))))  # at most the test split's size
+    plans = {"oracle": {"full": part + idx["full"], "test": "test"},
+             # the oracle's own carve-out, from the partial pool's end (no N image): where it stops
+             "oracle-select": {"full": part[:-v_oracle] + idx["full"], "test": part[-v_oracle:]}}
     for n in keep:
         v = val_count(n, val_fraction)
         plans[f"N{n}"] = {"full": idx["full"][:n], "test": "test", **{w: w for w in views}}

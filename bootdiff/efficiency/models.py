@@ -56,12 +56,33 @@ def worth_in_images(g: float, curve: Dict[float, float]) -> dict:
     return {"images": mono[-1][0], "bound": ">"}
 
 
-def budgets(cfg, kimg: Optional[float] = None) -> dict:
+def budgets(cfg, kimg: Optional[float] = None, patience: int = 0) -> dict:
     """The benchmark's budgets: every baseline and residual ``kimg`` (default: the residual's),
-    every view model and the oracle the views' largest ``total_kimg``."""
+    every view model and the oracle the views' largest ``total_kimg``; ``patience`` (checkpoints,
+    0: off) stops every selection run on its validation G (`bootdiff.stopping.Patience`), and the
+    model it selects for is then trained as long as it ran (`main_budget`). With patience the caps
+    are raised by `raise_caps` once the bootstrap's compute is known."""
     k = float(kimg if kimg is not None else cfg.residual.train.total_kimg)
     view = max(float(v.train.total_kimg) for v in cfg.views.values())
-    return {"full_res_kimg": k, "residual_kimg": k, "view_kimg": view, "oracle_kimg": view}
+    return {"full_res_kimg": k, "residual_kimg": k, "view_kimg": view, "oracle_kimg": view,
+            "patience": int(patience)}
+
+
+def raise_caps(b: dict) -> dict:
+    """With early stopping (``b["patience"] > 0``) the full-res-only models are no longer held to
+    the residual's kimg: the baselines and the oracle may train up to the bootstrap's whole
+    training compute in their own network's steps (``baseline_kimg_at_bootstrap_compute``, from
+    `peer_budgets`), and the oracle at least a view model's budget — so that no row can beat the
+    baseline or the oracle because they were cut short. Without patience ``b`` is unchanged."""
+    if b.get("patience", 0) <= 0:
+        return b
+    eq = float(b.get("baseline_kimg_at_bootstrap_compute", 0.0))
+    return {**b, "full_res_kimg": max(b["full_res_kimg"], eq),
+            "oracle_kimg": max(b["oracle_kimg"], b["residual_kimg"], eq, *(b[f"{p}_kimg"] for p in PEER_NAMES
+                                                                            if f"{p}_kimg" in b))}
+
+
+PEER_NAMES = ("ambient",)  # every peer method of `bootdiff.peers`, in the order rows are shown
 
 
 def peers(cfg) -> List[str]:
@@ -81,13 +102,15 @@ def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
     """Each peer's kimg at the bootstrap's training compute (`bootdiff.efficiency.compute`): the
     FLOPs of every view model (``view_kimg``) and of the residual (``residual_kimg``), divided by
     the peer's FLOPs per step. Returns ``{"<peer>_kimg": k, "flops": {...}}``: the bootstrap's
-    FLOPs by part, each peer's per step and in total, and the baseline's per step."""
+    FLOPs by part, each peer's per step and in total, and the baseline's per step; and
+    ``baseline_kimg_at_bootstrap_compute``, the baseline network's kimg at that compute (`raise_caps`)."""
     from bootdiff.efficiency import compute
 
     boot = compute.bootstrap_flops(cfg, manifest, b)
     ft = cfg.full_res.train
     flops = {"bootstrap": boot, "baseline_per_step": compute.view_step_flops(cfg, manifest, "full", cfg.full_res)}
-    out = {}
+    out = {"baseline_kimg_at_bootstrap_compute": compute.equal_compute_kimg(
+        boot["total"], flops["baseline_per_step"], ft.batch_size, ft.accum_steps)}
     for peer in peers(cfg):
         per_step = compute.ambient_step_flops(cfg, manifest)
         kimg = compute.equal_compute_kimg(boot["total"], per_step, ft.batch_size, ft.accum_steps)
@@ -99,27 +122,35 @@ def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
 
 def with_budgets(cfg, b: dict):
     c = copy.deepcopy(to_object(cfg))
-    c.full_res.train.total_kimg = c.residual.train.total_kimg = b["full_res_kimg"]
+    c.full_res.train.total_kimg = b["full_res_kimg"]
+    c.residual.train.total_kimg = b["residual_kimg"]
     return c
 
 
 def jobs(plan: dict, cfg) -> List[dict]:
-    """Every model of the benchmark as a job dict, in stages (0: views, baselines; 1: oracle,
-    combined, selection residuals; 2: bootstraps, whose μ comes from stage 1)."""
+    """Every model of the benchmark as a job dict, in stages: 0, the view models and the selection
+    runs of the baselines, peers and oracle (on N − v, scored on the v held back); 1, those models
+    (each as long as its selection run trained, `main_budget`), the combined denoisers and the
+    residuals' selection runs; 2, the bootstraps, whose μ and budget come from stage 1. ``select``
+    names the selection run a model is stopped by."""
     from bootdiff.sweep import trial_list
 
     ds = plan["datasets"]
     out = [{"id": f"view-{v}", "kind": "view", "view": v, "data": "base", "stage": 0} for v in plan["views"]]
-    out.append({"id": "oracle", "kind": "full_res", "data": "oracle", "stage": 1, "N": None})
+    out.append({"id": "select-oracle", "kind": "full_res", "data": "oracle-select", "stage": 0, "N": None,
+                "quick": True})
+    out.append({"id": "oracle", "kind": "full_res", "data": "oracle", "stage": 1, "N": None, "select": "select-oracle"})
     grid = [t for t in trial_list(cfg) if t["kind"] == "residual"]
     for n in plan["ns"]:
-        out.append({"id": f"N{n}/baseline", "kind": "full_res", "data": f"N{n}", "stage": 0, "N": n})
         out.append({"id": f"N{n}/select-baseline", "kind": "full_res", "data": f"N{n}-select", "stage": 0,
                     "N": n, "quick": True})
+        out.append({"id": f"N{n}/baseline", "kind": "full_res", "data": f"N{n}", "stage": 1, "N": n,
+                    "select": f"N{n}/select-baseline"})
         for peer in peers(cfg):  # one ordinary network on the same data, stopped on validation too
-            out.append({"id": f"N{n}/{peer}", "kind": peer, "data": f"N{n}", "stage": 0, "N": n})
             out.append({"id": f"N{n}/select-{peer}", "kind": peer, "data": f"N{n}-select", "stage": 0,
                         "N": n, "quick": True})
+            out.append({"id": f"N{n}/{peer}", "kind": peer, "data": f"N{n}", "stage": 1, "N": n,
+                        "select": f"N{n}/select-{peer}"})
         out.append({"id": f"N{n}/combined", "kind": "combined", "data": f"N{n}", "stage": 1, "N": n})
         for t in grid:
             out.append({"id": f"N{n}/select-{t['label']}", "kind": "residual", "data": f"N{n}-select",
@@ -130,17 +161,38 @@ def jobs(plan: dict, cfg) -> List[dict]:
     return out
 
 
+def main_budget(job: dict, results: Dict[str, dict]) -> Optional[float]:
+    """The kimg a model is trained for: as long as its selection run trained (``job["select"]``:
+    to where patience stopped it, or to the cap), so that its own curve reaches its validation
+    minimum and no further; None for jobs without one."""
+    sel = job.get("select")
+    if not sel:
+        return None
+    if sel not in results:
+        raise RuntimeError(f"data-efficiency: {job['id']} needs {sel}, which has not finished")
+    return float(results[sel]["kimg"])
+
+
 def job_cfg(job: dict, b: dict):
+    """The config a job trains with: the budgets ``b`` (the oracle's and the peers' own), patience
+    on selection runs (their "test" split is the validation carve-out), and a model's
+    ``budget_kimg`` (`main_budget`) when its selection run set one."""
     from bootdiff.config import ExperimentConfig, from_yaml
 
     cfg = from_yaml(job["cfg_yaml"], ExperimentConfig)
     cfg = with_budgets(cfg, b)
-    if job["id"] == "oracle":
+    if job["id"] in ("oracle", "select-oracle"):
         cfg.full_res.train.total_kimg = b["oracle_kimg"]
     if job["kind"] in peers(cfg):
         if f"{job['kind']}_kimg" not in b:
             raise RuntimeError(f"data-efficiency: no budget for {job['id']} (peer_budgets was not run)")
         cfg.full_res.train.total_kimg = b[f"{job['kind']}_kimg"]
+    if job["kind"] == "view":
+        return cfg
+    tcfg = cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train
+    tcfg.patience = int(b.get("patience", 0)) if job.get("quick") else 0
+    if job.get("budget_kimg") is not None:
+        tcfg.total_kimg = float(job["budget_kimg"])
     return cfg
 
 
@@ -167,7 +219,7 @@ def share_view_models(plan: dict, out: str) -> None:
 
     src = RunLayout(out, "base")
     for name, y in plan["datasets"].items():
-        if name in ("base", "oracle"):
+        if name in ("base", "oracle", "oracle-select"):
             continue
         dst = RunLayout.of(from_yaml(y, ExperimentConfig))
         for v in plan["views"]:

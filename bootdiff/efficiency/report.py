@@ -9,15 +9,17 @@ import math
 from typing import Dict, Optional
 
 from bootdiff import util
-from bootdiff.efficiency.models import best_val_G, gap_closed, worth_in_images
+from bootdiff.efficiency.models import PEER_NAMES, best_val_G, gap_closed, worth_in_images
 
 MODELS = ("baseline", "combined", "bootstrap")
-PEERS = ("ambient",)  # `bootdiff.efficiency.models.peers`: the rows a config's views allow
+PEERS = PEER_NAMES  # `bootdiff.efficiency.models.peers`: the rows a config's views allow
 
 
 def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
     """Per N: each model's scores and gap_closed for test G and SWD (against the oracle)."""
     oracle = results.get("oracle", {})
+    oracle_stop = early_stopped(results, None, "oracle")
+    o_best = _oracle_G(oracle, oracle_stop)
     keys = ("test_G", "train_G", "swd", "swd_levels", "memorization_rate", "nn_distance_train", "fd",
             "classifier_fd", "confident_share",
             "curve", "kimg", "wall_s", "trial")
@@ -37,14 +39,16 @@ def summarize(results: Dict[str, dict], plan: dict, b: dict) -> dict:
         for m in ("bootstrap", *PEERS):  # both stopped by the same rule
             if early["baseline"] and early[m]:
                 key = "gap_closed_test_G_early_stopped" + ("" if m == "bootstrap" else f"_{m}")
-                row[key] = gap_closed(early["baseline"]["test_G"], early[m]["test_G"], oracle.get("test_G", float("nan")))
+                row[key] = gap_closed(early["baseline"]["test_G"], early[m]["test_G"], o_best)
         per_n[str(n)] = row
-    _add_worth(per_n, plan, oracle)
+    _add_worth(per_n, plan, oracle, o_best)
+    _near_oracle(per_n, o_best)
     wall = sum(r.get("wall_s", 0.0) for r in results.values())
     return {"ns": plan["ns"], "budgets": b, "g_sigma_data": plan["g_sigma_data"],
             "g_sigma_data_from": "the test split (fixed for every N and the oracle)",
             "num_pool": len(plan["pool"]), "num_partial": len(plan["partial"]), "num_test": len(plan["test"]),
-            "oracle": {k: oracle.get(k) for k in keys if k in oracle}, "per_n": per_n,
+            "oracle": {k: oracle.get(k) for k in keys if k in oracle}, "oracle_early_stopped": oracle_stop,
+            "oracle_best_test_G": o_best, "per_n": per_n,
             "views": {v: {k: results.get(f"view-{v}", {}).get(k) for k in ("kimg", "wall_s")} for v in plan["views"]},
             "model_wall_s": wall}
 
@@ -54,14 +58,16 @@ def _stopped_G(row: dict, m: str):
     return e["test_G"] if e else (row.get(m) or {}).get("test_G")
 
 
-def _add_worth(per_n: dict, plan: dict, oracle: dict) -> None:
+def _add_worth(per_n: dict, plan: dict, oracle: dict, oracle_G: Optional[float] = None) -> None:
     """Each N's ``worth``: what every model's test G (at its validation minimum when stopped) is
     worth in full-resolution images (`bootdiff.efficiency.models.worth_in_images`) on the curve of
     the full-res-only models — the baselines at their validation minima, and the oracle at the
-    whole pool — and ``partial_pool_worth`` = that minus N, the images the partial pool stood in for."""
+    whole pool (``oracle_G``: at its validation minimum when stopped) — and ``partial_pool_worth``
+    = that minus N, the images the partial pool stood in for."""
     curve = {int(n): _stopped_G(row, "baseline") for n, row in per_n.items()}
-    if oracle.get("test_G") is not None:
-        curve[len(plan["pool"]) + len(plan["partial"])] = oracle["test_G"]
+    og = oracle_G if oracle_G is not None else oracle.get("test_G")
+    if og is not None and math.isfinite(float(og)):
+        curve[len(plan["pool"]) + len(plan["partial"])] = og
     for n, row in per_n.items():
         row["worth"] = {}
         for m in ("combined", "bootstrap", *PEERS):
@@ -71,23 +77,55 @@ def _add_worth(per_n: dict, plan: dict, oracle: dict) -> None:
                 row["worth"][m] = w
 
 
-def early_stopped(results: Dict[str, dict], n: int, model: str = "bootstrap") -> Optional[dict]:
-    """N's ``baseline``, ``bootstrap`` or a peer stopped where its validation G was lowest, one
-    rule for all: the kimg of the minimum of its selection run's curve (the same model and setting
-    trained on N − v images, G on the v carved out — never the test split: ``select-baseline``,
-    ``select-<peer>``, or the selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
-    ``{"kimg", "test_G", "train_G", "val_kimg", "val_G"}`` — or None without both curves."""
-    own_row = results.get(f"N{n}/{model}") or {}
+def early_stopped(results: Dict[str, dict], n: Optional[int], model: str = "bootstrap") -> Optional[dict]:
+    """N's ``baseline``, ``bootstrap`` or a peer (or, with ``n`` None and ``model="oracle"``, the
+    oracle) stopped where its validation G was lowest, one rule for all: the kimg of the minimum
+    of its selection run's curve (the same model and setting trained on N − v images, G on the v
+    carved out — never the test split: ``select-baseline``, ``select-<peer>``, ``select-oracle``,
+    or the selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
+    ``{"kimg", "test_G", "train_G", "val_kimg", "val_G", "still_improving"}`` — or None without
+    both curves. ``still_improving``: the selection run reached its cap without patience ending it
+    (only said when it ran with patience)."""
+    prefix = "" if n is None else f"N{n}/"
+    own_row = results.get(f"{prefix}{model}") or {}
     label = model if model != "bootstrap" else (own_row.get("trial") or {}).get("label")
-    sel = results.get(f"N{n}/select-{label}") or {}
+    sel = results.get(f"{prefix}select-{label}") or {}
     val = [p for p in sel.get("curve") or [] if p.get("test_G") is not None]
     own = [p for p in own_row.get("curve") or [] if p.get("test_G") is not None]
     if not (val and own):
         return None
     best = min(val, key=lambda p: p["test_G"])
     point = min(own, key=lambda p: abs(p["kimg"] - best["kimg"]))
-    return {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"),
-            "val_kimg": best["kimg"], "val_G": best["test_G"]}
+    out = {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"),
+           "val_kimg": best["kimg"], "val_G": best["test_G"]}
+    if "stopped_early" in sel and sel.get("patience"):
+        out["still_improving"] = not sel["stopped_early"]
+    return out
+
+
+def _oracle_G(summary_oracle: dict, stopped: Optional[dict]) -> float:
+    """The oracle's test G at its best: at its validation minimum when it was stopped, else its last."""
+    if stopped:
+        return stopped["test_G"]
+    return summary_oracle.get("test_G", float("nan"))
+
+
+def _near_oracle(per_n: dict, oracle_G: float, tol: float = 0.01) -> None:
+    """Each N's ``vs_oracle``: per stopped model ``"within noise"`` when its test G is within
+    ``tol`` (relative, G's checkpoint-to-checkpoint noise) of the oracle's, ``"beats"`` when lower
+    by more — a sign that the oracle was cut short, not that partial data beats all the data."""
+    if oracle_G is None or not math.isfinite(oracle_G):
+        return
+    for row in per_n.values():
+        row["vs_oracle"] = {}
+        for m in ("baseline", "combined", "bootstrap", *PEERS):
+            g = _stopped_G(row, m)
+            if g is None or not math.isfinite(float(g)):
+                continue
+            if abs(g - oracle_G) <= tol * abs(oracle_G):
+                row["vs_oracle"][m] = "within noise"
+            elif g < oracle_G:
+                row["vs_oracle"][m] = "beats"
 
 
 def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
@@ -141,6 +179,11 @@ def markdown(summary: dict) -> str:
     lines.append(f"| all | oracle | {_fmt(o.get('test_G'))} | {_fmt(o.get('train_G'))} | {_fmt(o.get('swd'))} | "
                  f"{_fmt(o.get('memorization_rate'))} | {_fmt(o.get('nn_distance_train'))} | | "
                  f"{_fmt(o.get('classifier_fd'))} | {_fmt(o.get('confident_share'))} |")
+    oe = summary.get("oracle_early_stopped")
+    if oe:
+        lines.append(f"| all | oracle, stopped at {oe['kimg']:g} kimg (validation minimum"
+                     f"{'; still improving at its cap' if oe.get('still_improving') else ''}) | {_fmt(oe['test_G'])} | "
+                     f"{_fmt(oe.get('train_G'))} | | | | | | |")
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]
         for m in MODELS + tuple(p for p in PEERS if p in row):
@@ -152,8 +195,9 @@ def markdown(summary: dict) -> str:
         for m in ("baseline", "bootstrap", *PEERS):
             e = row.get(f"{m}_early_stopped")
             if e:
-                lines.append(f"| {n} | {m}, stopped at {e['kimg']:g} kimg (validation minimum) | {_fmt(e['test_G'])} | "
-                             f"{_fmt(e.get('train_G'))} | | | | |")
+                note = "; still improving at its cap" if e.get("still_improving") else ""
+                lines.append(f"| {n} | {m}, stopped at {e['kimg']:g} kimg (validation minimum{note}) | "
+                             f"{_fmt(e['test_G'])} | {_fmt(e.get('train_G'))} | | | | | | |")
     lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), both stopped at validation minimum |"
               + "".join(f" {p}: gap closed, stopped |" for p in PEERS),
               "|---|---|---|---|" + "---|" * len(PEERS)]
@@ -168,6 +212,12 @@ def markdown(summary: dict) -> str:
         for m, w in summary["per_n"][str(n)].get("worth", {}).items():
             lines.append(f"| {n} | {m} | {w['bound'] if w['bound'] != '=' else '≈'} {w['images']:.0f} | "
                          f"{w['partial_pool_worth']:+.0f} images |")
+    near = [f"N = {n}: {m} {'is within noise (1 %) of' if v == 'within noise' else 'beats'} the oracle"
+            for n in summary["ns"] for m, v in summary["per_n"][str(n)].get("vs_oracle", {}).items()]
+    if near:
+        lines += ["", "Against the oracle at its best (test G " + _fmt(summary.get("oracle_best_test_G")) + "): "
+                  + "; ".join(near) + "." + (" A row that beats the oracle means the oracle was cut short."
+                                            if any("beats" in x for x in near) else "")]
     lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
               "full resolution, 0 = no better than the N images alone; – = the baseline is within 1 % of the "
               "oracle (no gap to close at this budget).", ""]

@@ -13,8 +13,8 @@ import torch
 from bootdiff import experiment, util
 from bootdiff.config import to_object
 from bootdiff.efficiency.data import dataset_cfg, prepare
-from bootdiff.efficiency.models import (budgets, evaluate_job, jobs, model_file, peer_budgets, peers, select,
-                                        share_view_models)
+from bootdiff.efficiency.models import (budgets, evaluate_job, jobs, main_budget, model_file, peer_budgets, peers,
+                                        raise_caps, select, share_view_models)
 
 DEFAULT_NS = (16, 64, 256, 1024)
 
@@ -34,7 +34,8 @@ def run_job(job: dict, b: dict, out: str, num_samples: int, train_fn: Optional[C
     if job["kind"] != "combined":
         trained = train_fn(job, b, out)
     row = {k: v for k, v in job.items() if k != "cfg_yaml"}
-    row.update(trained, train_wall_s=time.time() - start)
+    row.update(trained, train_wall_s=time.time() - start,
+               patience=int(b.get("patience", 0)) if job.get("quick") else 0)
     if job["kind"] != "view":
         row.update(evaluate_job(job, b, trained["checkpoint"], num_samples))
     row["wall_s"] = time.time() - start
@@ -71,14 +72,20 @@ def process_runner(workers: int):
 
 def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, num_samples: int = 128,
                   val_fraction: float = 0.25, runner: Callable = local_runner, source=None,
-                  ingest_fn=None) -> dict:
+                  ingest_fn=None, patience: int = 0) -> dict:
     """The whole benchmark (module docstring); finished models (``results/<model>.json``) are
-    skipped, so an interrupted run resumes where it stopped. Returns and writes the summary."""
+    skipped, so an interrupted run resumes where it stopped. Returns and writes the summary.
+    ``patience`` > 0 stops every selection run when its validation G has not improved for that
+    many checkpoints, and trains the model it selects for as long (`bootdiff.efficiency.models.main_budget`)."""
     cfg = to_object(cfg)
     out = util.join(out, "") .rstrip("/")
     plan = prepare(cfg, out, ns, val_fraction, source=source, ingest_fn=ingest_fn)
-    b = budgets(cfg, kimg)
+    b = budgets(cfg, kimg, patience)
     b.update(peer_budgets(cfg, experiment.read_manifest(dataset_cfg(cfg, out, "base")), b))
+    b = raise_caps(b)
+    if patience > 0:
+        print(f"[bench] early stopping: patience {patience} checkpoints on validation G; caps: baselines "
+              f"{b['full_res_kimg']:g} kimg, oracle {b['oracle_kimg']:g} kimg", flush=True)
     for peer in peers(cfg):
         print(f"[bench] {peer}: {b[f'{peer}_kimg']:g} kimg = the bootstrap's training compute "
               f"({b['flops']['bootstrap']['total']:.3g} FLOPs: views + residual)", flush=True)
@@ -98,9 +105,11 @@ def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, nu
         for j in all_jobs:
             if j["stage"] == stage and j["id"] in results:
                 print(f"[bench] {j['id']}: done before, skipped", flush=True)
-        if stage == 2:
-            for j in todo:
+        for j in todo:
+            if stage == 2:  # the bootstrap: the residual setting chosen on validation, and its budget
                 j["trial"] = select(results, j["N"])
+                j["select"] = f"N{j['N']}/select-{j['trial']['label']}"
+            j["budget_kimg"] = main_budget(j, results)
         for job, row in runner(todo, b, out, num_samples):
             results[job["id"]] = row
             util.atomic_write_bytes(util.join(out, "results", model_file(job["id"])),

@@ -15,10 +15,21 @@ from bootdiff.run.layout import RunLayout
 
 class CurveHooks:
     """`bootdiff.train` hooks (inside `bootdiff.run.tb.TensorBoardHooks`, which adds G at checkpoints):
-    each checkpoint's kimg, loss and test / train G appended to ``curve_url`` (kept on resume)."""
+    each checkpoint's kimg, loss and test / train G appended to ``curve_url`` (kept on resume).
+    With ``patience`` > 0 (a selection run, whose "test" split is its validation carve-out) the
+    run stops when that G has not improved for ``patience`` checkpoints (`bootdiff.stopping.Patience`,
+    its state replayed from the curve on resume)."""
 
-    def __init__(self, curve_url: str):
+    def __init__(self, curve_url: str, patience: int = 0):
+        from bootdiff.stopping import Patience
+
         self.url = curve_url
+        self.stopper = Patience(patience, "test_G")
+        if util.exists(curve_url):
+            self.stopper.replay(json.loads(util.read_bytes(curve_url)))
+
+    def should_stop(self) -> bool:
+        return self.stopper.should_stop()
 
     def on_report(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
         if not checkpoint_url:
@@ -26,13 +37,15 @@ class CurveHooks:
         curve = json.loads(util.read_bytes(self.url)) if util.exists(self.url) else []
         point = {k: float(metrics[k]) for k in ("kimg", "loss", "test_G", "train_G") if k in metrics}
         curve = [p for p in curve if p["kimg"] < point["kimg"] - 1e-9] + [point]
+        self.stopper.update(point)
         util.atomic_write_bytes(self.url, json.dumps(curve).encode())
         print(f"[bench]   {point}", flush=True)
 
 
 def train_local(job: dict, b: dict, out: str) -> dict:
     """Train one job in this process (`bootdiff.train.train`), resuming from its own run folder;
-    returns ``{"checkpoint": url, "curve": [...], "kimg": k}``."""
+    returns ``{"checkpoint": url, "curve": [...], "kimg": k, "stopped_early": bool}`` (patience
+    ended it before its cap)."""
     from bootdiff.evaluation.scores import evaluate_checkpoint
     from bootdiff.experiment import export_result
     from bootdiff.sweep import trial_residual_config
@@ -66,9 +79,9 @@ def train_local(job: dict, b: dict, out: str) -> dict:
 
     extra = g_at_checkpoint if job["kind"] != "view" else None
     hooks = TensorBoardHooks(RunLayout(out, "tb").tb_run(job["id"]), hparams=dict(job.get("trial") or {}),
-                             extra_metrics=extra, hooks=CurveHooks(curve_url))
+                             extra_metrics=extra, hooks=CurveHooks(curve_url, tcfg.patience))
     res = train(model, loss, data, tcfg, run_dir=run_dir, hooks=hooks, config_yaml=to_yaml(cfg))
     if job["kind"] == "view":
         export_result(cfg, job["view"], res.checkpoint_url)
     curve = json.loads(util.read_bytes(curve_url)) if util.exists(curve_url) else []
-    return {"checkpoint": res.checkpoint_url, "curve": curve, "kimg": res.kimg}
+    return {"checkpoint": res.checkpoint_url, "curve": curve, "kimg": res.kimg, "stopped_early": bool(res.stopped)}
