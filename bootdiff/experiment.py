@@ -45,9 +45,9 @@ def run_split(cfg, run: str) -> Tuple[ViewConfig, str]:
     """(view config, data split) of a view-model run: a view's name, or ``"full_res"`` — the
     full-resolution baseline, trained with ``cfg.full_res`` on the scarce ``full`` split — or
     ``"distill"``: the student (`bootdiff.distill`; ``cfg.distill`` has the run's ``train`` and
-    ``scaling``), at the ``full`` split's shape — or ``"ambient"``: the Ambient-Omni peer
-    (`bootdiff.peers.ambient`), a full-res network trained with ``cfg.full_res``."""
-    if run in ("full_res", "ambient"):
+    ``scaling``), at the ``full`` split's shape — or a peer's name (``"ambient"``,
+    ``"finetune"``, `bootdiff.peers`): a full-res network trained with ``cfg.full_res``."""
+    if run in ("full_res", "ambient", "finetune"):
         return cfg.full_res, "full"
     if run == "distill":
         return cfg.distill, "full"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from bootdiff import util
-from bootdiff.efficiency.models import job_cfg
+from bootdiff.efficiency.models import PEER_NAMES, job_cfg
 from bootdiff.efficiency.run import run_job
 from bootdiff.run.layout import RunLayout
 from ray_jobs import common
@@ -36,7 +36,7 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     # G at every checkpoint, written by the worker (`bootdiff.efficiency.train.CurveHooks`), which
     # also stops a selection run by patience on it: its "test" split is its validation carve-out
     curve_url = util.join(storage, name, "curve.json")
-    if job["kind"] in ("view", "full_res", "ambient"):
+    if job["kind"] in ("view", "full_res", *PEER_NAMES):
         view = job["view"] if job["kind"] == "view" else job["kind"]
         trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view",
                                curve_url=curve_url if job["kind"] != "view" else "")

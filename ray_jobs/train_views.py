@@ -20,6 +20,7 @@ from typing import Callable
 
 from bootdiff import experiment, util
 from bootdiff.experiment import export_result
+from bootdiff.peers import NAMES as PEER_NAMES, peer_training
 from bootdiff.run.layout import RunLayout
 from ray_jobs import common
 
@@ -37,10 +38,8 @@ def train_worker(config: dict) -> None:
         from bootdiff.distill.student import distill_training
 
         model, loss, data = distill_training(cfg, manifest, rank, world)
-    elif view == "ambient":  # the Ambient-Omni peer of the data-efficiency benchmark
-        from bootdiff.peers.ambient import ambient_training
-
-        model, loss, data = ambient_training(cfg, manifest, rank, world)
+    elif view in PEER_NAMES:  # a peer row of the data-efficiency benchmark (bootdiff.peers)
+        model, loss, data = peer_training(cfg, manifest, view, rank, world)
     else:
         model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
     extra = None
@@ -81,7 +80,7 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
             checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints,
-                                                       chosen_on_val=view in ("full_res", "ambient") and evaluate),
+                                                       chosen_on_val=view in ("full_res", *PEER_NAMES) and evaluate),
             callbacks=callbacks, logging_config=common.train_logging(cfg)),
     )
 

@@ -110,3 +110,40 @@ def test_ambient_peer_trains_on_real_shards_and_its_stream_resumes_exactly(tmp_p
     assert set(loss.last_groups.tolist()) == {0, 1, 2}
     info = experiment.view_info(manifest, "full")  # the peer is a full-res denoiser: same shape as the data
     assert tuple(model(full, torch.full((4,), 0.5)).shape) == (4, *info["shape"])
+
+
+def test_finetune_peer_pretrains_on_lifted_low_res_then_fine_tunes_and_resumes_exactly(tmp_path):
+    """The first round(share · S) steps' micro-batches are the low view's batches lifted by the
+    view's own Aᵀ/c (checked against the view's lift of the raw low-res stream), the rest the
+    full-res images; data(k) starts at step k in either phase; the run trains end to end."""
+    from bootdiff.peers import available, peer_training
+    from bootdiff.peers.finetune import pretrain_steps
+    from bootdiff.views import make_view
+
+    cfg = to_object(small_cfg(tmp_path, extra=[
+        "full_res.train.total_kimg=0.064", "full_res.train.batch_size=8", "full_res.train.checkpoint_every_kimg=0",
+        "full_res.net.channels=[8,16]", "full_res.net.norm_groups=4", "full_res.net.attention=[false,false]",
+        "peers.finetune.pretrain_share=0.5"]))
+    manifest = ingest(cfg, progress=False, source=RandomSource(n=60))
+    assert "finetune" in available(cfg)
+    tcfg = cfg.full_res.train
+    assert pretrain_steps(0.5, tcfg) == 4 and pretrain_steps(0.0, tcfg) == 0  # 8 steps of 8 images
+    with pytest.raises(ValueError, match="pretrain_share=1"):
+        pretrain_steps(1, tcfg)
+    model, loss, data = peer_training(cfg, manifest, "finetune")
+    batches = list(itertools.islice(data(0), 8))
+    low_name = pick_view(cfg, "downsample", "", "peers.finetune.low_view")
+    shape = experiment.full_shape(manifest)
+    lift = make_view(cfg.views[low_name], shape, name=low_name).lift
+    raw_low = list(itertools.islice(experiment.train_data(cfg, manifest, low_name, tcfg, 0, 1)(0), 4))
+    raw_full = list(itertools.islice(experiment.train_data(cfg, manifest, "full", tcfg, 0, 1)(0), 4))
+    for got, want in zip(batches[:4], raw_low):
+        assert got.shape == (8, *shape) and torch.equal(got, lift(want))
+    for got, want in zip(batches[4:], raw_full):
+        assert torch.equal(got, want)
+    assert not torch.equal(batches[3], batches[4])
+    for k in (2, 4, 6):  # resume inside pre-training, at the switch, inside fine-tuning
+        assert torch.equal(next(iter(data(k))), batches[k])
+    res = train(model, loss, data, tcfg)
+    assert res.step == 8 and math.isfinite(res.loss)
+    assert tuple(model(batches[4], torch.full((8,), 0.5)).shape) == (8, *shape)

@@ -11,7 +11,7 @@ The names most code needs are importable from here (``from bootdiff.config impor
 from bootdiff.config.choices import (VIDEO_SOURCES, Choice, CorruptionKind, FeatureKind, Fusion, L1Decay,  # noqa: F401
                                      NetKind, Precision, Resize, SamplerKind, Schedule, Search, SigmaDist,
                                      SourceKind, Toggle, ViewKind, Weighting)
-from bootdiff.config.schema import (AmbientConfig, AshaConfig, ConfigError, CorruptionConfig, DataConfig,  # noqa: F401
+from bootdiff.config.schema import (AmbientConfig, AshaConfig, ConfigError, CorruptionConfig, DataConfig, FinetuneConfig,  # noqa: F401
                                     DistillConfig, EvalConfig, ExperimentConfig, FeaturesConfig, LatentConfig,
                                     LossConfig, NetConfig, PeersConfig, RayConfig, ResidualConfig, SamplerConfig,
                                     ScalingConfig, SourceConfig, SweepConfig, TrainConfig, ViewConfig,

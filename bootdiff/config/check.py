@@ -300,7 +300,8 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
 
 
 def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
-    """``peers.ambient`` (`bootdiff.peers.ambient`): gates, shares, and the views it names."""
+    """``peers.ambient`` (`bootdiff.peers.ambient`): gates, shares, and the views it names;
+    ``peers.finetune`` (`bootdiff.peers.finetune`): its share and view."""
     a = cfg.peers.ambient
     for key in ("sigma_tn", "sigma_crop"):
         if not getattr(a, key) > 0:
@@ -312,6 +313,11 @@ def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
         name = getattr(a, key)
         if name and (name not in cfg.views or cfg.views[name].kind != kind):
             p.bad(f"peers.ambient.{key}", name, f"must name a {kind.value} view (views: {', '.join(cfg.views) or 'none'})")
+    f = cfg.peers.finetune
+    if not 0 <= f.pretrain_share < 1:
+        p.bad("peers.finetune.pretrain_share", f.pretrain_share, "must be in [0, 1) (the rest of the steps fine-tune)")
+    if f.low_view and (f.low_view not in cfg.views or cfg.views[f.low_view].kind != ViewKind.downsample):
+        p.bad("peers.finetune.low_view", f.low_view, f"must name a downsample view (views: {', '.join(cfg.views) or 'none'})")
 
 
 def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:

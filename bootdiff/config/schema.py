@@ -285,10 +285,21 @@ class AmbientConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Pre-train and fine-tune (a peer of the bootstrap, `bootdiff.peers.finetune`): one full-res
+    network pre-trained on the low-res view's samples lifted to full resolution (every σ), then
+    fine-tuned on the full-res images. Net and training: ``full_res``'s."""
+
+    pretrain_share: float = 0.5  # share of the run's optimizer steps spent pre-training
+    low_view: str = ""  # the downsample view to lift ("": the only one)
+
+
+@dataclass
 class PeersConfig:
     """Peer methods: one ordinary network trained on the same full-res and partial data."""
 
     ambient: AmbientConfig = field(default_factory=AmbientConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass

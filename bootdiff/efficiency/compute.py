@@ -70,17 +70,25 @@ def residual_step_flops(cfg, manifest: dict) -> float:
     return step_flops(model, loss, _rand(shape, rcfg.train.batch_size)) * rcfg.train.accum_steps
 
 
-def ambient_step_flops(cfg, manifest: dict) -> float:
-    """The Ambient-Omni peer's FLOPs per optimizer step, on a micro-batch of its three groups."""
+def peer_step_flops(cfg, manifest: dict, name: str) -> float:
+    """A peer's FLOPs per optimizer step (`bootdiff.peers`), on a micro-batch of its own shapes:
+    ``ambient``'s three groups; ``finetune``'s full-size batch (pre-training and fine-tuning steps
+    cost alike; the lift of its low-res batches is data loading, a few FLOPs per pixel, not counted)."""
     from bootdiff import experiment
-    from bootdiff.peers.ambient import ambient_training, group_sizes, pick_view
+    from bootdiff.peers import peer_training
 
-    model, loss, _ = ambient_training(cfg, manifest)
-    acfg, tcfg = cfg.peers.ambient, cfg.full_res.train
-    low, crop = pick_view(cfg, "downsample", acfg.low_view), pick_view(cfg, "patch", acfg.crop_view)
-    n_full, n_low, n_crop = group_sizes(acfg, tcfg.batch_size)
-    batch = (_rand(experiment.full_shape(manifest), n_full), _rand(experiment.view_sample_shape(manifest, low), n_low),
-             _rand(experiment.view_sample_shape(manifest, crop), n_crop))
+    model, loss, _ = peer_training(cfg, manifest, name)
+    tcfg = cfg.full_res.train
+    if name == "ambient":
+        from bootdiff.peers.ambient import group_sizes, pick_view
+
+        acfg = cfg.peers.ambient
+        low, crop = pick_view(cfg, "downsample", acfg.low_view), pick_view(cfg, "patch", acfg.crop_view)
+        n_full, n_low, n_crop = group_sizes(acfg, tcfg.batch_size)
+        batch = (_rand(experiment.full_shape(manifest), n_full), _rand(experiment.view_sample_shape(manifest, low), n_low),
+                 _rand(experiment.view_sample_shape(manifest, crop), n_crop))
+    else:
+        batch = _rand(experiment.full_shape(manifest), tcfg.batch_size)
     return step_flops(model, loss, batch) * tcfg.accum_steps
 
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 from bootdiff import experiment, util
 from bootdiff.config import to_object
+from bootdiff.peers import NAMES as PEER_NAMES  # every peer method, in the order rows are shown
 from bootdiff.run.layout import RunLayout
 
 
@@ -82,20 +83,11 @@ def raise_caps(b: dict) -> dict:
                                                                             if f"{p}_kimg" in b))}
 
 
-PEER_NAMES = ("ambient",)  # every peer method of `bootdiff.peers`, in the order rows are shown
-
-
 def peers(cfg) -> List[str]:
-    """The peer methods (`bootdiff.peers`) this config's views allow: ``ambient`` needs one
-    downsample and one patch view (or ``peers.ambient.low_view`` / ``crop_view`` naming them)."""
-    from bootdiff.peers.ambient import pick_view
+    """The peer methods (`bootdiff.peers`) this config's views allow (`bootdiff.peers.available`)."""
+    from bootdiff.peers import available
 
-    try:
-        pick_view(cfg, "downsample", cfg.peers.ambient.low_view)
-        pick_view(cfg, "patch", cfg.peers.ambient.crop_view)
-    except ValueError:
-        return []
-    return ["ambient"]
+    return available(cfg)
 
 
 def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
@@ -112,7 +104,7 @@ def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
     out = {"baseline_kimg_at_bootstrap_compute": compute.equal_compute_kimg(
         boot["total"], flops["baseline_per_step"], ft.batch_size, ft.accum_steps)}
     for peer in peers(cfg):
-        per_step = compute.ambient_step_flops(cfg, manifest)
+        per_step = compute.peer_step_flops(cfg, manifest, peer)
         kimg = compute.equal_compute_kimg(boot["total"], per_step, ft.batch_size, ft.accum_steps)
         out[f"{peer}_kimg"] = kimg
         flops[f"{peer}_per_step"] = per_step
@@ -239,7 +231,7 @@ def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
     of the baseline's size."""
     if job["kind"] == "combined":
         return experiment.build_combined(cfg, manifest)
-    kind = "full_res" if job["kind"] in ("full_res", "ambient") else "residual"
+    kind = "full_res" if job["kind"] in ("full_res", *PEER_NAMES) else "residual"
     return experiment.load_trial(cfg, manifest, {**(job.get("trial") or {}), "kind": kind, "checkpoint": checkpoint})
 
 

@@ -138,10 +138,11 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
 
     ns = summary["ns"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-"), ("ambient", "d-")):
+    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-"), ("ambient", "d-"), ("finetune", "v-")):
         ax.plot(ns, [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns], style, label=m)
     if metric == "test_G":  # baseline and bootstrap at their validation minima (`early_stopped`)
-        for m, style, colour in (("baseline", "o:", "C0"), ("bootstrap", "^:", "C2"), ("ambient", "d:", "C3")):
+        for m, style, colour in (("baseline", "o:", "C0"), ("bootstrap", "^:", "C2"), ("ambient", "d:", "C3"),
+                                 ("finetune", "v:", "C4")):
             ax.plot(ns, [(summary["per_n"][str(n)].get(f"{m}_early_stopped") or {}).get("test_G", float("nan"))
                          for n in ns], style, color=colour, mfc="none", label=f"{m}, stopped at validation minimum")
     o = summary["oracle"].get(metric)

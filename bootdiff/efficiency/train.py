@@ -10,6 +10,7 @@ from typing import Optional
 from bootdiff import experiment, util
 from bootdiff.config import to_yaml
 from bootdiff.efficiency.models import job_cfg
+from bootdiff.peers import NAMES as PEER_NAMES, peer_training
 from bootdiff.run.layout import RunLayout
 
 
@@ -62,10 +63,8 @@ def train_local(job: dict, b: dict, out: str) -> dict:
     elif job["kind"] == "full_res":
         model, loss, data = experiment.view_training(cfg, manifest, "full", cfg.full_res)
         tcfg = cfg.full_res.train
-    elif job["kind"] == "ambient":
-        from bootdiff.peers.ambient import ambient_training
-
-        model, loss, data = ambient_training(cfg, manifest)
+    elif job["kind"] in PEER_NAMES:
+        model, loss, data = peer_training(cfg, manifest, job["kind"])
         tcfg = cfg.full_res.train
     else:
         rcfg = trial_residual_config(cfg, job["trial"])

@@ -3,4 +3,49 @@ same full-res images and partial views, measured beside it by the data-efficienc
 
 - `bootdiff.peers.ambient`: Ambient Diffusion Omni, the partial data σ-gated (lifted low-res
   copies only at high σ, crops only at low σ).
+- `bootdiff.peers.finetune`: pre-train on the lifted low-res copies, fine-tune on the full-res
+  images.
+
+Each is a full-res network of the baseline's size and training (``full_res``), trained by
+`bootdiff.train.train` on its own ``(model, loss_fn, data)`` (`peer_training`).
 """
+
+from __future__ import annotations
+
+from typing import List
+
+NAMES = ("ambient", "finetune")  # in the order their rows are shown
+
+
+def peer_training(cfg, manifest: dict, name: str, rank: int = 0, world_size: int = 1):
+    """(model, loss_fn, data) of peer ``name``, as `bootdiff.experiment.view_training` gives a view's."""
+    if name == "ambient":
+        from bootdiff.peers.ambient import ambient_training
+
+        return ambient_training(cfg, manifest, rank, world_size)
+    if name == "finetune":
+        from bootdiff.peers.finetune import finetune_training
+
+        return finetune_training(cfg, manifest, rank, world_size)
+    raise ValueError(f"no peer method {name!r} (the peers: {', '.join(NAMES)})")
+
+
+def available(cfg) -> List[str]:
+    """The peers this config's views allow: ``ambient`` needs one downsample and one patch view,
+    ``finetune`` one downsample view (or the ``peers.<name>.*_view`` keys naming them)."""
+    from bootdiff.peers.ambient import pick_view
+
+    def has(kind, name, key):
+        try:
+            pick_view(cfg, kind, name, key)
+            return True
+        except ValueError:
+            return False
+
+    a, f = cfg.peers.ambient, cfg.peers.finetune
+    out = []
+    if has("downsample", a.low_view, "peers.ambient.low_view") and has("patch", a.crop_view, "peers.ambient.crop_view"):
+        out.append("ambient")
+    if has("downsample", f.low_view, "peers.finetune.low_view"):
+        out.append("finetune")
+    return out

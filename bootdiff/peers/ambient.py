@@ -98,17 +98,18 @@ def ambient_data(cfg, manifest: dict, tcfg, low_view: str, crop_view: str, rank:
     return data
 
 
-def pick_view(cfg, kind: str, name: str) -> str:
+def pick_view(cfg, kind: str, name: str, key: str = "") -> str:
     """The view a peer uses: ``name`` when given (it must be of ``kind``), else the only view of
-    that kind; an error naming ``peers.ambient.*_view`` otherwise."""
-    key = "low_view" if kind == "downsample" else "crop_view"
+    that kind; an error naming the config ``key`` (default ``peers.ambient.low_view`` /
+    ``crop_view``) otherwise."""
+    key = key or ("peers.ambient.low_view" if kind == "downsample" else "peers.ambient.crop_view")
     found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
     if name:
         if name not in cfg.views or str(cfg.views[name].kind) != kind:
-            raise ValueError(f"peers.ambient.{key}={name!r}: not a {kind} view (the {kind} views: {found or 'none'})")
+            raise ValueError(f"{key}={name!r}: not a {kind} view (the {kind} views: {found or 'none'})")
         return name
     if len(found) != 1:
-        raise ValueError(f"peers.ambient.{key} is unset and the config has {len(found)} {kind} views "
+        raise ValueError(f"{key} is unset and the config has {len(found)} {kind} views "
                          f"({found}): name the one to use")
     return found[0]
 
