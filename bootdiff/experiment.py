@@ -46,8 +46,8 @@ def run_split(cfg, run: str) -> Tuple[ViewConfig, str]:
     full-resolution baseline, trained with ``cfg.full_res`` on the scarce ``full`` split — or
     ``"distill"``: the student (`bootdiff.distill`; ``cfg.distill`` has the run's ``train`` and
     ``scaling``), at the ``full`` split's shape — or a peer's name (``"ambient"``,
-    ``"finetune"``, `bootdiff.peers`): a full-res network trained with ``cfg.full_res``."""
-    if run in ("full_res", "ambient", "finetune"):
+    ``"finetune"``, ``"patchdiff"``, `bootdiff.peers`): a full-res network trained with ``cfg.full_res``."""
+    if run in ("full_res", "ambient", "finetune", "patchdiff"):
         return cfg.full_res, "full"
     if run == "distill":
         return cfg.distill, "full"
@@ -79,7 +79,7 @@ EPOCH_BATCHES = 1000
 
 
 def train_data(cfg, manifest: dict, view: str, tcfg, rank: int, world_size: int,
-               epoch_batches: int = EPOCH_BATCHES) -> Callable[[int], Iterator[torch.Tensor]]:
+               epoch_batches: int = EPOCH_BATCHES, with_meta: bool = False) -> Callable[[int], Iterator[torch.Tensor]]:
     """``data(start_step) -> iterator`` for `bootdiff.train.train`, positioned exactly: it yields
     what ``data(0)`` yields from micro-batch ``start_step · tcfg.accum_steps`` on.
 
@@ -89,7 +89,9 @@ def train_data(cfg, manifest: dict, view: str, tcfg, rank: int, world_size: int,
     alone. ``data(k)`` opens epoch ``k·accum // epoch_batches`` and skips the micro-batches of it
     already consumed — reading at most one epoch, never the run so far. The DataLoader of
     ``tcfg.num_workers > 0`` draws its workers' base seed from torch's global RNG; that draw is
-    kept off the training's RNG (`bootdiff.train` restores that RNG from the checkpoint)."""
+    kept off the training's RNG (`bootdiff.train` restores that RNG from the checkpoint).
+    ``with_meta`` yields ``(x, metas)``, each sample's JSON metadata beside it (e.g. a patch's
+    recorded ``location``)."""
     from bootdiff.data.loader import make_loader, view_urls
 
     if epoch_batches < 1:
@@ -99,7 +101,7 @@ def train_data(cfg, manifest: dict, view: str, tcfg, rank: int, world_size: int,
         loader = make_loader(view_urls(manifest, view), tcfg.batch_size, mode="train",
                              seed=tcfg.seed * 1_000_003, rank=rank, world_size=world_size,
                              num_workers=tcfg.num_workers,
-                             epoch_samples=epoch_batches * world_size * tcfg.batch_size)
+                             epoch_samples=epoch_batches * world_size * tcfg.batch_size, with_meta=with_meta)
         loader.epoch, skip = divmod(start_step * tcfg.accum_steps, epoch_batches)
         while True:
             batches = iter(loader)  # the next epoch

@@ -182,7 +182,8 @@ def test_resume_skips_finished_models(bench):
         "datasets": {k: "" for k in ("base", "oracle", "oracle-select", "N8", "N8-select", "N16", "N16-select")}}, cfg)}
     assert set(first) | set(seen) == ids
     assert {"N8/select-baseline", "N16/select-baseline", "select-oracle"} <= ids  # their own validation runs
-    assert {"N8/ambient", "N8/select-ambient", "N16/ambient", "N8/finetune", "N8/select-finetune"} <= ids  # the peers
+    assert {"N8/ambient", "N8/select-ambient", "N16/ambient", "N8/finetune", "N8/select-finetune",
+            "N8/patchdiff"} <= ids  # the peers
     assert "ambient" in summary["per_n"]["8"] and "ambient" in summary["per_n"]["8"]["selection"]
     boot = json.loads(util.read_bytes(f"{out}/results/N8__bootstrap.json"))
     sel = {k: json.loads(util.read_bytes(f"{out}/results/N8__select-{k}.json"))["test_G"]
@@ -212,6 +213,10 @@ def test_peer_budget_is_the_bootstraps_training_compute(bench):
     # pre-train + fine-tune is the baseline's network on full-size batches: its steps cost the same
     assert f["finetune_per_step"] == pytest.approx(f["baseline_per_step"], rel=1e-9)
     assert pb["finetune_kimg"] == pb["baseline_kimg_at_bootstrap_compute"] > pb["ambient_kimg"]
+    # patchdiff in expectation: half its micro-batches whole images (two more input channels than
+    # the baseline's), the rest 8² patches and crops — a quarter of the pixels
+    assert 0.5 * f["baseline_per_step"] < f["patchdiff_per_step"] < f["baseline_per_step"]
+    assert pb["patchdiff_kimg"] > pb["finetune_kimg"]
     assert pb["ambient_kimg"] == compute.steps(pb["ambient_kimg"], ft.batch_size) * ft.batch_size / 1000
     # a view's step: one view network, forward + backward, on its own batch size
     v = cfg.views["patch"]

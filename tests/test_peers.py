@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,69 @@ def test_finetune_peer_pretrains_on_lifted_low_res_then_fine_tunes_and_resumes_e
     res = train(model, loss, data, tcfg)
     assert res.step == 8 and math.isfinite(res.loss)
     assert tuple(model(batches[4], torch.full((8,), 0.5)).shape) == (8, *shape)
+
+
+def test_coordinate_channels_match_the_crops_location():
+    """A crop's coordinate channels are the whole image's grid cut at the crop's place; the grid
+    spans [−1, 1] at pixel centres."""
+    from bootdiff.peers.patchdiff import coordinate_channels
+
+    H = W = 16
+    whole = coordinate_channels(torch.zeros((1, 2), dtype=torch.long), (H, W), (H, W))[0]
+    assert whole[0, :, 0].tolist() == pytest.approx([(2 * r + 1) / H - 1 for r in range(H)])  # rows
+    assert torch.equal(whole[0, 3], whole[0, 3, 0].expand(W)) and torch.equal(whole[1, :, 5], whole[1, 0, 5].expand(H))
+    pos = torch.tensor([[0, 8], [5, 3], [8, 8]])
+    crops = coordinate_channels(pos, (8, 8), (H, W))
+    for k, (r, c) in enumerate(pos.tolist()):
+        assert torch.allclose(crops[k], whole[:, r:r + 8, c:c + 8])
+
+
+def test_patchdiff_peer_batches_are_where_they_say_and_its_stream_resumes_exactly(tmp_path):
+    """Each micro-batch is whole images (position 0), the pool's patches with the locations ingest
+    recorded (each patch is its source image cut there), or random crops of the full-res images
+    (each the image of the same stream cut at its position); data(k) starts at micro-batch k; the
+    denoiser trains on the mix and denoises whole images through D(x, σ) for the samplers."""
+    from bootdiff.peers import peer_training
+    from bootdiff.peers.patchdiff import batch_kind
+    from bootdiff.data.shards import to_model_units
+
+    src = RandomSource(n=60)
+    cfg = to_object(small_cfg(tmp_path, extra=[
+        "full_res.train.total_kimg=0.08", "full_res.train.batch_size=4", "full_res.train.checkpoint_every_kimg=0",
+        "full_res.net.channels=[8,16]", "full_res.net.norm_groups=4", "full_res.net.attention=[false,false]",
+        "peers.patchdiff.full_share=0.4", "peers.patchdiff.patch_share=0.3", "peers.patchdiff.crop_sizes=[8]"]))
+    manifest = ingest(cfg, progress=False, source=src)
+    tcfg = cfg.full_res.train
+    model, loss, data = peer_training(cfg, manifest, "patchdiff")
+    got = list(itertools.islice(data(0), 20))
+    seed = tcfg.seed * 7919
+    kinds = [batch_kind(seed, i, 0.4, 0.3) for i in range(20)]
+    assert set(kinds) == {"full", "patch", "crop"}
+    full = iter(experiment.train_data(cfg, manifest, "full", tcfg, 0, 1)(0))
+    patches = iter(experiment.train_data(cfg, manifest, "patch", tcfg, 0, 1, with_meta=True)(0))
+    for kind, (x, pos) in zip(kinds, got):
+        if kind == "patch":
+            want, metas = next(patches)
+            assert torch.equal(x, want) and x.shape[-1] == 8
+            for k, m in enumerate(metas):
+                r, c = m["location"]
+                assert pos[k].tolist() == [r, c]
+                img = torch.from_numpy(to_model_units(src[m["source_index"]], np.float32)).permute(2, 0, 1)
+                assert torch.allclose(x[k], img[:, r:r + 8, c:c + 8])
+        else:
+            whole = next(full)
+            if kind == "full":
+                assert torch.equal(x, whole) and not pos.any()
+            else:
+                assert x.shape[-1] == 8
+                for k, (r, c) in enumerate(pos.tolist()):
+                    assert torch.equal(x[k], whole[k, :, r:r + 8, c:c + 8])
+    for k in (3, 7, 11):
+        x, pos = next(iter(data(k)))
+        assert torch.equal(x, got[k][0]) and torch.equal(pos, got[k][1])
+    res = train(model, loss, data, tcfg)
+    assert res.step == 20 and math.isfinite(res.loss)
+    x = got[kinds.index("full")][0]
+    assert tuple(model(x, torch.full((4,), 0.5)).shape) == tuple(x.shape)  # D(x, σ): the whole image
+    with pytest.raises(ValueError, match="needs its position"):
+        model(x[..., :8, :8], torch.full((4,), 0.5))

@@ -1,5 +1,5 @@
 """The data-efficiency benchmark's peer rows on their Ray Train path (`ray_jobs.efficiency.ray_runner`):
-Ambient-Omni and pre-train + fine-tune jobs trained as TorchTrainers on a real local Ray cluster,
+Ambient-Omni and Patch Diffusion jobs trained as TorchTrainers on a real local Ray cluster,
 G at every checkpoint kept as the curve, a selection run under patience, scored like the
 in-process runs."""
 
@@ -25,17 +25,19 @@ def test_ambient_peer_trains_as_a_ray_train_run(local_ray, tmp_path):
     cfg = _cfg(tmp_path)
     out = str(tmp_path / "out")
     plan = prepare(cfg, out, [8], val_fraction=0.25, source=RandomSource())
-    b = {**budgets(cfg, 0.05, patience=1), "ambient_kimg": 0.128, "finetune_kimg": 0.128}
+    b = {**budgets(cfg, 0.05, patience=1), "ambient_kimg": 0.128, "patchdiff_kimg": 0.128}
     job = {"id": "N8/ambient", "kind": "ambient", "data": "N8", "N": 8, "stage": 1,
            "cfg_yaml": plan["datasets"]["N8"], "budget_kimg": 0.064}
     c = from_yaml(plan["datasets"]["N8-select"], ExperimentConfig)
     c.full_res.train.checkpoint_every_kimg = 0.032  # 4 checkpoints of G on the carve-out
     sel = {"id": "N8/select-ambient", "kind": "ambient", "data": "N8-select", "N": 8, "stage": 0, "quick": True,
            "cfg_yaml": to_yaml(c)}
-    ft = {"id": "N8/finetune", "kind": "finetune", "data": "N8", "N": 8, "stage": 1,
+    pd = {"id": "N8/patchdiff", "kind": "patchdiff", "data": "N8", "N": 8, "stage": 1,
           "cfg_yaml": plan["datasets"]["N8"], "budget_kimg": 0.064}
-    rows = dict((j["id"], r) for j, r in ray_runner(cfg)([job, sel, ft], b, out, 4))
-    assert rows["N8/finetune"]["kimg"] == pytest.approx(0.064) and math.isfinite(rows["N8/finetune"]["test_G"])
+    rows = dict((j["id"], r) for j, r in ray_runner(cfg)([job, sel, pd], b, out, 4))
+    # the coordinate-channel network: trained under Train, loaded back as its own kind, sampled at full size
+    assert rows["N8/patchdiff"]["kimg"] == pytest.approx(0.064) and math.isfinite(rows["N8/patchdiff"]["test_G"])
+    assert math.isfinite(rows["N8/patchdiff"]["swd"])
     row = rows["N8/ambient"]
     assert row["kind"] == "ambient" and row["patience"] == 0 and not row["stopped_early"]
     assert row["checkpoint"].startswith(out) and row["kimg"] == pytest.approx(0.064, abs=1e-6)  # its budget_kimg

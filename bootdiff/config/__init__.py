@@ -13,7 +13,7 @@ from bootdiff.config.choices import (VIDEO_SOURCES, Choice, CorruptionKind, Feat
                                      SourceKind, Toggle, ViewKind, Weighting)
 from bootdiff.config.schema import (AmbientConfig, AshaConfig, ConfigError, CorruptionConfig, DataConfig, FinetuneConfig,  # noqa: F401
                                     DistillConfig, EvalConfig, ExperimentConfig, FeaturesConfig, LatentConfig,
-                                    LossConfig, NetConfig, PeersConfig, RayConfig, ResidualConfig, SamplerConfig,
+                                    LossConfig, NetConfig, PatchDiffConfig, PeersConfig, RayConfig, ResidualConfig, SamplerConfig,
                                     ScalingConfig, SourceConfig, SweepConfig, TrainConfig, ViewConfig,
                                     from_yaml, full_res_budget, structured, to_object, to_yaml)
 from bootdiff.config.load import load_config  # noqa: F401

@@ -313,6 +313,16 @@ def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
         name = getattr(a, key)
         if name and (name not in cfg.views or cfg.views[name].kind != kind):
             p.bad(f"peers.ambient.{key}", name, f"must name a {kind.value} view (views: {', '.join(cfg.views) or 'none'})")
+    d = cfg.peers.patchdiff
+    if not (d.full_share > 0 and d.patch_share >= 0 and d.full_share + d.patch_share <= 1):
+        p.bad("peers.patchdiff.full_share", (d.full_share, d.patch_share),
+              "with patch_share: need full_share > 0, patch_share >= 0 and full_share + patch_share <= 1")
+    side = cfg.data.resolution
+    for s in d.crop_sizes:
+        if not 0 < int(s) <= side:
+            p.bad("peers.patchdiff.crop_sizes", list(d.crop_sizes), f"each side must be in (0, data.resolution={side}]")
+    if d.patch_view and (d.patch_view not in cfg.views or cfg.views[d.patch_view].kind != ViewKind.patch):
+        p.bad("peers.patchdiff.patch_view", d.patch_view, f"must name a patch view (views: {', '.join(cfg.views) or 'none'})")
     f = cfg.peers.finetune
     if not 0 <= f.pretrain_share < 1:
         p.bad("peers.finetune.pretrain_share", f.pretrain_share, "must be in [0, 1) (the rest of the steps fine-tune)")

@@ -295,11 +295,25 @@ class FinetuneConfig:
 
 
 @dataclass
+class PatchDiffConfig:
+    """Patch Diffusion (Wang et al. 2023; a peer of the bootstrap, `bootdiff.peers.patchdiff`): one
+    full-res network with two coordinate input channels, trained per micro-batch on whole images
+    (``full_share``), the patch view's samples at their recorded locations (``patch_share``), or
+    random crops of the full-res images (the rest). Net and training: ``full_res``'s."""
+
+    full_share: float = 0.5  # micro-batches of whole full-res images
+    patch_share: float = 0.25  # micro-batches of the partial pool's patches, at their locations
+    crop_sizes: List[int] = field(default_factory=list)  # random crops' sides ([]: half the image side)
+    patch_view: str = ""  # the patch view ("": the only one)
+
+
+@dataclass
 class PeersConfig:
     """Peer methods: one ordinary network trained on the same full-res and partial data."""
 
     ambient: AmbientConfig = field(default_factory=AmbientConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    patchdiff: PatchDiffConfig = field(default_factory=PatchDiffConfig)
 
 
 @dataclass

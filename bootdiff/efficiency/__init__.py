@@ -9,6 +9,8 @@ For one config and a list of N (``benchmarks/data_efficiency.py``), under ``{out
     N<n>-select/data full = the first N − v of them, test = the last v (validation carve-out: μ
                      selection never sees the test split)
     oracle/data      full = the whole pool (partial pool + full pool) at full resolution
+    oracle-select/data  the same less a carve-out from the partial pool's end (test = it): where
+                     the oracle stops
     runs/<model>/    local training runs; results/<model>.json one file per finished model
 
 Shared splits are the base ingest's shard files (hard-linked, or copied on object stores) with
@@ -21,11 +23,15 @@ models, no training, docs/METHOD.md §3), ``select-*`` residuals on N − v imag
 held back, ``select-baseline`` (the baseline on the same N − v, whose validation curve says where
 to stop the baseline, as the selected residual's says for the bootstrap), and ``bootstrap`` (the
 residual with the selected μ_var / μ_L1 on all N, §4); once an ``oracle`` (full-res model on the
-whole pool, with a view model's budget); and per peer method the config's views allow
-(`bootdiff.efficiency.models.peers`: ``ambient``, `bootdiff.peers.ambient`) one network on the
+whole pool, with its own ``select-oracle``); and per peer method the config's views allow
+(`bootdiff.efficiency.models.peers`: ``ambient``, ``finetune``, ``patchdiff``, `bootdiff.peers`) one network on the
 N images and the same partial pool, with its own ``select-<peer>`` run on N − v that says where
 to stop it, given the bootstrap's training compute in FLOPs (view models + residual,
-`bootdiff.efficiency.compute`), not its kimg. Baselines and residuals share one budget (kimg). Training is a runner's job: `bootdiff.efficiency.train.train_local`
+`bootdiff.efficiency.compute`), not its kimg. Baselines and residuals share one budget (kimg).
+With ``patience`` (``--patience``) every selection run stops when its carve-out's G has not
+improved for that many checkpoints (`bootdiff.stopping`), the model it selects for trains as
+long as it ran, and the baselines and the oracle may train up to the bootstrap's whole compute
+(`bootdiff.efficiency.models.raise_caps`): every row at its validation minimum, none cut short. Training is a runner's job: `bootdiff.efficiency.train.train_local`
 in this process, Ray Train in
 ``ray_jobs/efficiency.py``; `evaluate_job` scores a finished model (G on test and train, SWD per
 pyramid level, memorisation, nearest-neighbour distance, FD when ``eval.features`` is set, §8).

@@ -72,7 +72,8 @@ def residual_step_flops(cfg, manifest: dict) -> float:
 
 def peer_step_flops(cfg, manifest: dict, name: str) -> float:
     """A peer's FLOPs per optimizer step (`bootdiff.peers`), on a micro-batch of its own shapes:
-    ``ambient``'s three groups; ``finetune``'s full-size batch (pre-training and fine-tuning steps
+    ``ambient``'s three groups; ``patchdiff``'s in expectation over its micro-batch kinds (whole
+    images, patches, crops, by their shares); ``finetune``'s full-size batch (pre-training and fine-tuning steps
     cost alike; the lift of its low-res batches is data loading, a few FLOPs per pixel, not counted)."""
     from bootdiff import experiment
     from bootdiff.peers import peer_training
@@ -87,6 +88,21 @@ def peer_step_flops(cfg, manifest: dict, name: str) -> float:
         n_full, n_low, n_crop = group_sizes(acfg, tcfg.batch_size)
         batch = (_rand(experiment.full_shape(manifest), n_full), _rand(experiment.view_sample_shape(manifest, low), n_low),
                  _rand(experiment.view_sample_shape(manifest, crop), n_crop))
+    elif name == "patchdiff":  # in expectation over its micro-batch kinds
+        import torch
+
+        from bootdiff.peers.patchdiff import crop_sizes, expected_step_flops
+        from bootdiff.peers.ambient import pick_view
+
+        p = cfg.peers.patchdiff
+        shape = experiment.full_shape(manifest)
+        view = pick_view(cfg, "patch", p.patch_view, key="peers.patchdiff.patch_view")
+        n, zeros = tcfg.batch_size, torch.zeros((tcfg.batch_size, 2), dtype=torch.long)
+        kind = {"full": step_flops(model, loss, (_rand(shape, n), zeros)),
+                "patch": step_flops(model, loss, (_rand(experiment.view_sample_shape(manifest, view), n), zeros))}
+        sizes = crop_sizes(p, tuple(shape[-2:]))
+        kind["crop"] = sum(step_flops(model, loss, (_rand((shape[0], s, s), n), zeros)) for s in sizes) / len(sizes)
+        return expected_step_flops(kind, p) * tcfg.accum_steps
     else:
         batch = _rand(experiment.full_shape(manifest), tcfg.batch_size)
     return step_flops(model, loss, batch) * tcfg.accum_steps

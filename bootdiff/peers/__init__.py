@@ -5,8 +5,11 @@ same full-res images and partial views, measured beside it by the data-efficienc
   copies only at high σ, crops only at low σ).
 - `bootdiff.peers.finetune`: pre-train on the lifted low-res copies, fine-tune on the full-res
   images.
+- `bootdiff.peers.patchdiff`: Patch Diffusion, coordinate channels and crops of several sizes
+  (the partial pool's patches at their recorded locations) plus whole images.
 
-Each is a full-res network of the baseline's size and training (``full_res``), trained by
+Each is a full-res network of the baseline's size and training (``full_res``; patchdiff's with
+two more input channels), trained by
 `bootdiff.train.train` on its own ``(model, loss_fn, data)`` (`peer_training`).
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from typing import List
 
-NAMES = ("ambient", "finetune")  # in the order their rows are shown
+NAMES = ("ambient", "finetune", "patchdiff")  # in the order their rows are shown
 
 
 def peer_training(cfg, manifest: dict, name: str, rank: int = 0, world_size: int = 1):
@@ -27,12 +30,17 @@ def peer_training(cfg, manifest: dict, name: str, rank: int = 0, world_size: int
         from bootdiff.peers.finetune import finetune_training
 
         return finetune_training(cfg, manifest, rank, world_size)
+    if name == "patchdiff":
+        from bootdiff.peers.patchdiff import patchdiff_training
+
+        return patchdiff_training(cfg, manifest, rank, world_size)
     raise ValueError(f"no peer method {name!r} (the peers: {', '.join(NAMES)})")
 
 
 def available(cfg) -> List[str]:
     """The peers this config's views allow: ``ambient`` needs one downsample and one patch view,
-    ``finetune`` one downsample view (or the ``peers.<name>.*_view`` keys naming them)."""
+    ``finetune`` one downsample view, ``patchdiff`` one patch view on image data (or the
+    ``peers.<name>.*_view`` keys naming them)."""
     from bootdiff.peers.ambient import pick_view
 
     def has(kind, name, key):
@@ -48,4 +56,9 @@ def available(cfg) -> List[str]:
         out.append("ambient")
     if has("downsample", f.low_view, "peers.finetune.low_view"):
         out.append("finetune")
+    from bootdiff.config import VIDEO_SOURCES
+
+    if has("patch", cfg.peers.patchdiff.patch_view, "peers.patchdiff.patch_view") and \
+            cfg.data.source.kind not in VIDEO_SOURCES:  # coordinate channels of images
+        out.append("patchdiff")
     return out
