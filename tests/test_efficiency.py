@@ -306,11 +306,16 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     row's); the oracle is taken at its validation minimum, and a row near or below it is named."""
     from bootdiff.efficiency.models import job_cfg
 
-    cfg, _, _, _ = bench
+    import copy
+
+    cfg = copy.deepcopy(bench[0])
+    cfg.peers.ambient.grid = [0.2, 1.0]  # two σ_tn tried on validation: 1.0 wins below
+    cfg.peers.patchdiff.grid = [0.5, 0.75]
     out = str(tmp_path / "p")
-    stop_at = {"N8/select-baseline": 0.4, "N8/select-ambient": 0.6, "select-oracle": 0.8,
-               "N8/select-residual-mv0-ml0-ra1": 0.3, "N8/select-residual-mv1-ml0-ra1": 0.5}
-    val_G = {"N8/select-residual-mv0-ml0-ra1": 0.9, "N8/select-residual-mv1-ml0-ra1": 0.7}
+    stop_at = {"N8/select-baseline": 0.4, "N8/select-ambient-sigma_tn0.2": 0.9, "N8/select-ambient-sigma_tn1": 0.6,
+               "select-oracle": 0.8, "N8/select-residual-mv0-ml0-ra1": 0.3, "N8/select-residual-mv1-ml0-ra1": 0.5}
+    val_G = {"N8/select-residual-mv0-ml0-ra1": 0.9, "N8/select-residual-mv1-ml0-ra1": 0.7,
+             "N8/select-ambient-sigma_tn0.2": 1.3}
     test_G = {"N8/baseline": 1.0, "N8/bootstrap": 0.6, "N8/ambient": 0.5, "N8/combined": 0.552, "oracle": 0.62}
     seen = {}
 
@@ -318,7 +323,8 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
         for j in todo:
             c = job_cfg(j, b)
             t = c.residual.train if j["kind"] == "residual" else c.full_res.train
-            seen[j["id"]] = {"budget": j.get("budget_kimg"), "total": t.total_kimg, "patience": t.patience, "b": b}
+            seen[j["id"]] = {"budget": j.get("budget_kimg"), "total": t.total_kimg, "patience": t.patience, "b": b,
+                             "sigma_tn": c.peers.ambient.sigma_tn}
             kimg = stop_at.get(j["id"], t.total_kimg)
             g = val_G.get(j["id"], test_G.get(j["id"], 1.0))
             # G at 0.2 kimg and at the end; the main oracle's minimum is where its selection run's was
@@ -338,8 +344,12 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     for jid, s in seen.items():
         assert s["patience"] == (2 if "select-" in jid else 0), jid
     assert seen["select-oracle"]["total"] == b["oracle_kimg"] and seen["N8/select-baseline"]["total"] == b["full_res_kimg"]
-    assert seen["N8/select-ambient"]["total"] == b["ambient_kimg"]
-    for main, sel in (("N8/baseline", "N8/select-baseline"), ("N8/ambient", "N8/select-ambient"),
+    assert seen["N8/select-ambient-sigma_tn1"]["total"] == b["ambient_kimg"] and seen["N8/select-ambient-sigma_tn1"]["sigma_tn"] == 1.0
+    assert seen["N8/ambient"]["sigma_tn"] == 1.0  # the grid's winner on validation (1.1 vs 1.4), its budget
+    # a patchdiff setting with more whole-image batches costs more per step: fewer kimg for the same FLOPs
+    assert b["patchdiff-full_share0.75_kimg"] < b["patchdiff-full_share0.5_kimg"] <= b["oracle_kimg"]
+    assert {"N8/select-patchdiff-full_share0.5", "N8/select-patchdiff-full_share0.75"} <= set(seen)
+    for main, sel in (("N8/baseline", "N8/select-baseline"), ("N8/ambient", "N8/select-ambient-sigma_tn1"),
                       ("oracle", "select-oracle"), ("N8/bootstrap", "N8/select-residual-mv1-ml0-ra1")):
         assert seen[main]["budget"] == seen[main]["total"] == stop_at[sel], main  # as long as its selection run
     row = summary["per_n"]["8"]

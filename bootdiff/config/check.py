@@ -323,7 +323,16 @@ def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
             p.bad("peers.patchdiff.crop_sizes", list(d.crop_sizes), f"each side must be in (0, data.resolution={side}]")
     if d.patch_view and (d.patch_view not in cfg.views or cfg.views[d.patch_view].kind != ViewKind.patch):
         p.bad("peers.patchdiff.patch_view", d.patch_view, f"must name a patch view (views: {', '.join(cfg.views) or 'none'})")
+    for v in a.grid:
+        if not v > 0:
+            p.bad("peers.ambient.grid", list(a.grid), "sigma_tn values: each must be > 0 (a noise level)")
+    for v in d.grid:
+        if not 0 < v <= 1 - d.patch_share:
+            p.bad("peers.patchdiff.grid", list(d.grid), f"full_share values: each in (0, 1 − patch_share = {1 - d.patch_share:g}]")
     f = cfg.peers.finetune
+    for v in f.grid:
+        if not 0 <= v < 1:
+            p.bad("peers.finetune.grid", list(f.grid), "pretrain_share values: each in [0, 1)")
     if not 0 <= f.pretrain_share < 1:
         p.bad("peers.finetune.pretrain_share", f.pretrain_share, "must be in [0, 1) (the rest of the steps fine-tune)")
     if f.low_view and (f.low_view not in cfg.views or cfg.views[f.low_view].kind != ViewKind.downsample):

@@ -282,6 +282,7 @@ class AmbientConfig:
     crop_ratio: float = 1.0  # crops per micro-batch, as a multiple of full_res.train.batch_size (0: none)
     low_view: str = ""  # the downsample view to lift ("": the only one)
     crop_view: str = ""  # the patch view to crop from ("": the only one)
+    grid: List[float] = field(default_factory=list)  # sigma_tn values tried on validation ([]: sigma_tn)
 
 
 @dataclass
@@ -292,6 +293,7 @@ class FinetuneConfig:
 
     pretrain_share: float = 0.5  # share of the run's optimizer steps spent pre-training
     low_view: str = ""  # the downsample view to lift ("": the only one)
+    grid: List[float] = field(default_factory=list)  # pretrain_share values tried on validation ([]: pretrain_share)
 
 
 @dataclass
@@ -305,6 +307,7 @@ class PatchDiffConfig:
     patch_share: float = 0.25  # micro-batches of the partial pool's patches, at their locations
     crop_sizes: List[int] = field(default_factory=list)  # random crops' sides ([]: half the image side)
     patch_view: str = ""  # the patch view ("": the only one)
+    grid: List[float] = field(default_factory=list)  # full_share values tried on validation ([]: full_share)
 
 
 @dataclass

@@ -26,7 +26,8 @@ residual with the selected μ_var / μ_L1 on all N, §4); once an ``oracle`` (fu
 whole pool, with its own ``select-oracle``); and per peer method the config's views allow
 (`bootdiff.efficiency.models.peers`: ``ambient``, ``finetune``, ``patchdiff``, `bootdiff.peers`) one network on the
 N images and the same partial pool, with its own ``select-<peer>`` run on N − v that says where
-to stop it, given the bootstrap's training compute in FLOPs (view models + residual,
+to stop it (one per ``peers.<peer>.grid`` value of its tuned hyperparameter, `bootdiff.peers.TUNED`,
+the best on validation taken), given the bootstrap's training compute in FLOPs (view models + residual,
 `bootdiff.efficiency.compute`), not its kimg. Baselines and residuals share one budget (kimg).
 With ``patience`` (``--patience``) every selection run stops when its carve-out's G has not
 improved for that many checkpoints (`bootdiff.stopping`), the model it selects for trains as

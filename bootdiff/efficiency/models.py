@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 from bootdiff import experiment, util
 from bootdiff.config import to_object
 from bootdiff.peers import NAMES as PEER_NAMES  # every peer method, in the order rows are shown
+from bootdiff.peers import apply_setting, setting_label, settings as peer_settings
 from bootdiff.run.layout import RunLayout
 
 
@@ -79,8 +80,8 @@ def raise_caps(b: dict) -> dict:
         return b
     eq = float(b.get("baseline_kimg_at_bootstrap_compute", 0.0))
     return {**b, "full_res_kimg": max(b["full_res_kimg"], eq),
-            "oracle_kimg": max(b["oracle_kimg"], b["residual_kimg"], eq, *(b[f"{p}_kimg"] for p in PEER_NAMES
-                                                                            if f"{p}_kimg" in b))}
+            "oracle_kimg": max(b["oracle_kimg"], b["residual_kimg"], eq, *(  # every peer setting's too
+                v for k, v in b.items() if k.endswith("_kimg") and k[:-5].split("-")[0] in PEER_NAMES))}
 
 
 def peers(cfg) -> List[str]:
@@ -93,7 +94,8 @@ def peers(cfg) -> List[str]:
 def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
     """Each peer's kimg at the bootstrap's training compute (`bootdiff.efficiency.compute`): the
     FLOPs of every view model (``view_kimg``) and of the residual (``residual_kimg``), divided by
-    the peer's FLOPs per step. Returns ``{"<peer>_kimg": k, "flops": {...}}``: the bootstrap's
+    the peer's FLOPs per step (each ``peers.<peer>.grid`` setting's too, as ``<peer>-<key><value>_kimg``).
+    Returns ``{"<peer>_kimg": k, "flops": {...}}``: the bootstrap's
     FLOPs by part, each peer's per step and in total, and the baseline's per step; and
     ``baseline_kimg_at_bootstrap_compute``, the baseline network's kimg at that compute (`raise_caps`)."""
     from bootdiff.efficiency import compute
@@ -104,11 +106,13 @@ def peer_budgets(cfg, manifest: dict, b: dict) -> dict:
     out = {"baseline_kimg_at_bootstrap_compute": compute.equal_compute_kimg(
         boot["total"], flops["baseline_per_step"], ft.batch_size, ft.accum_steps)}
     for peer in peers(cfg):
-        per_step = compute.peer_step_flops(cfg, manifest, peer)
-        kimg = compute.equal_compute_kimg(boot["total"], per_step, ft.batch_size, ft.accum_steps)
-        out[f"{peer}_kimg"] = kimg
-        flops[f"{peer}_per_step"] = per_step
-        flops[peer] = compute.steps(kimg, ft.batch_size, ft.accum_steps) * per_step
+        for st in [{}] + [x for x in peer_settings(cfg, peer) if x]:  # a grid setting may cost otherwise per step
+            name = setting_label(peer, st)
+            per_step = compute.peer_step_flops(apply_setting(copy.deepcopy(cfg), peer, st), manifest, peer)
+            kimg = compute.equal_compute_kimg(boot["total"], per_step, ft.batch_size, ft.accum_steps)
+            out[f"{name}_kimg"] = kimg
+            flops[f"{name}_per_step"] = per_step
+            flops[name] = compute.steps(kimg, ft.batch_size, ft.accum_steps) * per_step
     return {**out, "flops": flops}
 
 
@@ -138,11 +142,13 @@ def jobs(plan: dict, cfg) -> List[dict]:
                     "N": n, "quick": True})
         out.append({"id": f"N{n}/baseline", "kind": "full_res", "data": f"N{n}", "stage": 1, "N": n,
                     "select": f"N{n}/select-baseline"})
-        for peer in peers(cfg):  # one ordinary network on the same data, stopped on validation too
-            out.append({"id": f"N{n}/select-{peer}", "kind": peer, "data": f"N{n}-select", "stage": 0,
-                        "N": n, "quick": True})
-            out.append({"id": f"N{n}/{peer}", "kind": peer, "data": f"N{n}", "stage": 1, "N": n,
-                        "select": f"N{n}/select-{peer}"})
+        for peer in peers(cfg):  # one ordinary network on the same data, tuned and stopped on validation too
+            ids = []
+            for st in peer_settings(cfg, peer):  # `peers.<peer>.grid`: one selection run per value
+                ids.append(f"N{n}/select-{setting_label(peer, st)}")
+                out.append({"id": ids[-1], "kind": peer, "data": f"N{n}-select", "stage": 0, "N": n,
+                            "quick": True, "peer_setting": st})
+            out.append({"id": f"N{n}/{peer}", "kind": peer, "data": f"N{n}", "stage": 1, "N": n, "candidates": ids})
         out.append({"id": f"N{n}/combined", "kind": "combined", "data": f"N{n}", "stage": 1, "N": n})
         for t in grid:
             out.append({"id": f"N{n}/select-{t['label']}", "kind": "residual", "data": f"N{n}-select",
@@ -151,6 +157,17 @@ def jobs(plan: dict, cfg) -> List[dict]:
     for j in out:
         j["cfg_yaml"] = ds[j["data"]]
     return out
+
+
+def pick_candidate(job: dict, results: Dict[str, dict]) -> None:
+    """A peer's setting (``job["candidates"]``, its selection runs, one per ``peers.<peer>.grid``
+    value): the one with the lowest validation G (each at its own minimum, `best_val_G`) becomes
+    the job's ``select`` and ``peer_setting``."""
+    missing = [c for c in job["candidates"] if c not in results]
+    if missing:
+        raise RuntimeError(f"data-efficiency: {job['id']} needs {missing}, which have not finished")
+    best = min(job["candidates"], key=lambda c: best_val_G(results[c]))
+    job["select"], job["peer_setting"] = best, dict(results[best].get("peer_setting") or {})
 
 
 def main_budget(job: dict, results: Dict[str, dict]) -> Optional[float]:
@@ -176,11 +193,14 @@ def job_cfg(job: dict, b: dict):
     if job["id"] in ("oracle", "select-oracle"):
         cfg.full_res.train.total_kimg = b["oracle_kimg"]
     if job["kind"] in peers(cfg):
-        if f"{job['kind']}_kimg" not in b:
+        key = setting_label(job["kind"], job.get("peer_setting") or {}) + "_kimg"
+        if key not in b:
             raise RuntimeError(f"data-efficiency: no budget for {job['id']} (peer_budgets was not run)")
-        cfg.full_res.train.total_kimg = b[f"{job['kind']}_kimg"]
+        cfg.full_res.train.total_kimg = b[key]
     if job["kind"] == "view":
         return cfg
+    if job["kind"] in PEER_NAMES:
+        apply_setting(cfg, job["kind"], job.get("peer_setting") or {})
     tcfg = cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train
     tcfg.patience = int(b.get("patience", 0)) if job.get("quick") else 0
     if job.get("budget_kimg") is not None:
@@ -235,6 +255,7 @@ def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
         from bootdiff.checkpoint import load_checkpoint
         from bootdiff.peers import peer_training
 
+        apply_setting(cfg, job["kind"], job.get("peer_setting") or {})
         return experiment.ema_model(peer_training(cfg, manifest, job["kind"])[0], load_checkpoint(RunLayout.of(cfg).url(checkpoint)))
     kind = "full_res" if job["kind"] == "full_res" else "residual"
     return experiment.load_trial(cfg, manifest, {**(job.get("trial") or {}), "kind": kind, "checkpoint": checkpoint})

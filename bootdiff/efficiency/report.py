@@ -89,7 +89,7 @@ def early_stopped(results: Dict[str, dict], n: Optional[int], model: str = "boot
     prefix = "" if n is None else f"N{n}/"
     own_row = results.get(f"{prefix}{model}") or {}
     label = model if model != "bootstrap" else (own_row.get("trial") or {}).get("label")
-    sel = results.get(f"{prefix}select-{label}") or {}
+    sel = results.get(own_row.get("select") or f"{prefix}select-{label}") or {}  # the run it was stopped by
     val = [p for p in sel.get("curve") or [] if p.get("test_G") is not None]
     own = [p for p in own_row.get("curve") or [] if p.get("test_G") is not None]
     if not (val and own):

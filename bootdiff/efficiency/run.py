@@ -14,7 +14,7 @@ from bootdiff import experiment, util
 from bootdiff.config import to_object
 from bootdiff.efficiency.data import dataset_cfg, prepare
 from bootdiff.efficiency.models import (budgets, evaluate_job, jobs, main_budget, model_file, peer_budgets, peers,
-                                        raise_caps, select, share_view_models)
+                                        pick_candidate, raise_caps, select, share_view_models)
 
 DEFAULT_NS = (16, 64, 256, 1024)
 
@@ -109,6 +109,8 @@ def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, nu
             if stage == 2:  # the bootstrap: the residual setting chosen on validation, and its budget
                 j["trial"] = select(results, j["N"])
                 j["select"] = f"N{j['N']}/select-{j['trial']['label']}"
+            if j.get("candidates"):  # a peer: its grid's setting chosen on validation
+                pick_candidate(j, results)
             j["budget_kimg"] = main_budget(j, results)
         for job, row in runner(todo, b, out, num_samples):
             results[job["id"]] = row

@@ -18,6 +18,27 @@ from __future__ import annotations
 from typing import List
 
 NAMES = ("ambient", "finetune", "patchdiff")  # in the order their rows are shown
+# the one hyperparameter of each peer that ``peers.<name>.grid`` tries on validation
+TUNED = {"ambient": "sigma_tn", "finetune": "pretrain_share", "patchdiff": "full_share"}
+
+
+def settings(cfg, name: str) -> List[dict]:
+    """The settings of peer ``name`` to try on validation: ``[{}]`` (its config as it is) without a
+    ``peers.<name>.grid``, else one ``{TUNED[name]: value}`` per grid value."""
+    grid = list(getattr(cfg.peers, name).grid)
+    return [{TUNED[name]: float(v)} for v in grid] or [{}]
+
+
+def setting_label(name: str, setting: dict) -> str:
+    """``<name>`` for the config as it is, ``<name>-<key><value>`` for a grid setting."""
+    return name + "".join(f"-{k}{v:g}" for k, v in sorted(setting.items()))
+
+
+def apply_setting(cfg, name: str, setting: dict):
+    """``cfg`` with ``peers.<name>`` set to ``setting`` (in place; returned)."""
+    for k, v in setting.items():
+        setattr(getattr(cfg.peers, name), k, v)
+    return cfg
 
 
 def peer_training(cfg, manifest: dict, name: str, rank: int = 0, world_size: int = 1):
