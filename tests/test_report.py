@@ -285,6 +285,14 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
         assert esc("At N = 64 full-res samples and equal budgets (14 kimg each), the partial data helped: test G "
                    "0.1875 bootstrapped vs 0.25 full-res only (25.0% lower).") in doc
     assert "FD" not in report.figure1_table(quality)[0]
+    labelled = {k: dict(v, classifier_fd=1.5 + i, confident_share=0.25 * i) for i, (k, v) in enumerate(quality.items())}
+    from bootdiff.evaluation.quality import _model as _model_label
+
+    cols, rows = report.figure1_table(labelled)
+    i, j = cols.index("classifier FD"), cols.index("confidently classified (≥ 0.9)")
+    by_model = {r[0]: (r[i], r[j]) for r in rows}
+    assert by_model[_model_label("bootstrapped")] == (labelled["bootstrapped"]["classifier_fd"],
+                                                       labelled["bootstrapped"]["confident_share"])
     assert re.search(r"<h3>Figure 1 as numbers[^<]*</h3><div class=\"tbl\"><table>", text)
 
     # unequal budgets: stated, and no verdict on the partial data

@@ -32,7 +32,8 @@ from bootdiff.run.layout import RunLayout
 from bootdiff.sweep import num
 
 TEST_KEY = "\0test split"  # the test split among the sets `decode_latents` decodes
-ROW_METRICS = ("swd_test", "swd_fine", "swd_coarse", "fd", "memorization_rate", "nn_distance_train")
+ROW_METRICS = ("swd_test", "swd_fine", "swd_coarse", "fd", "classifier_fd", "confident_share", "memorization_rate",
+               "nn_distance_train")
 
 # ----------------------------------------------------------------------------- the procedure
 
@@ -111,6 +112,10 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     pictures = decode_latents(manifest, {**samples, TEST_KEY: test_x})  # FD and SWD levels: on pictures
     test_pictures = pictures.pop(TEST_KEY)
     quality = sample_quality(cfg, samples, test_x, train_x, pictures, test_pictures)
+    from bootdiff.evaluation.classifier import label_quality
+
+    for name in samples:  # labelled sources: FD in a classifier's features, share confidently classified
+        quality[name].update(label_quality(cfg, manifest, pictures[name], test_pictures))
     budget = budgets(cfg, manifest, outcome)
     trials = []
     for r in outcome["trials"]:

@@ -38,16 +38,18 @@ def _figure1_order(quality) -> list:
 def figure1_table(quality, roles=None):
     """Figure 1 of the paper as numbers (docs/METHOD.md §8): ``(columns, rows)``, one row per
     sample set of ``quality`` (`bootdiff.evaluation.evaluate.sample_quality`): what it was trained on, its
-    SWD to the test split per pyramid level (finest first), their mean, FD when measured,
-    memorisation rate and nearest-neighbour distance."""
+    SWD to the test split per pyramid level (finest first), their mean, FD when measured, the
+    classifier FD and confidently classified share for labelled sources, memorisation rate and
+    nearest-neighbour distance."""
     order = _figure1_order(quality)
     res = next((q["swd_resolutions"] for q in quality.values() if q.get("swd_resolutions")), [])
     levels = [f"SWD {r} px" + (" (fine)" if i == 0 and len(res) > 1 else
                                " (coarse)" if i == len(res) - 1 and len(res) > 1 else "")
               for i, r in enumerate(res)]
     has_fd = any("fd" in q for q in quality.values())
-    cols = ["model", "trained on", *levels, "SWD mean", *(["FD"] if has_fd else []), "memorised",
-            "NN distance"]
+    has_cls = any("classifier_fd" in q for q in quality.values())  # labelled sources (`bootdiff.evaluation.classifier`)
+    cols = ["model", "trained on", *levels, "SWD mean", *(["FD"] if has_fd else []),
+            *(["classifier FD", "confidently classified (≥ 0.9)"] if has_cls else []), "memorised", "NN distance"]
     rows = []
     for n in order:
         q = quality[n]
@@ -55,7 +57,9 @@ def figure1_table(quality, roles=None):
         lv += [None] * (len(levels) - len(lv))
         rows.append([_model(n), (roles or {}).get(n), *lv[:len(levels)],
                      float(np.mean(q["swd_levels"])) if q.get("swd_levels") else q.get("swd_test"),
-                     *([q.get("fd")] if has_fd else []), q.get("memorization_rate"), q.get("nn_distance_train")])
+                     *([q.get("fd")] if has_fd else []),
+                     *([q.get("classifier_fd"), q.get("confident_share")] if has_cls else []),
+                     q.get("memorization_rate"), q.get("nn_distance_train")])
     return cols, rows
 
 
