@@ -356,6 +356,8 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     oe = summary["oracle_early_stopped"]
     assert oe["val_kimg"] == 0.2 and oe["test_G"] == 0.55 and summary["oracle_best_test_G"] == 0.55
     assert oe["still_improving"] is False  # patience ended select-oracle before its cap
+    # select-finetune ran to its cap with its best G at its last checkpoint: said so
+    assert row["finetune_early_stopped"]["still_improving"] is True
     # gap against the oracle at its best: (1.1 − 0.6) / (1.1 − 0.55) for the stopped bootstrap
     boot = row["bootstrap_early_stopped"]
     assert row["gap_closed_test_G_early_stopped"] == pytest.approx(
@@ -365,3 +367,5 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     assert row["vs_oracle"] == {"ambient": "beats", "combined": "within noise"}
     md = util.read_bytes(f"{out}/summary.md").decode()
     assert "oracle, stopped at 0.2 kimg" in md and "A row that beats the oracle means the oracle was cut short" in md
+    assert "finetune, stopped at" in md and "still improving at its cap" in md
+    assert f"not improved for 2 checkpoints, up to a cap: baselines {b['full_res_kimg']:g} kimg" in md

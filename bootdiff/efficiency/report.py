@@ -84,8 +84,8 @@ def early_stopped(results: Dict[str, dict], n: Optional[int], model: str = "boot
     carved out — never the test split: ``select-baseline``, ``select-<peer>``, ``select-oracle``,
     or the selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
     ``{"kimg", "test_G", "train_G", "val_kimg", "val_G", "still_improving"}`` — or None without
-    both curves. ``still_improving``: the selection run reached its cap without patience ending it
-    (only said when it ran with patience)."""
+    both curves. ``still_improving``: the selection run reached its cap with its best G at its last
+    checkpoint (only said when it ran with patience)."""
     prefix = "" if n is None else f"N{n}/"
     own_row = results.get(f"{prefix}{model}") or {}
     label = model if model != "bootstrap" else (own_row.get("trial") or {}).get("label")
@@ -98,8 +98,8 @@ def early_stopped(results: Dict[str, dict], n: Optional[int], model: str = "boot
     point = min(own, key=lambda p: abs(p["kimg"] - best["kimg"]))
     out = {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"),
            "val_kimg": best["kimg"], "val_G": best["test_G"]}
-    if "stopped_early" in sel and sel.get("patience"):
-        out["still_improving"] = not sel["stopped_early"]
+    if "stopped_early" in sel and sel.get("patience"):  # capped while its last checkpoint was its best
+        out["still_improving"] = not sel["stopped_early"] and best is val[-1]
     return out
 
 
@@ -138,13 +138,20 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
 
     ns = summary["ns"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-"), ("ambient", "d-"), ("finetune", "v-")):
-        ax.plot(ns, [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns], style, label=m)
-    if metric == "test_G":  # baseline and bootstrap at their validation minima (`early_stopped`)
+    def shown(ys):  # a model without a row at any N gets no line and no legend entry
+        return any(isinstance(y, (int, float)) and math.isfinite(y) for y in ys)
+
+    for m, style in (("baseline", "o-"), ("combined", "s--"), ("bootstrap", "^-"), ("ambient", "d-"), ("finetune", "v-"),
+                     ("patchdiff", "P-")):
+        ys = [summary["per_n"][str(n)].get(m, {}).get(metric, float("nan")) for n in ns]
+        if shown(ys):
+            ax.plot(ns, ys, style, label=m)
+    if metric == "test_G":  # each model at its validation minimum (`early_stopped`)
         for m, style, colour in (("baseline", "o:", "C0"), ("bootstrap", "^:", "C2"), ("ambient", "d:", "C3"),
-                                 ("finetune", "v:", "C4")):
-            ax.plot(ns, [(summary["per_n"][str(n)].get(f"{m}_early_stopped") or {}).get("test_G", float("nan"))
-                         for n in ns], style, color=colour, mfc="none", label=f"{m}, stopped at validation minimum")
+                                 ("finetune", "v:", "C4"), ("patchdiff", "P:", "C5")):
+            ys = [(summary["per_n"][str(n)].get(f"{m}_early_stopped") or {}).get("test_G", float("nan")) for n in ns]
+            if shown(ys):
+                ax.plot(ns, ys, style, color=colour, mfc="none", label=f"{m}, stopped at validation minimum")
     o = summary["oracle"].get(metric)
     if o is not None:
         ax.axhline(o, color="k", ls=":", label=f"oracle (all {summary['num_pool'] + summary['num_partial']} at full res)")
@@ -168,10 +175,16 @@ def _fmt(v) -> str:
 
 def markdown(summary: dict) -> str:
     b = summary["budgets"]
+    peers_txt = "".join(f"; {p} {b[p + '_kimg']:g} kimg (the bootstrap's training FLOPs)" for p in PEERS if p + "_kimg" in b)
+    if b.get("patience"):
+        budget_txt = (f"Every model stopped when its validation G had not improved for {b['patience']} checkpoints, "
+                      f"up to a cap: baselines {b['full_res_kimg']:g} kimg (the bootstrap's training FLOPs), residual "
+                      f"{b['residual_kimg']:g} kimg, view models {b['view_kimg']:g} kimg, oracle {b['oracle_kimg']:g} kimg")
+    else:
+        budget_txt = (f"Budgets: baseline and residual {b['full_res_kimg']:g} kimg each; view models and oracle "
+                      f"{b['view_kimg']:g} kimg")
     lines = ["# Data efficiency — test G and SWD vs N", "",
-             f"Budgets: baseline and residual {b['full_res_kimg']:g} kimg each; view models and oracle "
-             f"{b['view_kimg']:g} kimg" + "".join(f"; {p} {b[p + '_kimg']:g} kimg (the bootstrap's training FLOPs)"
-                                                  for p in PEERS if p + "_kimg" in b) + ". G weighting σ_data = {summary['g_sigma_data']:.4f}, "
+             budget_txt + peers_txt + f". G weighting σ_data = {summary['g_sigma_data']:.4f}, "
              f"{summary['g_sigma_data_from']}. Partial pool {summary['num_partial']} samples, test "
              f"{summary['num_test']}.", "",
              "| N | model | test G | train G | SWD | memorised | NN dist | μ (selected) | classifier FD | share ≥ 0.9 confident |",
@@ -199,14 +212,15 @@ def markdown(summary: dict) -> str:
                 note = "; still improving at its cap" if e.get("still_improving") else ""
                 lines.append(f"| {n} | {m}, stopped at {e['kimg']:g} kimg (validation minimum{note}) | "
                              f"{_fmt(e['test_G'])} | {_fmt(e.get('train_G'))} | | | | | | |")
+    ran = [p for p in PEERS if any(p in summary["per_n"][str(n)] for n in summary["ns"])]  # the peers with rows
     lines += ["", "| N | gap closed (test G) | gap closed (SWD) | gap closed (test G), both stopped at validation minimum |"
-              + "".join(f" {p}: gap closed, stopped |" for p in PEERS),
-              "|---|---|---|---|" + "---|" * len(PEERS)]
+              + "".join(f" {p}: gap closed, stopped |" for p in ran),
+              "|---|---|---|---|" + "---|" * len(ran)]
     for n in summary["ns"]:
         row = summary["per_n"][str(n)]
         lines.append(f"| {n} | {_fmt(row['gap_closed_test_G'])} | {_fmt(row['gap_closed_swd'])} | "
                      f"{_fmt(row.get('gap_closed_test_G_early_stopped'))} |"
-                     + "".join(f" {_fmt(row.get('gap_closed_test_G_early_stopped_' + p))} |" for p in PEERS))
+                     + "".join(f" {_fmt(row.get('gap_closed_test_G_early_stopped_' + p))} |" for p in ran))
     lines += ["", "| N | model | worth (full-res images, log-interpolated on the baselines' curve) | the partial pool stood in for |",
               "|---|---|---|---|"]
     for n in summary["ns"]:
