@@ -289,7 +289,7 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     from bootdiff.evaluation.quality import _model as _model_label
 
     cols, rows = report.figure1_table(labelled)
-    i, j = cols.index("classifier FD"), cols.index("confidently classified (≥ 0.9)")
+    i, j = cols.index("classifier FD"), cols.index("confident ≥ 0.9")
     by_model = {r[0]: (r[i], r[j]) for r in rows}
     assert by_model[_model_label("bootstrapped")] == (labelled["bootstrapped"]["classifier_fd"],
                                                        labelled["bootstrapped"]["confident_share"])

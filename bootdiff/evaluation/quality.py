@@ -49,7 +49,7 @@ def figure1_table(quality, roles=None):
     has_fd = any("fd" in q for q in quality.values())
     has_cls = any("classifier_fd" in q for q in quality.values())  # labelled sources (`bootdiff.evaluation.classifier`)
     cols = ["model", "trained on", *levels, "SWD mean", *(["FD"] if has_fd else []),
-            *(["classifier FD", "confidently classified (≥ 0.9)"] if has_cls else []), "memorised", "NN distance"]
+            *(["classifier FD", "confident ≥ 0.9"] if has_cls else []), "memorised", "NN distance"]
     rows = []
     for n in order:
         q = quality[n]
