@@ -46,6 +46,10 @@ class Patience:
         else:
             self.since_best += 1
 
+    def on_report(self, metrics: dict, checkpoint_url: Optional[str] = None) -> None:
+        """As `bootdiff.train` hooks (e.g. inside `ray_jobs.common.RayReportHooks`): `update`."""
+        self.update(metrics)
+
     def replay(self, points: Iterable[dict]) -> None:
         """Restore the state from the reports a run made before it was resumed (in kimg order)."""
         for p in sorted(points, key=lambda p: p.get("kimg", 0.0)):

@@ -109,6 +109,12 @@ def learning_rate(cfg: TrainConfig, nimg: int) -> float:
     return cfg.lr * (min(nimg / warm, 1.0) if warm > 0 else 1.0)
 
 
+def total_steps(total_kimg: float, batch_size: int, accum_steps: int = 1, world_size: int = 1) -> int:
+    """Optimizer steps of a run of ``total_kimg`` (each step ``batch_size · accum_steps`` images on
+    each of ``world_size`` ranks; the last step may overshoot the budget)."""
+    return math.ceil(round(total_kimg * 1000) / (batch_size * accum_steps * world_size))
+
+
 def _check_config(cfg: TrainConfig) -> None:
     def bad(key, value, expected):
         raise ValueError(f"TrainConfig.{key}={value!r}: expected {expected}")
@@ -199,7 +205,7 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
     gen = torch.Generator(device)
     _seed_all((cfg.seed * world + rank) % (1 << 31), gen)
     step_nimg = cfg.batch_size * cfg.accum_steps * world
-    total_steps = math.ceil(round(cfg.total_kimg * 1000) / step_nimg)
+    last_step = total_steps(cfg.total_kimg, cfg.batch_size, cfg.accum_steps, world)
     ckpt_nimg = round(cfg.checkpoint_every_kimg * 1000)
 
     # Model, optimizer, EMA.
@@ -252,7 +258,7 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
     win_start, win_nimg = time.time(), nimg
     loss_mean, stopped = math.nan, False
     try:
-        while step < total_steps:
+        while step < last_step:
             # Accumulate gradients over micro-batches (DDP syncs on the last one only).
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros([], device=device)
@@ -300,7 +306,7 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
             bar.update(round(step_nimg / 1000, 6))
 
             # Maintenance: report, poll should_stop, checkpoint (EDM "once per tick").
-            done = step >= total_steps
+            done = step >= last_step
             ckpt_due = done or (ckpt_nimg > 0 and nimg // ckpt_nimg > (nimg - step_nimg) // ckpt_nimg)
             report_due = ckpt_due or (cfg.report_every > 0 and step % cfg.report_every == 0)
             if not report_due:

@@ -202,9 +202,7 @@ def stopping_hooks(config: dict, tcfg, rank: int) -> dict:
     """`RayReportHooks`' early stopping for a worker's ``train_loop_config``: a data-efficiency
     job's curve file and patience (`curve_hooks`), else patience on ``val_G`` (`early_stopper`)."""
     curve = curve_hooks(config, tcfg, rank)
-    if curve is not None:
-        return {"hooks": curve}
-    return {"stopper": early_stopper(tcfg, rank)}
+    return {"hooks": curve if curve is not None else early_stopper(tcfg, rank)}
 
 
 def early_stopper(tcfg, rank: int, key: str = "val_G"):
@@ -257,16 +255,14 @@ class RayReportHooks:
     ``eval_s``, its time. Reports to Ray carry ``worker_start_time`` and ``report_time`` (epoch
     seconds) for the pipeline's time breakdown (`ray_jobs.pipeline.time_breakdown`).
     ``fail_at_step`` injects one failure (test hook): it raises once, remembered by a marker URL.
-    ``stopper`` (rank 0, a `bootdiff.stopping.Patience`) sees every report after ``extra_metrics``
-    and ends the run through ``should_stop`` (`early_stopper`); ``hooks`` (optional, rank 0)
-    receive every report after them too, and may end the run the same way (e.g. the benchmark's
-    `bootdiff.efficiency.train.CurveHooks`).
+    ``hooks`` (optional, rank 0: `stopping_hooks`) receive every report after ``extra_metrics``
+    and may end the run through their ``should_stop`` (`bootdiff.stopping.Patience`, or the
+    benchmark's `bootdiff.efficiency.train.CurveHooks`).
     """
 
     def __init__(self, tag: dict, extra_metrics=None, fail_at_step: int = -1, fail_marker: str = "",
-                 report_every_s: float = 5.0, tb=None, stopper=None, hooks=None):
+                 report_every_s: float = 5.0, tb=None, hooks=None):
         self.tag = tag
-        self.stopper = stopper
         self.hooks = hooks
         self.extra_metrics = extra_metrics
         self.fail_at_step = fail_at_step
@@ -283,8 +279,6 @@ class RayReportHooks:
             t = time.time()
             metrics.update(self.extra_metrics(checkpoint_url))
             metrics["eval_s"] = time.time() - t
-        if self.stopper is not None:
-            self.stopper.update(metrics)
         if self.hooks is not None:
             self.hooks.on_report(metrics, checkpoint_url)
         self.to_tensorboard(metrics, checkpoint_url)
@@ -294,8 +288,7 @@ class RayReportHooks:
             raise RuntimeError(f"injected failure at step {metrics.get('step')} (ray.inject_failure_step)")
 
     def should_stop(self) -> bool:
-        return (self.stopper is not None and self.stopper.should_stop()) or \
-            bool(getattr(self.hooks, "should_stop", lambda: False)())
+        return bool(getattr(self.hooks, "should_stop", lambda: False)())
 
     def on_start(self, info: dict) -> None:
         """`bootdiff.train` has (re)started at ``info["kimg"]``: rank 0 opens its TensorBoard run

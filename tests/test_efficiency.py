@@ -323,7 +323,7 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
         for j in todo:
             c = job_cfg(j, b)
             t = c.residual.train if j["kind"] == "residual" else c.full_res.train
-            seen[j["id"]] = {"budget": j.get("budget_kimg"), "total": t.total_kimg, "patience": t.patience, "b": b,
+            seen[j["id"]] = {"budget": j.get("budget_kimg"), "total": t.total_kimg, "patience": t.patience,
                              "sigma_tn": c.peers.ambient.sigma_tn}
             kimg = stop_at.get(j["id"], t.total_kimg)
             g = val_G.get(j["id"], test_G.get(j["id"], 1.0))

@@ -94,3 +94,25 @@ def test_train_stops_at_the_checkpoint_patience_runs_out(tmp_path):
     again = HeldOut(hooks.values, patience=0)
     full = train(model_(), RecordingLoss(), gmm_data(8, 1), cfg, run_dir=str(tmp_path / "full"), hooks=again)
     assert not full.stopped and full.step == 40
+
+
+def test_ray_workers_stop_on_val_G_or_on_the_benchmarks_curve(tmp_path):
+    """`ray_jobs.common.stopping_hooks`: a pipeline run with patience stops on its val_G; a
+    data-efficiency job (a curve_url) keeps its curve there and stops on its carve-out's G; rank 1
+    and patience 0 get nothing; `RayReportHooks.should_stop` asks whichever it holds."""
+    from bootdiff.config import TrainConfig
+    from bootdiff.efficiency.train import CurveHooks
+    from ray_jobs.common import RayReportHooks, stopping_hooks
+
+    p = stopping_hooks({}, TrainConfig(patience=1), 0)["hooks"]
+    assert isinstance(p, Patience) and p.key == "val_G"
+    hooks = RayReportHooks({}, hooks=p)
+    p.on_report({"kimg": 1.0, "val_G": 0.5})
+    assert not hooks.should_stop()
+    p.on_report({"kimg": 2.0, "val_G": 0.6})
+    assert hooks.should_stop()
+    curve = stopping_hooks({"curve_url": str(tmp_path / "curve.json")}, TrainConfig(patience=2), 0)["hooks"]
+    assert isinstance(curve, CurveHooks) and curve.stopper.key == "test_G" and curve.stopper.patience == 2
+    assert stopping_hooks({}, TrainConfig(patience=1), 1)["hooks"] is None
+    assert stopping_hooks({}, TrainConfig(patience=0), 0)["hooks"] is None
+    assert not RayReportHooks({}).should_stop()

@@ -109,8 +109,10 @@ def peer_step_flops(cfg, manifest: dict, name: str) -> float:
 
 
 def steps(kimg: float, batch_size: int, accum_steps: int = 1) -> int:
-    """Optimizer steps of a run of ``kimg`` (as `bootdiff.train.train` counts them, one rank)."""
-    return math.ceil(round(kimg * 1000) / (batch_size * accum_steps))
+    """Optimizer steps of a run of ``kimg`` (`bootdiff.train.total_steps`, one rank)."""
+    from bootdiff.train import total_steps
+
+    return total_steps(kimg, batch_size, accum_steps)
 
 
 def bootstrap_flops(cfg, manifest: dict, b: dict) -> dict:

@@ -248,14 +248,13 @@ def share_view_models(plan: dict, out: str) -> None:
 def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
     """The EMA model of a finished job (the combined denoiser needs no checkpoint), loaded as the
     pipeline loads a sweep trial (`bootdiff.experiment.load_trial`); a peer is its own network
-    (`bootdiff.peers.peer_training`) with the checkpoint's EMA weights."""
+    (`bootdiff.peers.peer_training`, at the setting `job_cfg` applied) with the checkpoint's EMA weights."""
     if job["kind"] == "combined":
         return experiment.build_combined(cfg, manifest)
     if job["kind"] in PEER_NAMES:  # its own network (patchdiff's has coordinate channels), EMA weights
         from bootdiff.checkpoint import load_checkpoint
         from bootdiff.peers import peer_training
 
-        apply_setting(cfg, job["kind"], job.get("peer_setting") or {})
         return experiment.ema_model(peer_training(cfg, manifest, job["kind"])[0], load_checkpoint(RunLayout.of(cfg).url(checkpoint)))
     kind = "full_res" if job["kind"] == "full_res" else "residual"
     return experiment.load_trial(cfg, manifest, {**(job.get("trial") or {}), "kind": kind, "checkpoint": checkpoint})

@@ -13,7 +13,6 @@ full-res σ_data, as the fine-tuned model must.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -21,11 +20,12 @@ import torch
 
 def pretrain_steps(share: float, tcfg, world_size: int = 1) -> int:
     """Optimizer steps of the pre-training phase: ``round(share · S)`` of the run's S steps
-    (S as `bootdiff.train.train` counts them)."""
+    (`bootdiff.train.total_steps`)."""
     if not 0 <= share < 1:
         raise ValueError(f"peers.finetune.pretrain_share={share}: must be in [0, 1) (some fine-tuning)")
-    total = math.ceil(round(tcfg.total_kimg * 1000) / (tcfg.batch_size * tcfg.accum_steps * world_size))
-    return int(round(share * total))
+    from bootdiff.train import total_steps
+
+    return int(round(share * total_steps(tcfg.total_kimg, tcfg.batch_size, tcfg.accum_steps, world_size)))
 
 
 def finetune_data(cfg, manifest: dict, tcfg, low_view: str, lift, rank: int = 0, world_size: int = 1):

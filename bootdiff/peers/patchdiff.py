@@ -138,9 +138,8 @@ def patchdiff_data(cfg, manifest: dict, tcfg, patch_view: str, rank: int = 0, wo
         first = start_step * tcfg.accum_steps
         kinds = [batch_kind(seed, i, p.full_share, p.patch_share) for i in range(first)]
         n_patch = kinds.count("patch")
-        full_it, patch_it = iter(full((first - n_patch) // tcfg.accum_steps)), None
-        skip_full = (first - n_patch) % tcfg.accum_steps
-        for _ in range(skip_full):
+        full_it = iter(full((first - n_patch) // tcfg.accum_steps))
+        for _ in range((first - n_patch) % tcfg.accum_steps):
             next(full_it)
         patch_it = iter(patches(n_patch // tcfg.accum_steps))
         for _ in range(n_patch % tcfg.accum_steps):
