@@ -325,7 +325,8 @@ def load_trial(cfg, manifest: dict, row: dict):
     """The trained model of a sweep trial (a ``sweep.json`` row with a checkpoint), EMA weights.
 
     A residual trial's model is built without fitting anything and takes its fitted constants
-    (fusion weights, r(σ)) from the checkpoint, so loading never re-estimates them."""
+    (fusion weights, r(σ)) from the checkpoint, so loading never re-estimates them. A peer
+    trial's model: `bootdiff.peers.load_peer`."""
     if row["kind"] == "full_res":
         return load_run(cfg, manifest, "full_res", row["checkpoint"])[0]
     from bootdiff.checkpoint import load_checkpoint

@@ -20,8 +20,10 @@ import random
 from typing import Optional
 
 from bootdiff.config import ResidualConfig
+from bootdiff.config.choices import PEER_NAMES
+from bootdiff.config.grid import apply_setting, setting_label, settings
 
-KINDS = ("residual", "combined", "full_res")
+KINDS = ("residual", "combined", "full_res", *PEER_NAMES)
 
 
 def num(v) -> float:
@@ -35,17 +37,18 @@ def num(v) -> float:
 
 
 def trial_label(t: dict) -> str:
-    """A trial's id: its kind for baselines, e.g. ``residual-mv0.1-ml0-ra1`` for residual trials."""
+    """A trial's id: its kind for baselines (a peer's grid setting appended, ``ambient-sigma_tn0.5``),
+    e.g. ``residual-mv0.1-ml0-ra1`` for residual trials."""
     if t["kind"] != "residual":
-        return t["kind"]
+        return setting_label(t["kind"], t.get("setting") or {})
     return f"residual-mv{t['mu_var']:g}-ml{t['mu_l1']:g}-ra{int(bool(t['range_adapter']))}"
 
 
 def trial_list(cfg) -> list:
-    """The sweep's trials, in the order Tune starts them: the full-res baseline first (the longest
-    run at the fair budget: started first, it overlaps the residual trials instead of running
-    alone at the end), then the grid (or random samples) of residual settings, then the combined
-    baseline."""
+    """The sweep's trials, in the order Tune starts them: the full-res baseline and the peers of
+    ``sweep.peers`` (one trial per setting of ``peers.<name>.grid``) first (the longest runs at the
+    fair budget: started first, they overlap the residual trials instead of running alone at the
+    end), then the grid (or random samples) of residual settings, then the combined baseline."""
     sw = cfg.sweep
     search = getattr(sw.search, "value", sw.search)
     if search == "grid":
@@ -58,8 +61,9 @@ def trial_list(cfg) -> list:
         raise ValueError(f"sweep.search must be 'grid' or 'random', got '{sw.search}'")
     trials = [{"kind": "residual", "mu_var": float(a), "mu_l1": float(b), "range_adapter": bool(c)}
               for a, b, c in dict.fromkeys(combos)]
-    if sw.baseline_full_res:
-        trials.insert(0, {"kind": "full_res", "mu_var": None, "mu_l1": None, "range_adapter": None})
+    none = {"mu_var": None, "mu_l1": None, "range_adapter": None}
+    peers = [{"kind": name, **none, "setting": s} for name in sw.peers for s in settings(cfg, name)]
+    trials = ([{"kind": "full_res", **none}] if sw.baseline_full_res else []) + peers + trials
     if sw.baseline_combined:
         trials.append({"kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None})
     for t in trials:
@@ -81,6 +85,14 @@ def trial_residual_config(cfg, trial: dict) -> ResidualConfig:
     return rcfg
 
 
+def trial_config(cfg, trial: dict):
+    """The config a trial trains with: ``cfg`` itself, or for a peer trial with a grid setting a
+    copy of it with ``peers.<name>`` at that setting (`bootdiff.peers.apply_setting`)."""
+    if trial["kind"] not in PEER_NAMES or not trial.get("setting"):
+        return cfg
+    return apply_setting(copy.deepcopy(cfg), trial["kind"], trial["setting"])
+
+
 STATUSES = ("complete", "stopped_early", "interrupted", "error")
 
 
@@ -98,7 +110,8 @@ def trial_status(cfg, trial: dict, metrics: dict, error, finished: bool = True) 
         return "error"
     if not finished:
         return "interrupted"
-    total = {"residual": cfg.residual.train.total_kimg, "full_res": cfg.full_res.train.total_kimg}.get(trial["kind"])
+    total = cfg.residual.train.total_kimg if trial["kind"] == "residual" else \
+        cfg.full_res.train.total_kimg if trial["kind"] != "combined" else None
     if total is None or num(metrics.get("kimg")) >= total - 1e-6:
         return "complete"
     return "stopped_early"
@@ -132,7 +145,8 @@ def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error, finished: bool
             "kimg": num(m.get("kimg")), "chosen_kimg": num(c.get("kimg")),
             "step": m.get("step"), "status": trial_status(cfg, trial, m, error, finished),
             "checkpoint": c.get("checkpoint_path") or checkpoint,
-            "error": str(error)[:500] if error else None}
+            "error": str(error)[:500] if error else None,
+            **({"setting": trial["setting"]} if trial.get("setting") else {})}
 
 
 def select_best(trials, best_trial_id=None, baselines: bool = False):
@@ -165,3 +179,14 @@ def select_best(trials, best_trial_id=None, baselines: bool = False):
         raise ValueError(f"{len(pools[0])} residual trials and no validation G to choose among them "
                          "(data.num_val = 0?); the test split is never used to choose")
     return None
+
+
+def recommend(trials) -> Optional[dict]:
+    """The model the sweep recommends: of every trial with a model (a checkpoint, or the combined
+    denoiser, which needs none) the one with the lowest finite validation G — the bootstrapped
+    residual trials, the combined denoiser, the full-res baseline and the peers alike, each at its
+    own validation minimum (`chosen_report`); the earliest of equals. None when no trial has a
+    finite validation G. The test split never enters the choice."""
+    scored = [t for t in trials if (t.get("checkpoint") or t["kind"] == "combined")
+              and math.isfinite(num(t.get("val_G")))]
+    return min(scored, key=lambda t: num(t["val_G"])) if scored else None

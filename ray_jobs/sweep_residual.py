@@ -9,8 +9,11 @@ held-out validation split ``val_G`` (with ``test_G`` and ``train_G``) at each ch
 stops poor residual trials early on ``val_G`` against reported ``kimg``; each trained trial is
 taken at its lowest-``val_G`` checkpoint, and the best trial is the lowest ``val_G``: the test
 split is reported, never used to choose. The baselines run in the same sweep: the combined
-denoiser alone (no residual; evaluated, not trained) and a full-resolution model trained on the
-scarce set alone.
+denoiser alone (no residual; evaluated, not trained), a full-resolution model trained on the
+scarce set alone, and the peer methods of ``sweep.peers`` (`bootdiff.peers`, full-res networks
+trained on the same data their own way, through the same Train worker as the full-res baseline).
+``sweep.json`` names the best residual trial (``best``) and the model the sweep recommends
+(``recommended``: the lowest validation G of all, `bootdiff.sweep.recommend`).
 An interrupted sweep (Ctrl-C / SIGTERM: Tune saves its state, `trial_rows` finds the trials
 it left unfinished) writes no ``sweep.json``; run again, it is restored with ``Tuner.restore``
 and only unfinished trials run (`RestoreSafeASHA`: none is stopped on rungs the restore emptied),
@@ -33,7 +36,9 @@ from bootdiff.errors import deterministic
 from bootdiff.evaluation.scores import generalization_pair, validation_G
 from bootdiff.run.layout import TUNE_NAME, RunLayout
 from bootdiff.memo import memoized
-from bootdiff.sweep import chosen_report, select_best, trial_list, trial_residual_config, trial_row
+from bootdiff.config import to_yaml
+from bootdiff.sweep import (chosen_report, recommend, select_best, trial_config, trial_list, trial_residual_config,
+                            trial_row)
 from bootdiff.run.tb import trial_hparams
 from ray_jobs import common
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
@@ -123,9 +128,12 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
                      "train_G": train["total"], "label": trial["label"],
                      **({"val_G": val} if math.isfinite(val) else {})})
         return
-    if trial["kind"] == "full_res":
+    if trial["kind"] != "residual":  # the full-res baseline or a peer (at its grid setting)
+        tcfg = trial_config(cfg, trial)
+        tyaml = config["cfg_yaml"] if tcfg is cfg else to_yaml(tcfg)
+
         def make():
-            return make_trainer(cfg, config["cfg_yaml"], "full_res", f"trial-{trial['label']}", runs,
+            return make_trainer(tcfg, tyaml, trial["kind"], f"trial-{trial['label']}", runs,
                                 callbacks=[TuneReportCallback()], evaluate=True, cpus_per_worker=worker_cpus(cfg))
     else:
         def make():
@@ -284,12 +292,16 @@ def run(cfg, cfg_yaml: str) -> dict:
     errors = [r for r in rows if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))
-    best = select_best(rows)
-    outcome = {"trials": rows, "best": best["trial_id"] if best else None, "tune_path": tune_path}
+    best, rec = select_best(rows), recommend(rows)
+    outcome = {"trials": rows, "best": best["trial_id"] if best else None,
+               "recommended": rec["trial_id"] if rec else None, "tune_path": tune_path}
     common.write_json(out, outcome)
     print(f"[bootdiff] sweep done; best {outcome['best']} (chosen on validation G {best['val_G']:.4f}; "
           f"test G {best['test_G']:.4f})" if best else
           "[bootdiff] sweep done; no residual trial finished", flush=True)
+    if rec is not None and rec is not best:
+        print(f"[bootdiff] recommended model: {rec['trial_id']} (validation G {rec['val_G']:.4f}, lower than "
+              f"every bootstrapped trial's; test G {rec['test_G']:.4f})", flush=True)
     return outcome
 
 

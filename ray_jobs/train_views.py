@@ -38,7 +38,7 @@ def train_worker(config: dict) -> None:
         from bootdiff.distill.student import distill_training
 
         model, loss, data = distill_training(cfg, manifest, rank, world)
-    elif view in PEER_NAMES:  # a peer row of the data-efficiency benchmark (bootdiff.peers)
+    elif view in PEER_NAMES:  # a peer (bootdiff.peers): a sweep baseline or a data-efficiency row
         model, loss, data = peer_training(cfg, manifest, view, rank, world)
     else:
         model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
@@ -48,7 +48,7 @@ def train_worker(config: dict) -> None:
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
                                   report_every_s=vcfg.train.report_every_s,
-                                  tb=common.tensorboard_run(cfg, rank, {"kind": "full_res"} if view == "full_res" else None),
+                                  tb=common.tensorboard_run(cfg, rank, {"kind": view} if view in ("full_res", *PEER_NAMES) else None),
                                   **(common.stopping_hooks(config, vcfg.train, rank) if config.get("evaluate") else {}))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
@@ -59,7 +59,8 @@ def train_worker(config: dict) -> None:
 
 def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, callbacks=None,
                  evaluate: bool = False, cpus_per_worker=None, curve_url: str = ""):
-    """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``);
+    """The TorchTrainer of one view (or of the full-res baseline, ``view == "full_res"``, or of a
+    peer, ``view`` a `bootdiff.peers` name);
     ``evaluate`` runs G at its checkpoints, and with ``train.patience`` the run stops on its
     ``val_G`` — or, given ``curve_url`` (a data-efficiency job), keeps its curve there and stops on it."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig

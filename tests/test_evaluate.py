@@ -283,6 +283,46 @@ def test_trial_list_labels_and_residual_config():
     assert (cfg.residual.mu_var, cfg.residual.range_adapter) == (0.0, True)  # the config is untouched
 
 
+def test_peers_as_sweep_baselines_each_grid_setting_its_own_config():
+    from bootdiff.sweep import trial_config, trial_list
+
+    cfg = _sweep_cfg("views.patch.kind=patch", "views.patch.patch_size=8", "sweep.mu_var=[0.0]", "sweep.mu_l1=[0.0]",
+                     "sweep.peers=[ambient,finetune]",
+                     "peers.ambient.grid=[0.5,2]")
+    trials = trial_list(cfg)
+    assert [t["label"] for t in trials] == ["full_res", "ambient-sigma_tn0.5", "ambient-sigma_tn2", "finetune",
+                                            "residual-mv0-ml0-ra1", "combined"]
+    amb = trials[2]
+    assert amb["kind"] == "ambient" and amb["setting"] == {"sigma_tn": 2.0} and amb["mu_var"] is None
+    tcfg = trial_config(cfg, amb)
+    assert tcfg.peers.ambient.sigma_tn == 2.0 and cfg.peers.ambient.sigma_tn != 2.0  # a copy, the config untouched
+    assert trial_config(cfg, trials[3]) is cfg and trial_config(cfg, trials[0]) is cfg
+
+
+def test_recommended_model_is_the_lowest_validation_G_of_every_kind():
+    from bootdiff.sweep import recommend, select_best, trial_row
+
+    cfg = _sweep_cfg("residual.train.total_kimg=2.0", "full_res.train.total_kimg=4.0")
+    none = {"mu_var": None, "mu_l1": None, "range_adapter": None}
+
+    def row(kind, label, val, test, ck="/ck", kimg=2.0, **extra):
+        t = {"kind": kind, "label": label, **(none if kind != "residual" else
+                                              {"mu_var": 0.0, "mu_l1": 0.0, "range_adapter": True}), **extra}
+        return trial_row(cfg, t, {"val_G": val, "test_G": test, "kimg": kimg}, ck, None)
+
+    res = row("residual", "r0", 0.50, 0.40)
+    full = row("full_res", "full_res", 0.45, 0.60, kimg=4.0)
+    amb = row("ambient", "ambient-sigma_tn1", 0.30, 0.70, kimg=3.0, setting={"sigma_tn": 1.0})
+    lost = row("finetune", "finetune", 0.10, 0.10, ck=None)  # no checkpoint: no model to recommend
+    comb = row("combined", "combined", 0.35, 0.35, ck=None)  # needs none
+    # the peer wins on validation although its test G is the worst: the test split never chooses
+    assert recommend([res, full, amb, lost, comb]) is amb and amb["status"] == "stopped_early"
+    assert amb["setting"] == {"sigma_tn": 1.0} and "setting" not in res
+    assert recommend([res, full, lost, comb]) is comb and recommend([res, full]) is full
+    assert select_best([res, full, amb, comb]) is res  # the best bootstrapped trial stays the residual's
+    assert recommend([lost, dict(res, val_G=float("nan"))]) is None
+
+
 def test_trial_rows_status_and_best():
     from bootdiff.sweep import num, select_best, trial_row
 
@@ -429,8 +469,13 @@ def test_full_res_budget_defaults_to_the_bootstrapped_models():
     manifest = {"splits": {"full": {"count": 64, "shape": [1, 32, 32]}}}
     outcome = {"best": "r", "trials": [
         {"trial_id": "r", "kind": "residual", "kimg": 1.5, "checkpoint": "x"},
-        {"trial_id": "full_res", "kind": "full_res", "kimg": float("nan"), "checkpoint": None}]}
+        {"trial_id": "full_res", "kind": "full_res", "kimg": float("nan"), "checkpoint": None},
+        # peers: each at its best grid setting on validation, one without a checkpoint is not scored
+        {"trial_id": "ambient-sigma_tn0.5", "kind": "ambient", "kimg": 2.0, "val_G": 0.6, "checkpoint": "a"},
+        {"trial_id": "ambient-sigma_tn1", "kind": "ambient", "kimg": 2.5, "val_G": 0.5, "checkpoint": "b"},
+        {"trial_id": "finetune", "kind": "finetune", "kimg": 1.0, "val_G": 0.1, "checkpoint": None}]}
     b = budgets(cfg, manifest, outcome)
     assert b == {"n_full": 64, "views": {n: v.train.total_kimg for n, v in cfg.views.items()},
                  "residual": cfg.residual.train.total_kimg, "bootstrapped": full_res_budget(cfg),
-                 "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5}
+                 "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5,
+                 "peers": {"ambient-sigma_tn1": 2.5}}

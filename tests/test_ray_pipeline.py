@@ -105,7 +105,7 @@ def submitted(head, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("storage"))
     cmd = [RAY, "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
            PY, "-m", "ray_jobs.pipeline", "--config", "configs/quickstart.yaml",
-           f"storage={storage}", "ray.inject_failure_step=3", *TINY, *DISTILL]
+           f"storage={storage}", "ray.inject_failure_step=3", "sweep.peers=[ambient]", *TINY, *DISTILL]
     t0 = time.time()
     proc = _submit(cmd, head["env"], timeout=1800)
     return {"proc": proc, "storage": storage, "root": os.path.join(storage, "quickstart"),
@@ -161,17 +161,19 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     for line in out.splitlines():
         if "resuming from step" in line:
             step, path = line.split("resuming from step ")[1].split(" ", 1)
-            run = next(r for r in ("view-patch", "view-low", "trial-full_res", "trial-residual", "distill") if r in path)
+            run = next(r for r in ("view-patch", "view-low", "trial-full_res", "trial-ambient", "trial-residual",
+                                   "distill") if r in path)
             resumed.setdefault(run, set()).add(int(step))
     assert resumed["view-patch"] == {4} and resumed["view-low"] == {4}, resumed
     # The full-res baseline runs the same Train worker, so it fails once too (checkpoint every
     # 0.08 kimg / 32 per step: steps 3 and 5); residual trials inject nothing.
     assert resumed.get("trial-full_res") == {3} and "trial-residual" not in resumed, resumed
+    assert resumed.get("trial-ambient") == {3}, resumed  # a peer (sweep.peers) runs that worker too
 
     # The 2×2 sweep plus both baselines finished; the best residual is a real trial.
     sweep = json.load(open(os.path.join(root, "sweep", "sweep.json")))
     kinds = [t["kind"] for t in sweep["trials"]]
-    assert kinds.count("residual") == 4 and "combined" in kinds and "full_res" in kinds
+    assert kinds.count("residual") == 4 and "combined" in kinds and "full_res" in kinds and "ambient" in kinds
     assert {(t["mu_var"], t["mu_l1"]) for t in sweep["trials"] if t["kind"] == "residual"} == \
         {(0.0, 0.0), (0.0, 0.01), (1.0, 0.0), (1.0, 0.01)}
     best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
@@ -180,6 +182,9 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     # chosen on the validation split: the lowest val G among residual trials with a checkpoint
     chosen = [t for t in sweep["trials"] if t["kind"] == "residual" and t["checkpoint"]]
     assert best["val_G"] == min(t["val_G"] for t in chosen)
+    # the recommended model: the lowest validation G of every model, the peer and the baselines included
+    rec = next(t for t in sweep["trials"] if t["trial_id"] == sweep["recommended"])
+    assert rec["val_G"] == min(t["val_G"] for t in sweep["trials"] if t["checkpoint"] or t["kind"] == "combined")
 
     # The report: HTML with embedded plots, Markdown twin, CSV of all trials.
     rep = os.path.join(root, "sweep", "report")
@@ -188,7 +193,9 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
     assert sweep["best"] in open(os.path.join(rep, "report.md")).read()
     assert len(open(os.path.join(rep, "trials.csv")).read().strip().splitlines()) == 1 + len(sweep["trials"])
     summary = json.load(open(os.path.join(rep, "summary.json")))
-    assert {"bootstrapped", "combined", "full_res", "patch only", "low only"} <= set(summary["quality"])
+    assert {"bootstrapped", "combined", "full_res", "ambient", "patch only", "low only"} <= set(summary["quality"])
+    assert summary["recommended"]["trial_id"] == rec["trial_id"] and "Recommended model: " + rec["trial_id"] in html
+    assert "Ambient Omni" in html  # the peer's row in Figure 1's table
 
     # TensorBoard: one run per view model and trained trial under tb/, with its curves, G at
     # checkpoints, and each step once although views and the full-res baseline were resumed.
@@ -222,7 +229,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
 
     from bootdiff.export import load_bootstrap_model
 
-    for v in ("patch", "low", "full_res"):
+    for v in ("patch", "low", "full_res", "ambient"):
         assert isinstance(UNet2DModel.from_pretrained(os.path.join(root, "models", v, "net")), UNet2DModel)
     model = load_bootstrap_model(os.path.join(root, "models", "bootstrap"))
     import torch

@@ -313,3 +313,32 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     assert w["html"].endswith("report.html")
     no_run = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[0]
     assert "the full-res-only baseline (not in this sweep: sweep.baseline_full_res) would train 14 kimg" in no_run
+
+
+def test_report_recommends_the_lowest_validation_G_a_peer_included(tmp_path):
+    from bootdiff.evaluation.quality import _model
+
+    trials, curves, samples, config, manifest = _inputs()
+    peer = {"trial_id": "ambient-sigma_tn1", "kind": "ambient", "mu_var": None, "mu_l1": None, "range_adapter": None,
+            "setting": {"sigma_tn": 1.0}, "val_G": 0.15, "test_G": 0.17, "train_G": 0.12, "kimg": 14.0,
+            "chosen_kimg": 8.0, "step": 400, "status": "stopped_early", "checkpoint": "s3://bucket/amb/ck"}
+    w = report.write_report(str(tmp_path / "a"), trials + [peer], curves, {}, config, manifest, best_trial_id="res_00001")
+    md = open(w["markdown"]).read()
+    # said first, after the trial count: which model, why (validation G), and against the bootstrapped model
+    lines = [line for line in md.splitlines() if line.startswith("- ")]
+    assert lines[1].startswith("- Recommended model: ambient-sigma_tn1 (Ambient Omni peer (baseline) at "
+                               "sigma_tn = 1), the lowest validation G of all 6 trials (validation G 0.15; "
+                               "test G 0.17 (taken at 8 of 14 kimg, its validation minimum)). It is better on "
+                               "validation than the best bootstrapped trial res_00001 (validation G 0.2, test G "
+                               "0.1875; the recommended model's test G is 9.3% lower): use it rather than the "
+                               "bootstrapped model."), lines[:3]
+    assert "Ambient Omni peer (baseline) — recommended" in md and "Best trial: res_00001" in md
+    html = open(w["html"]).read()
+    assert "recommended model" in html and "ambient-sigma_tn1" in html
+    # without a winning peer the bootstrapped trial is recommended, with the runner-up named
+    w = report.write_report(str(tmp_path / "b"), trials, curves, {}, config, manifest)
+    md = open(w["markdown"]).read()
+    assert "- Recommended model: res_00001 (μ_var = 0, μ_L1 = 0, range adapter on), the lowest validation G of " \
+           "all 5 trials (validation G 0.2; test G 0.1875); next: res_00002" in md
+    assert "best trial — recommended" in md
+    assert _model("ambient") == "Ambient Omni" and _model("patchdiff-full_share0.5") == "Patch Diffusion full_share0.5"

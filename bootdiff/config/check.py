@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any, List, Optional, Sequence, Tuple
 
-from bootdiff.config.choices import VIDEO_SOURCES, Fusion, NetKind, SourceKind, ViewKind
+from bootdiff.config.choices import PEER_NAMES, VIDEO_SOURCES, Fusion, NetKind, SourceKind, ViewKind
 from bootdiff.config.schema import ConfigError, ExperimentConfig, to_object
 
 NEEDS_PATH = (SourceKind.images, SourceKind.tar, SourceKind.idx, SourceKind.video, SourceKind.frames)
@@ -299,6 +299,26 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     _check_scaling(p, "distill.scaling", d.scaling)
 
 
+def peers_available(cfg) -> List[str]:
+    """The peers (`bootdiff.peers`) this config's views allow: ``ambient`` needs a downsample and a
+    patch view, ``finetune`` a downsample view, ``patchdiff`` a patch view on image data — the
+    view its ``peers.<name>.*_view`` key names, else the only view of that kind
+    (`bootdiff.peers.ambient.pick_view` picks them the same way)."""
+    def has(kind, name):
+        found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
+        return (name in found) if name else len(found) == 1
+
+    a, f, d = cfg.peers.ambient, cfg.peers.finetune, cfg.peers.patchdiff
+    ok = {"ambient": has("downsample", a.low_view) and has("patch", a.crop_view),
+          "finetune": has("downsample", f.low_view),
+          "patchdiff": has("patch", d.patch_view) and cfg.data.source.kind not in VIDEO_SOURCES}
+    return [n for n in PEER_NAMES if ok[n]]
+
+
+PEER_NEEDS = {"ambient": "a downsample view and a patch view", "finetune": "a downsample view",
+              "patchdiff": "a patch view on image (not video) data"}
+
+
 def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
     """``peers.ambient`` (`bootdiff.peers.ambient`): gates, shares, and the views it names;
     ``peers.finetune`` (`bootdiff.peers.finetune`): its share and view."""
@@ -329,6 +349,15 @@ def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:
     for v in d.grid:
         if not 0 < v <= 1 - d.patch_share:
             p.bad("peers.patchdiff.grid", list(d.grid), f"full_share values: each in (0, 1 − patch_share = {1 - d.patch_share:g}]")
+    usable = peers_available(cfg)
+    for name in cfg.sweep.peers:
+        if name not in PEER_NAMES:
+            p.bad("sweep.peers", list(cfg.sweep.peers), f"{name!r} is not a peer method (the peers: {', '.join(PEER_NAMES)})")
+        elif name not in usable:
+            p.bad("sweep.peers", list(cfg.sweep.peers),
+                  f"{name!r} needs {PEER_NEEDS[name]}; this config's views allow: {', '.join(usable) or 'none'}")
+    if len(set(cfg.sweep.peers)) < len(cfg.sweep.peers):
+        p.bad("sweep.peers", list(cfg.sweep.peers), "names a peer twice")
     f = cfg.peers.finetune
     for v in f.grid:
         if not 0 <= v < 1:

@@ -78,6 +78,7 @@ class SourceKind(Choice):
 
 
 VIDEO_SOURCES = (SourceKind.video, SourceKind.frames, SourceKind.moving_mnist)
+PEER_NAMES = ("ambient", "finetune", "patchdiff")  # `bootdiff.peers`, in the order their rows are shown
 
 
 class CorruptionKind(Choice):

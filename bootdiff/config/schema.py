@@ -200,6 +200,10 @@ class SweepConfig:
     max_concurrent: int = 0  # 0 = as many as resources allow
     baseline_combined: bool = True  # the combined denoiser alone, no residual
     baseline_full_res: bool = True  # a model trained on the scarce full-res set alone
+    # peer methods trained as baselines of this sweep (`bootdiff.peers`: ambient, finetune,
+    # patchdiff), each at every setting of its ``peers.<name>.grid``, with ``full_res``'s net and
+    # training (its patience too); the sweep recommends the model with the lowest validation G
+    peers: List[str] = field(default_factory=list)
 
 
 @dataclass

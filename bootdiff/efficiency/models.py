@@ -252,10 +252,9 @@ def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
     if job["kind"] == "combined":
         return experiment.build_combined(cfg, manifest)
     if job["kind"] in PEER_NAMES:  # its own network (patchdiff's has coordinate channels), EMA weights
-        from bootdiff.checkpoint import load_checkpoint
-        from bootdiff.peers import peer_training
+        from bootdiff.peers import load_peer
 
-        return experiment.ema_model(peer_training(cfg, manifest, job["kind"])[0], load_checkpoint(RunLayout.of(cfg).url(checkpoint)))
+        return load_peer(cfg, manifest, {"kind": job["kind"], "checkpoint": checkpoint})
     kind = "full_res" if job["kind"] == "full_res" else "residual"
     return experiment.load_trial(cfg, manifest, {**(job.get("trial") or {}), "kind": kind, "checkpoint": checkpoint})
 

@@ -59,6 +59,8 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     `bootdiff.distill.student.student_entry`, so evaluation never imports the later stage."""
     from bootdiff.export import save_bootstrap_model, save_view_model
     from bootdiff.fusion import CombinedDenoiser
+    from bootdiff.peers import load_peer
+    from bootdiff.precond import EDMPrecond
     from bootdiff.memo import memoize_combined, memoized
     from bootdiff.evaluation.report import write_report
     from bootdiff.run.tb import read_runs
@@ -79,6 +81,11 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
         models["full_res"] = experiment.load_trial(cfg, manifest, full[0])
         save_view_model(models["full_res"], layout.model("full_res"), cfg.full_res,
                         extra={"shape": list(shape)})
+    for r in best_peers(outcome["trials"]):  # each peer of sweep.peers at its best setting on validation
+        models[r["trial_id"]] = load_peer(cfg, manifest, r)
+        if isinstance(models[r["trial_id"]], EDMPrecond):  # patchdiff's coordinate network has no diffusers twin
+            save_view_model(models[r["trial_id"]], layout.model(r["trial_id"]), cfg.full_res,
+                            extra={"shape": list(shape), "peer": r["kind"], "setting": r.get("setting")})
     distilled, step_cost = student(cfg, models, shape) if student is not None else (None, None)
     if distilled is not None:
         models["student"] = distilled
@@ -121,18 +128,18 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     for r in outcome["trials"]:
         row = dict(r)
         key = {"combined": "combined", "full_res": "full_res"}.get(r["kind"])
-        key = key or ("bootstrapped" if r["trial_id"] == outcome.get("best") else None)
+        key = key or ("bootstrapped" if r["trial_id"] == outcome.get("best") else r["trial_id"])
         if key in quality:
             row.update({k: v for k, v in quality[key].items() if k in ROW_METRICS})
         trials.append(row)
     roles = model_roles(cfg, manifest, samples)
     fd_off = fd_note(cfg.eval.features, cfg.eval.num_images, len(test_x))
     urls = write_report(layout.report, trials, curves, pictures, cfg_yaml, manifest,
-                        best_trial_id=outcome.get("best"), title=f"bootdiff sweep report — {cfg.name}",
+                        best_trial_id=outcome.get("best"), recommended=outcome.get("recommended"), title=f"bootdiff sweep report — {cfg.name}",
                         quality=quality, roles=roles, fd_note=fd_off, budget=budget,
                         training=read_runs(layout.tb, ("loss", "test_G", "train_G")),
                         extra={"Distillation: sampling-step cost": step_cost} if step_cost else None)
-    summary = {"best": outcome.get("best"), "quality": quality, "budget_kimg": budget,
+    summary = {"best": outcome.get("best"), "recommended": recommended_model(outcome), "quality": quality, "budget_kimg": budget,
                "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},
                "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}}
@@ -140,6 +147,34 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
         summary["distill_step_time"] = step_cost
     util.atomic_write_bytes(layout.summary, json.dumps(summary, indent=2, default=str).encode())
     return urls
+
+
+def best_peers(trials) -> list:
+    """The rows of ``trials`` the report scores for the peers (`bootdiff.peers`): per peer method,
+    its trial with a checkpoint and the lowest validation G (its best grid setting), in trial order."""
+    from bootdiff.peers import NAMES
+
+    best = {}
+    for r in trials:
+        if r["kind"] in NAMES and r.get("checkpoint"):
+            b = best.get(r["kind"])
+            if b is None or num(r.get("val_G")) < num(b.get("val_G")) or not math.isfinite(num(b.get("val_G"))):
+                best[r["kind"]] = r
+    return [r for r in trials if r in best.values()]
+
+
+def recommended_model(outcome: dict) -> Optional[dict]:
+    """The summary's record of the sweep's recommended model (``sweep.json``'s ``recommended``,
+    `bootdiff.sweep.recommend`): its trial id, kind, validation and test G, where it was taken, and
+    the name of its sample set in the report (``bootstrapped`` for the best residual trial)."""
+    rid = outcome.get("recommended")
+    row = next((r for r in outcome["trials"] if r["trial_id"] == rid), None)
+    if row is None:
+        return None
+    name = {"combined": "combined", "full_res": "full_res"}.get(row["kind"]) or \
+        ("bootstrapped" if rid == outcome.get("best") else rid)
+    return {"trial_id": rid, "kind": row["kind"], "val_G": num(row.get("val_G")), "test_G": num(row.get("test_G")),
+            "chosen_kimg": num(row.get("chosen_kimg")), "samples": name}
 
 
 def decode_latents(manifest: dict, samples: dict) -> dict:
@@ -226,11 +261,32 @@ def model_roles(cfg, manifest: dict, samples: dict) -> dict:
              "bootstrapped": f"the view models + a residual on the {n} full-res samples",
              "full_res": f"the {n} full-res samples alone",
              "student": "one network distilled from the bootstrapped model"}
+    for name in samples:
+        kind = str(name).split("-")[0]
+        if kind in ("ambient", "finetune", "patchdiff") and name not in roles:
+            roles[name] = peer_role(cfg, kind, n)
     for name, v in cfg.views.items():
         what = {"downsample": f"×{v.factor} downsampled copies", "patch": f"{v.patch_size} px patches",
                 "clean_patch": f"clean {v.patch_size} px patches", "clip": f"{v.clip_len}-frame clips"}
         roles[f"{name} only"] = f"{what.get(str(v.kind), f'{v.kind} views')} alone"
     return {k: v for k, v in roles.items() if k in samples}
+
+
+def peer_role(cfg, kind: str, n: int) -> str:
+    """What peer ``kind`` (`bootdiff.peers`) trained on, naming the views it used."""
+    from bootdiff.peers.ambient import pick_view
+
+    p = cfg.peers
+    if kind == "ambient":
+        low, crop = pick_view(cfg, "downsample", p.ambient.low_view), pick_view(cfg, "patch", p.ambient.crop_view)
+        return (f"one network: the {n} full-res samples at every σ, the {low} view's copies lifted at high σ, "
+                f"the {crop} view's crops at low σ (Ambient Omni)")
+    if kind == "finetune":
+        low = pick_view(cfg, "downsample", p.finetune.low_view, "peers.finetune.low_view")
+        return f"one network pre-trained on the {low} view's copies lifted, fine-tuned on the {n} full-res samples"
+    patch = pick_view(cfg, "patch", p.patchdiff.patch_view, "peers.patchdiff.patch_view")
+    return (f"one network with coordinate channels on crops of the {n} full-res samples, the {patch} view's "
+            f"patches and whole images (Patch Diffusion)")
 
 
 def _kimg(row) -> Optional[float]:
@@ -242,7 +298,8 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
     """The training budgets (kimg) the report states side by side: each view model's and the
     residual's (the bootstrapped model stands on their sum) and the full-res baseline's, as
     configured and as the sweep's rows (``outcome``: ``sweep.json``) say they trained
-    (``*_trained``: None when unknown)."""
+    (``*_trained``: None when unknown), and what each peer the report scores trained (``peers``:
+    {trial id: kimg}; their cap is the full-res baseline's)."""
     rows = {r["trial_id"]: r for r in outcome["trials"]}
     full = next((r for r in outcome["trials"] if r["kind"] == "full_res"), None)
     views = {n: float(v.train.total_kimg) for n, v in cfg.views.items()}
@@ -250,4 +307,5 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
             "residual": float(cfg.residual.train.total_kimg),
             "bootstrapped": float(sum(views.values()) + cfg.residual.train.total_kimg),
             "full_res": float(cfg.full_res.train.total_kimg), "full_res_trained": _kimg(full),
-            "residual_trained": _kimg(rows.get(outcome.get("best")))}
+            "residual_trained": _kimg(rows.get(outcome.get("best"))),
+            "peers": {r["trial_id"]: _kimg(r) for r in best_peers(outcome["trials"])}}

@@ -22,15 +22,20 @@ def _change(g, ref) -> str:
     return f"{abs(g - ref) / ref * 100:.1f}% {'lower' if g < ref else 'higher'}"
 
 
-MODEL_LABEL = {"bootstrapped": "bootstrapped", "combined": "combined", "full_res": "full-res only"}
+MODEL_LABEL = {"bootstrapped": "bootstrapped", "combined": "combined", "full_res": "full-res only",
+               "ambient": "Ambient Omni", "finetune": "pre-train + fine-tune", "patchdiff": "Patch Diffusion"}
 
 
 def _model(name) -> str:
+    """A sample set's label; a peer at a grid setting keeps its setting (``Ambient Omni sigma_tn0.5``)."""
+    kind, _, setting = str(name).partition("-")
+    if name not in MODEL_LABEL and kind in ("ambient", "finetune", "patchdiff"):
+        return f"{MODEL_LABEL[kind]} {setting}"
     return MODEL_LABEL.get(name, str(name))
 
 
 def _figure1_order(quality) -> list:
-    """Views alone first, then combined, bootstrapped, full-res only (Figure 1's order)."""
+    """Views alone first, then combined, bootstrapped, full-res only, the peers (Figure 1's order)."""
     rank = {"combined": 1, "bootstrapped": 2, "full_res": 3}
     return sorted(quality, key=lambda n: (rank.get(n, 0 if str(n).endswith(" only") else 4), str(n)))
 
@@ -117,6 +122,10 @@ def budget_lines(budget, trials, best=None) -> list:
                 f"(not in this sweep: sweep.baseline_full_res) would train {_fmt(full)} kimg")
              + f" on the {n} full-res samples — " + ("the same budget." if equal else
                                                     f"{full / boot:.2g}× the bootstrapped model's, unequal budgets.")]
+    if b.get("peers"):
+        lines.append("The peers train with the full-res baseline's network and budget cap "
+                     f"({_fmt(b['full_res'])} kimg) on the same full-res samples and partial views: "
+                     + ", ".join(f"{k} trained {_fmt(v)} kimg" for k, v in b["peers"].items() if v is not None) + ".")
     fr = next((t for t in trials if t["kind"] == "full_res" and math.isfinite(_num(t["test_G"]))), None)
     bt = best if best is not None and best["kind"] == "residual" and math.isfinite(_num(best["test_G"])) else None
     if fr is None or bt is None:

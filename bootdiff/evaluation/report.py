@@ -27,7 +27,7 @@ from PIL import Image
 from bootdiff.evaluation.plots import (OK_STATUS, _fmt, _ok, _png, grid_scale, image_grid, plot_curves,
                                    plot_heatmap, sample_grid, to_uint8_images, training_figures, video_animation)
 from bootdiff.evaluation.quality import _change, budget_lines, figure1_sentence, figure1_table
-from bootdiff.sweep import KINDS, select_best
+from bootdiff.sweep import KINDS, recommend, select_best
 from bootdiff.sweep import num as _num
 from bootdiff.util import atomic_write_bytes, join
 
@@ -39,7 +39,8 @@ __all__ = ["KINDS", "REQUIRED", "OK_STATUS", "KIND_LABEL", "to_uint8_images", "i
 REQUIRED = ("trial_id", "kind", "mu_var", "mu_l1", "range_adapter", "test_G", "train_G", "step",
             "status", "checkpoint")
 KIND_LABEL = {"residual": "bootstrapped (residual)", "combined": "combined denoiser (baseline)",
-              "full_res": "full-res only (baseline)"}
+              "full_res": "full-res only (baseline)", "ambient": "Ambient Omni peer (baseline)",
+              "finetune": "pre-train + fine-tune peer (baseline)", "patchdiff": "Patch Diffusion peer (baseline)"}
 
 
 # ----------------------------------------------------------------------------- trials
@@ -73,7 +74,9 @@ def _columns(trials) -> list:
 
 def _settings(t) -> str:
     if t["kind"] != "residual":
-        return KIND_LABEL[t["kind"]]
+        setting = t.get("setting") or {}
+        return KIND_LABEL[t["kind"]] + ("" if not setting else
+                                        " at " + ", ".join(f"{k} = {_fmt(v)}" for k, v in sorted(setting.items())))
     return (f"μ_var = {_fmt(t['mu_var'])}, μ_L1 = {_fmt(t['mu_l1'])}, range adapter "
             f"{'on' if t['range_adapter'] else 'off'}")
 
@@ -86,16 +89,43 @@ def _taken(t) -> str:
     return ""
 
 
-def _summary(trials, best):
+def _recommendation(trials, best, rec):
+    """The report's first sentence and card: the model the sweep recommends (`bootdiff.sweep.recommend`:
+    the lowest validation G of every model) and why, with the numbers."""
+    if rec is None:
+        return [], []
+    v, g = _num(rec.get("val_G")), _num(rec.get("test_G"))
+    others = sorted((t for t in trials if t is not rec and math.isfinite(_num(t.get("val_G")))),
+                    key=lambda t: _num(t["val_G"]))
+    n = 1 + len(others)
+    line = (f"Recommended model: {rec['trial_id']} ({_settings(rec)}), the lowest validation G of all {n} "
+            f"trials (validation G {_fmt(v)}; test G {_fmt(g)}{_taken(rec)})")
+    if best is not None and rec is not best and best["kind"] == "residual":
+        bv, bg = _num(best.get("val_G")), _num(best["test_G"])
+        line += (f". It is better on validation than the best bootstrapped trial {best['trial_id']} (validation G "
+                 f"{_fmt(bv)}, test G {_fmt(bg)}; the recommended model's test G is {_change(g, bg)}): "
+                 f"use it rather than the bootstrapped model.")
+    elif others:
+        nxt = others[0]
+        line += (f"; next: {nxt['trial_id']} ({KIND_LABEL[nxt['kind']]}), validation G {_fmt(_num(nxt['val_G']))}"
+                 f", test G {_fmt(_num(nxt['test_G']))}.")
+    else:
+        line += "."
+    return [line], [("recommended model", rec["trial_id"], f"validation G {_fmt(v)}, test G {_fmt(g)}")]
+
+
+def _summary(trials, best, rec=None):
     """The summary: table rows (best, then baselines), headline sentences and the page's cards
-    ``(label, value, note)`` — the same numbers in each."""
-    rows, cards = [], []
+    ``(label, value, note)`` — the same numbers in each; ``rec``: the recommended model's row,
+    said first."""
+    rec_lines, cards = _recommendation(trials, best, rec)
+    rows = []
     bg, btr = (_num(best["test_G"]), _num(best["train_G"])) if best else (math.nan, math.nan)
     n_ok, n_res = sum(_ok(t) for t in trials), sum(t["kind"] == "residual" for t in trials)
     lines = [f"{len(trials)} trials ({n_res} residual, {len(trials) - n_res} baseline(s)); {n_ok} "
              f"completed" + "".join(f", {sum(t.get('status') == st for t in trials)} {st.replace('_', ' ')}"
                                     for st in ("stopped_early", "interrupted", "error")
-                                    if any(t.get("status") == st for t in trials)) + "."]
+                                    if any(t.get("status") == st for t in trials)) + "."] + rec_lines
     if best is None:
         lines.append("No trial has a finite validation G: no best trial.")
     else:
@@ -111,7 +141,8 @@ def _summary(trials, best):
     baselines = [t for t in trials if t["kind"] != "residual" and t is not best]
     for t in ([best] if best else []) + baselines:
         g, tr = _num(t["test_G"]), _num(t["train_G"])
-        rows.append({"model": "best trial" if t is best else KIND_LABEL[t["kind"]],
+        label = "best trial" if t is best else KIND_LABEL[t["kind"]]
+        rows.append({"model": label + (" — recommended" if t is rec else ""),
                      "trial": t["trial_id"], "settings": _settings(t) if t is best else None,
                      "val G": _num(t.get("val_G")), "test G": g, "train G": tr, "gap (test − train)": g - tr,
                      "test G / best": g / bg if bg > 0 else math.nan, "status": t["status"]})
@@ -380,7 +411,7 @@ def _figures(trials, curves, samples, best):
 
 def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_trial_id=None,
                  title="bootdiff sweep report", extra=None, quality=None, roles=None, fd_note=None,
-                 budget=None, training=None) -> dict:
+                 budget=None, training=None, recommended=None) -> dict:
     """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``, ``*.gif``) and
     ``trials.csv`` into the folder ``out_url``; returns their URLs (``html``, ``markdown``,
     ``csv``, ``images``: {file name: URL}).
@@ -390,7 +421,8 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     "train_mean"?, "test_quantile"?, "delta"?}}. ``samples``: {model: uint8 ``[N,H,W,C]`` /
     ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
     default as `bootdiff.sweep.select_best` picks it (lowest finite validation G, residual
-    trials first). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
+    trials first). ``recommended``: the trial id of the model the sweep recommends (default as
+    `bootdiff.sweep.recommend` picks it: the lowest validation G of all), said first. ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
     or tables after the trials. ``quality``: {sample set: metrics} (`bootdiff.evaluation.evaluate.sample_quality`),
     shown beside the sample grids as Figure 1 (`figure1_table`, `figure1_sentence`), with
     ``roles`` ({sample set: what it was trained on}) and ``fd_note`` (one line: FD skipped, or how it
@@ -401,6 +433,7 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     trials = validate_trials(trials)
     curves, samples, extra = dict(curves or {}), dict(samples or {}), dict(extra or {})
     best = select_best(trials, best_trial_id, baselines=True)
+    rec = next((t for t in trials if t["trial_id"] == recommended), None) if recommended else recommend(trials)
     figures = _figures(trials, curves, samples, best) + training_figures(trials, training, best)
     written = {"images": {}}
     for fname, _title, _cap, png, _pixel, _group in figures:
@@ -415,7 +448,7 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
 
     gap_at = cols.index("train_G") + 1
     table_cols = cols[:gap_at] + ["gap"] + cols[gap_at:]
-    summary_rows, lines, cards = _summary(trials, best)
+    summary_rows, lines, cards = _summary(trials, best, rec)
     if budget:
         lines += budget_lines(budget, trials, best)
         cards.append(("budgets (kimg)", f"{_fmt(budget['bootstrapped'])} vs {_fmt(budget['full_res'])}",

@@ -17,28 +17,8 @@ from __future__ import annotations
 
 from typing import List
 
-NAMES = ("ambient", "finetune", "patchdiff")  # in the order their rows are shown
-# the one hyperparameter of each peer that ``peers.<name>.grid`` tries on validation
-TUNED = {"ambient": "sigma_tn", "finetune": "pretrain_share", "patchdiff": "full_share"}
-
-
-def settings(cfg, name: str) -> List[dict]:
-    """The settings of peer ``name`` to try on validation: ``[{}]`` (its config as it is) without a
-    ``peers.<name>.grid``, else one ``{TUNED[name]: value}`` per grid value."""
-    grid = list(getattr(cfg.peers, name).grid)
-    return [{TUNED[name]: float(v)} for v in grid] or [{}]
-
-
-def setting_label(name: str, setting: dict) -> str:
-    """``<name>`` for the config as it is, ``<name>-<key><value>`` for a grid setting."""
-    return name + "".join(f"-{k}{v:g}" for k, v in sorted(setting.items()))
-
-
-def apply_setting(cfg, name: str, setting: dict):
-    """``cfg`` with ``peers.<name>`` set to ``setting`` (in place; returned)."""
-    for k, v in setting.items():
-        setattr(getattr(cfg.peers, name), k, v)
-    return cfg
+from bootdiff.config.choices import PEER_NAMES as NAMES  # noqa: E402  (in the order their rows are shown)
+from bootdiff.config.grid import TUNED, apply_setting, setting_label, settings  # noqa: F401  (re-exported)
 
 
 def peer_training(cfg, manifest: dict, name: str, rank: int = 0, world_size: int = 1):
@@ -58,28 +38,25 @@ def peer_training(cfg, manifest: dict, name: str, rank: int = 0, world_size: int
     raise ValueError(f"no peer method {name!r} (the peers: {', '.join(NAMES)})")
 
 
+def load_peer(cfg, manifest: dict, row: dict):
+    """The trained model of a peer run (a ``sweep.json`` row or a benchmark job: ``kind`` a peer's
+    name, ``checkpoint``, and its grid ``setting`` when it has one), EMA weights, as
+    `bootdiff.experiment.load_trial` loads the other trials: its own network (patchdiff's has
+    coordinate channels) at that setting."""
+    import copy
+
+    from bootdiff.checkpoint import load_checkpoint
+    from bootdiff.experiment import ema_model
+    from bootdiff.run.layout import RunLayout
+
+    if row.get("setting"):
+        cfg = apply_setting(copy.deepcopy(cfg), row["kind"], row["setting"])
+    state = load_checkpoint(RunLayout.of(cfg).url(row["checkpoint"]))
+    return ema_model(peer_training(cfg, manifest, row["kind"])[0], state)
+
+
 def available(cfg) -> List[str]:
-    """The peers this config's views allow: ``ambient`` needs one downsample and one patch view,
-    ``finetune`` one downsample view, ``patchdiff`` one patch view on image data (or the
-    ``peers.<name>.*_view`` keys naming them)."""
-    from bootdiff.peers.ambient import pick_view
+    """The peers this config's views allow (`bootdiff.config.check.peers_available`)."""
+    from bootdiff.config.check import peers_available
 
-    def has(kind, name, key):
-        try:
-            pick_view(cfg, kind, name, key)
-            return True
-        except ValueError:
-            return False
-
-    a, f = cfg.peers.ambient, cfg.peers.finetune
-    out = []
-    if has("downsample", a.low_view, "peers.ambient.low_view") and has("patch", a.crop_view, "peers.ambient.crop_view"):
-        out.append("ambient")
-    if has("downsample", f.low_view, "peers.finetune.low_view"):
-        out.append("finetune")
-    from bootdiff.config import VIDEO_SOURCES
-
-    if has("patch", cfg.peers.patchdiff.patch_view, "peers.patchdiff.patch_view") and \
-            cfg.data.source.kind not in VIDEO_SOURCES:  # coordinate channels of images
-        out.append("patchdiff")
-    return out
+    return peers_available(cfg)
