@@ -194,6 +194,47 @@ def test_resume_skips_finished_models(bench):
         assert util.exists(f"{out}/{f}")
 
 
+def test_pipeline_report_quotes_a_benchmark_of_the_same_data(bench, tmp_path):
+    """eval.benchmark: the benchmark's worth in full-res images at the run's N, in the report; a
+    benchmark of other data, or a folder without one, is refused at config load naming the key."""
+    from bootdiff.config import ConfigError
+    from bootdiff.evaluation import report
+    from bootdiff.evaluation.worth import benchmark_worth, worth_line
+
+    cfg, out, _, _ = bench
+
+    def runner(todo, b, out_, num_samples):
+        for j in todo:
+            g = 1.0 / (1 + len(j["id"])) if j["kind"] != "view" else None
+            yield j, {**{k: v for k, v in j.items() if k != "cfg_yaml"}, "test_G": g, "swd": 0.1,
+                      "wall_s": 0.0, "curve": [], "kimg": 1.0}
+
+    summary = run_benchmark(cfg, out, [8, 16], kimg=1, source=RandomSource(), runner=runner)
+    base = ["storage=" + cfg.storage, "name=t", "data.resolution=16", "data.num_test=20", "data.shard_size=24",
+            "views.patch.kind=patch", "views.patch.patch_size=8", "views.patch.per_sample=2",
+            "views.low.kind=downsample", "views.low.factor=2", "views.low.train.total_kimg=3"]  # training may differ
+    run_cfg = to_object(load_config(None, base + [f"eval.benchmark={out}"]))  # the same data: accepted at load
+    w = benchmark_worth(run_cfg.eval.benchmark, 8)
+    assert w["worth"] == summary["per_n"]["8"]["worth"] and set(w["worth"]) >= {"bootstrap", "combined"}
+    assert w["test_G"]["bootstrap"] == summary["per_n"]["8"]["bootstrap"]["test_G"]
+    line = worth_line(w)
+    k = w["worth"]["bootstrap"]
+    bound = {"<": "fewer than ", ">": "more than "}.get(k["bound"], "≈ ")
+    assert "at N = 8" in line and f"the bootstrapped model {bound}{k['images']:.0f} images" in line, line
+    assert worth_line(benchmark_worth(out, 12)).endswith("measured N = 8, 16, not N = 12: no worth in full-res "
+                                                         "images to quote for this run.")
+    t = {"trial_id": "r", "kind": "residual", "mu_var": 0.0, "mu_l1": 0.0, "range_adapter": True, "val_G": 0.3,
+         "test_G": 0.4, "train_G": 0.3, "step": 3, "status": "complete", "checkpoint": "/ck"}
+    md = open(report.write_report(str(tmp_path / "rep"), [t], {}, {}, "", {}, worth=w)["markdown"]).read()
+    assert "- " + line in md
+    # other data (a view's geometry, the resolution) or no benchmark there: refused at load, the key named
+    for bad, key in (("views.patch.patch_size=4", "views.patch.patch_size"), ("data.resolution=32", "data.resolution")):
+        with pytest.raises(ConfigError, match=rf"eval.benchmark=.*measured other data.*{key}"):
+            load_config(None, base + [bad, f"eval.benchmark={out}"])
+    with pytest.raises(ConfigError, match=r"eval.benchmark=.*no finished data-efficiency benchmark there"):
+        load_config(None, base + [f"eval.benchmark={tmp_path}"])
+
+
 def test_peer_budget_is_the_bootstraps_training_compute(bench):
     """The Ambient peer's kimg buys the FLOPs of the view models plus the residual, within one of
     its steps and never more; FLOPs per step scale with the micro-batch; the job gets that kimg."""

@@ -254,6 +254,15 @@ def _check_eval(p: _Problems, cfg: ExperimentConfig) -> None:
     p.positive("eval.sampler.snr", s.snr)
     p.at_least("eval.sampler.n_corrector", s.n_corrector, 0, "must be an integer >= 0")
     _check_features(p, e.features)
+    if e.benchmark:
+        from bootdiff.evaluation.worth import check_benchmark
+
+        try:
+            check_benchmark(cfg, e.benchmark)
+        except (OSError, ValueError) as exc:
+            msg = str(exc)
+            p.items.append(("eval.benchmark", msg if msg.startswith("eval.benchmark=") else
+                            f"eval.benchmark={_show(e.benchmark)}: {msg}"))
 
 
 def _check_features(p: _Problems, f) -> None:

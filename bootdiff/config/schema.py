@@ -244,6 +244,10 @@ class EvalConfig:
     num_images: int = 16  # samples drawn per model for the report
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    # a data-efficiency benchmark's output folder (benchmarks/data_efficiency.py --out) measured on
+    # this config's data: the report quotes what it measured each model worth in full-res images at
+    # this run's N (`bootdiff.evaluation.worth`; checked at load); "" = none
+    benchmark: str = ""
 
 
 @dataclass

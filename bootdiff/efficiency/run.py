@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 import torch
 
 from bootdiff import experiment, util
-from bootdiff.config import to_object
+from bootdiff.config import to_object, to_yaml
 from bootdiff.efficiency.data import dataset_cfg, prepare
 from bootdiff.efficiency.models import (budgets, evaluate_job, jobs, main_budget, model_file, peer_budgets, peers,
                                         pick_candidate, raise_caps, select, share_view_models)
@@ -89,8 +89,8 @@ def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, nu
     for peer in peers(cfg):
         print(f"[bench] {peer}: {b[f'{peer}_kimg']:g} kimg = the bootstrap's training compute "
               f"({b['flops']['bootstrap']['total']:.3g} FLOPs: views + residual)", flush=True)
-    util.atomic_write_bytes(util.join(out, "plan.json"), json.dumps(
-        {**{k: v for k, v in plan.items() if k != "datasets"}, "budgets": b}).encode())
+    util.atomic_write_bytes(util.join(out, "plan.json"), json.dumps(  # the config: a pipeline's eval.benchmark checks its data
+        {**{k: v for k, v in plan.items() if k != "datasets"}, "budgets": b, "config": to_yaml(cfg)}).encode())
     all_jobs = jobs(plan, cfg)
     results = {}
     for job in all_jobs:

@@ -10,5 +10,7 @@
   run reports);
 - `bootdiff.evaluation.evaluate`: stage 3, every model scored and sampled, the report written;
 - `bootdiff.evaluation.report`, `bootdiff.evaluation.plots`, `bootdiff.evaluation.quality`: the
-  report (HTML, Markdown, CSV), its figures, its Figure-1 table and budget sentences.
+  report (HTML, Markdown, CSV), its figures, its Figure-1 table and budget sentences;
+- `bootdiff.evaluation.worth`: what a data-efficiency benchmark of the same data measured each
+  model worth in full-res images at the run's N (``eval.benchmark``), quoted in the report.
 """

@@ -133,9 +133,12 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
             row.update({k: v for k, v in quality[key].items() if k in ROW_METRICS})
         trials.append(row)
     roles = model_roles(cfg, manifest, samples)
+    from bootdiff.evaluation.worth import benchmark_worth
+
+    worth = benchmark_worth(cfg.eval.benchmark, budget["n_full"])  # a benchmark of the same data, if named
     fd_off = fd_note(cfg.eval.features, cfg.eval.num_images, len(test_x))
     urls = write_report(layout.report, trials, curves, pictures, cfg_yaml, manifest,
-                        best_trial_id=outcome.get("best"), recommended=outcome.get("recommended"), title=f"bootdiff sweep report — {cfg.name}",
+                        best_trial_id=outcome.get("best"), recommended=outcome.get("recommended"), worth=worth, title=f"bootdiff sweep report — {cfg.name}",
                         quality=quality, roles=roles, fd_note=fd_off, budget=budget,
                         training=read_runs(layout.tb, ("loss", "test_G", "train_G")),
                         extra={"Distillation: sampling-step cost": step_cost} if step_cost else None)
@@ -143,6 +146,8 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
                "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},
                "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}}
+    if worth:
+        summary["benchmark_worth"] = worth
     if step_cost:
         summary["distill_step_time"] = step_cost
     util.atomic_write_bytes(layout.summary, json.dumps(summary, indent=2, default=str).encode())

@@ -27,6 +27,7 @@ from PIL import Image
 from bootdiff.evaluation.plots import (OK_STATUS, _fmt, _ok, _png, grid_scale, image_grid, plot_curves,
                                    plot_heatmap, sample_grid, to_uint8_images, training_figures, video_animation)
 from bootdiff.evaluation.quality import _change, budget_lines, figure1_sentence, figure1_table
+from bootdiff.evaluation.worth import worth_line
 from bootdiff.sweep import KINDS, recommend, select_best
 from bootdiff.sweep import num as _num
 from bootdiff.util import atomic_write_bytes, join
@@ -411,7 +412,7 @@ def _figures(trials, curves, samples, best):
 
 def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_trial_id=None,
                  title="bootdiff sweep report", extra=None, quality=None, roles=None, fd_note=None,
-                 budget=None, training=None, recommended=None) -> dict:
+                 budget=None, training=None, recommended=None, worth=None) -> dict:
     """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``, ``*.gif``) and
     ``trials.csv`` into the folder ``out_url``; returns their URLs (``html``, ``markdown``,
     ``csv``, ``images``: {file name: URL}).
@@ -422,7 +423,8 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     ``[N,T,H,W,C]`` or float ``[N,C,H,W]`` / ``[N,C,T,H,W]`` in [-1,1]}. ``best_trial_id``:
     default as `bootdiff.sweep.select_best` picks it (lowest finite validation G, residual
     trials first). ``recommended``: the trial id of the model the sweep recommends (default as
-    `bootdiff.sweep.recommend` picks it: the lowest validation G of all), said first. ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
+    `bootdiff.sweep.recommend` picks it: the lowest validation G of all), said first. ``worth``: a benchmark's figures for this N
+    (`bootdiff.evaluation.worth.benchmark_worth`), said after it (`worth_line`). ``extra``: {section title: str | dict | dict of dicts | list of dicts}, shown as text
     or tables after the trials. ``quality``: {sample set: metrics} (`bootdiff.evaluation.evaluate.sample_quality`),
     shown beside the sample grids as Figure 1 (`figure1_table`, `figure1_sentence`), with
     ``roles`` ({sample set: what it was trained on}) and ``fd_note`` (one line: FD skipped, or how it
@@ -449,6 +451,8 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
     gap_at = cols.index("train_G") + 1
     table_cols = cols[:gap_at] + ["gap"] + cols[gap_at:]
     summary_rows, lines, cards = _summary(trials, best, rec)
+    if worth_line(worth):
+        lines.insert(2 if rec is not None else 1, worth_line(worth))
     if budget:
         lines += budget_lines(budget, trials, best)
         cards.append(("budgets (kimg)", f"{_fmt(budget['bootstrapped'])} vs {_fmt(budget['full_res'])}",
