@@ -198,7 +198,7 @@ def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
     export (`bootdiff.export.load_bootstrap_model`) restores them otherwise.
     """
     from bootdiff.fusion import FusionWeights
-    from bootdiff.nets import make_net
+    from bootdiff.nets import make_net, zero_output
     from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
 
     combined = combined if combined is not None else build_combined(cfg, manifest, fusion=rcfg.fusion)
@@ -209,6 +209,8 @@ def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
     shape = full_shape(manifest)
     net = make_net(rcfg.net, in_channels=2 * shape[0], out_channels=shape[0], resolution=shape[-1],
                    video=_is_video(shape), seed=rcfg.train.seed)
+    if rcfg.zero_init:  # R_θ ≡ 0 at the start: D_boot starts as D_comb (a loaded model's weights replace it)
+        zero_output(net)
     sigma_data = float(view_info(manifest, "full")["sigma_data"])
     return BootstrapDenoiser(combined, ResidualPrecond(net, sigma_data=sigma_data), adapter)
 

@@ -237,6 +237,21 @@ def _validate(cfg, in_channels: int, out_channels: int, resolution: int) -> None
         raise ValueError(f"NetConfig.layers_per_block must be >= 1, got {cfg.layers_per_block}")
 
 
+def zero_output(net: nn.Module) -> nn.Module:
+    """Zero the output convolution of a backbone from `make_net` (``conv_out`` of the diffusers
+    ``UNet2DModel`` or of `VideoUNet`), in place, so ``F ≡ 0`` at the start — EDM's networks
+    initialise their last layer at zero the same way (NVlabs/edm ``init_zero``). The layer's own
+    gradient is not zero, so training moves it from the first step."""
+    conv = getattr(getattr(net, "unet", net), "conv_out", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"zero_output: {type(net).__name__} has no output convolution conv_out")
+    with torch.no_grad():
+        conv.weight.zero_()
+        if conv.bias is not None:
+            conv.bias.zero_()
+    return net
+
+
 def make_net(cfg: NetConfig, in_channels: int, out_channels: int, resolution: int,
              video: bool = False, seed: Optional[int] = None) -> nn.Module:
     """Build the backbone ``F(x, c_noise)`` described by ``cfg`` (see the module docstring).

@@ -190,3 +190,27 @@ def test_make_net_seed_gives_the_same_weights_in_any_process_and_keeps_the_calle
     state = torch.random.get_rng_state()
     make_net(NetConfig(channels=[8, 16], attention=[False, False]), 1, 1, 8, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_zero_output_starts_the_residual_at_D_comb_and_still_trains(video):
+    """residual.zero_init: R_θ ≡ 0 at the start, so D_boot = D_comb exactly; the output layer's
+    gradient is not zero, so one optimizer step moves the net off zero."""
+    from bootdiff.nets import zero_output
+    from bootdiff.residual import BootstrapDenoiser
+
+    class Comb(torch.nn.Module):  # a stand-in D_comb: any denoiser of the same shape
+        def forward(self, x, sigma):
+            return 0.5 * x
+
+    shape = (2, 1, 4, 8, 8) if video else (2, 1, 8, 8)
+    net = zero_output(make_net(TINY, in_channels=2, out_channels=1, resolution=8, video=video, seed=0))
+    model = BootstrapDenoiser(Comb(), ResidualPrecond(net, sigma_data=0.5), RangeAdapter.ones(-5.0, 4.0))
+    x, sigma = torch.randn(shape), torch.tensor([0.3, 2.0])
+    assert torch.equal(model(x, sigma), 0.5 * x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ((model(x, sigma) - x) ** 2).mean().backward()
+    opt.step()
+    assert model(x, sigma).sub(0.5 * x).abs().max() > 0
+    with pytest.raises(TypeError, match="conv_out"):
+        zero_output(torch.nn.Linear(2, 2))

@@ -175,6 +175,9 @@ class ResidualConfig:
     fusion: Fusion = Fusion.auto
     fit_fusion_weights: bool = False
     fusion_sigmas: int = 16  # σ levels (log-spaced over train.loss σ range) of the fitted fusion weights
+    # the residual net's output layer starts at zero (`bootdiff.nets.zero_output`): D_boot starts as
+    # D_comb instead of D_comb plus r(σ)·(a random net's output)
+    zero_init: bool = False
 
 
 @dataclass
