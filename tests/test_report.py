@@ -326,8 +326,8 @@ def test_report_recommends_the_lowest_validation_G_a_peer_included(tmp_path):
     md = open(w["markdown"]).read()
     # said first, after the trial count: which model, why (validation G), and against the bootstrapped model
     lines = [line for line in md.splitlines() if line.startswith("- ")]
-    assert lines[1].startswith("- Recommended model: ambient-sigma_tn1 (Ambient Omni peer (baseline) at "
-                               "sigma_tn = 1), the lowest validation G of all 6 trials (validation G 0.15; "
+    assert lines[1].startswith("- Recommended model: ambient-sigma_tn1 — Ambient Omni peer (baseline) at "
+                               "sigma_tn = 1 — the lowest validation G of all 6 trials (validation G 0.15; "
                                "test G 0.17 (taken at 8 of 14 kimg, its validation minimum)). It is better on "
                                "validation than the best bootstrapped trial res_00001 (validation G 0.2, test G "
                                "0.1875; the recommended model's test G is 9.3% lower): use it rather than the "
@@ -338,7 +338,7 @@ def test_report_recommends_the_lowest_validation_G_a_peer_included(tmp_path):
     # without a winning peer the bootstrapped trial is recommended, with the runner-up named
     w = report.write_report(str(tmp_path / "b"), trials, curves, {}, config, manifest)
     md = open(w["markdown"]).read()
-    assert "- Recommended model: res_00001 (μ_var = 0, μ_L1 = 0, range adapter on), the lowest validation G of " \
+    assert "- Recommended model: res_00001 — μ_var = 0, μ_L1 = 0, range adapter on — the lowest validation G of " \
            "all 5 trials (validation G 0.2; test G 0.1875); next: res_00002" in md
     assert "best trial — recommended" in md
     assert _model("ambient") == "Ambient Omni" and _model("patchdiff-full_share0.5") == "Patch Diffusion full_share0.5"

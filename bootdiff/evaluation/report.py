@@ -99,7 +99,7 @@ def _recommendation(trials, best, rec):
     others = sorted((t for t in trials if t is not rec and math.isfinite(_num(t.get("val_G")))),
                     key=lambda t: _num(t["val_G"]))
     n = 1 + len(others)
-    line = (f"Recommended model: {rec['trial_id']} ({_settings(rec)}), the lowest validation G of all {n} "
+    line = (f"Recommended model: {rec['trial_id']} — {_settings(rec)} — the lowest validation G of all {n} "
             f"trials (validation G {_fmt(v)}; test G {_fmt(g)}{_taken(rec)})")
     if best is not None and rec is not best and best["kind"] == "residual":
         bv, bg = _num(best.get("val_G")), _num(best["test_G"])
@@ -148,7 +148,7 @@ def _summary(trials, best, rec=None):
                      "val G": _num(t.get("val_G")), "test G": g, "train G": tr, "gap (test − train)": g - tr,
                      "test G / best": g / bg if bg > 0 else math.nan, "status": t["status"]})
         if t is not best and best is not None:
-            lines.append(f"{KIND_LABEL[t['kind']].capitalize()}: {t['trial_id']}, test G = "
+            lines.append(f"{KIND_LABEL[t['kind']][0].upper() + KIND_LABEL[t['kind']][1:]}: {t['trial_id']}, test G = "
                          f"{_fmt(g)}{_taken(t)}; the best trial's is {_change(bg, g)}.")
             cards.append((KIND_LABEL[t["kind"]], _fmt(g), f"{t['trial_id']}: best is {_change(bg, g)}"))
     return rows, lines, cards
