@@ -169,14 +169,16 @@ def test_corrupt_shard_fails_at_once_naming_it(head, tmp_path):
 
 @pytest.mark.ray
 def test_killed_worker_is_retried_from_its_checkpoint(head, tmp_path):
-    slow = ["views.low.net.channels=[32,64]", "views.low.train.batch_size=32", "views.low.train.total_kimg=2.56",
+    slow = ["views.low.net.channels=[32,64]", "views.low.train.batch_size=32", "views.low.train.total_kimg=6.4",
             "views.low.train.checkpoint_every_kimg=0.32", "views.low.train.report_every=10"]
     cfg, path = _config(tmp_path, str(tmp_path / "store"), "kill", slow)
     runs = os.path.join(str(tmp_path / "store"), "kill", "views", "view-low")
     killed = []
 
     def kill_after_first_checkpoint():
-        if killed or not (os.path.isdir(runs) and any(d.startswith("checkpoint") for d in os.listdir(runs))):
+        # Ray Train writes this snapshot once its controller has registered a checkpoint; a
+        # checkpoint_* folder alone can still be uploading, and a kill then restarts from step 0.
+        if killed or not os.path.exists(os.path.join(runs, "checkpoint_manager_snapshot.json")):
             return
         actors = subprocess.run([RAY, "list", "actors", "--address", head["address"], "--filter",
                                  "class_name=RayTrainWorker", "--filter", "state=ALIVE", "--format", "json"],
