@@ -9,8 +9,9 @@
 - `bootdiff.evaluation.scores`: G of a model on a split, and of a checkpoint (what every training
   run reports);
 - `bootdiff.evaluation.evaluate`: stage 3, every model scored and sampled, the report written;
-- `bootdiff.evaluation.report`, `bootdiff.evaluation.plots`, `bootdiff.evaluation.quality`: the
-  report (HTML, Markdown, CSV), its figures, its Figure-1 table and budget sentences;
+- `bootdiff.evaluation.report`, `bootdiff.evaluation.plots`, `bootdiff.evaluation.quality`,
+  `bootdiff.evaluation.summary`: the report (HTML, Markdown, CSV), its figures, its Figure-1 table
+  and budget sentences, its summary (the recommendation first, then every model against it);
 - `bootdiff.evaluation.worth`: what a data-efficiency benchmark of the same data measured each
   model worth in full-res images at the run's N (``eval.benchmark``), quoted in the report.
 """
