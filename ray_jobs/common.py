@@ -26,8 +26,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
 
 def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple[ExperimentConfig, str, float]:
-    """``--config FILE [--wait-lease S] [key=value ...]`` -> (typed config, resolved YAML, wait_lease_s)."""
+    """``--config FILE [--wait-lease S] [--debug] [key=value ...]`` -> (typed config, resolved YAML,
+    wait_lease_s)."""
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the Python traceback behind a configuration, data or storage error")
     parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     parser.add_argument("--wait-lease", type=float, default=0.0, metavar="SECONDS",
                         help="if another submission of this run holds its lease ({storage}/{name}/lease.json), "
@@ -86,11 +89,41 @@ def main(job: Callable, description: str, argv: Optional[List[str]] = None) -> i
 
     SIGTERM is handled as Ctrl-C. An interrupted job exits with 130 (SIGINT) or 143 (SIGTERM) and
     says what was interrupted; nothing unfinished is recorded as done, so the same command resumes.
-    A lease held by another submission exits with 75 (EX_TEMPFAIL)."""
+    A lease held by another submission exits with 75 (EX_TEMPFAIL). A mistake in config, data or
+    storage (`_user_errors`) prints the project's one-paragraph message naming the key, file or URL
+    and exits with 2; ``--debug`` raises it with its traceback instead."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(job, description, argv)
+    except _user_errors() as exc:
+        if debug:
+            raise
+        print(f"[bootdiff] ERROR: {exc}\n[bootdiff] Finished work is kept; fix it and run the same command "
+              f"again (--debug shows the traceback).", file=sys.stderr, flush=True)
+        return 2
+
+
+def _user_errors() -> tuple:
+    """The exceptions that mean the user's input is at fault — a config value, a data file, the
+    manifest of a run — whose messages already name the key, file or URL: `main` prints them as
+    one paragraph and exits 2 (a bug still shows its traceback)."""
+    from bootdiff.config.schema import ConfigError
+    from bootdiff.data.shards import ManifestError
+    from bootdiff.data.source import DataError
+
+    return (ConfigError, DataError, ManifestError, StorageError)
+
+
+class StorageError(OSError):
+    """``storage`` cannot be written (a missing parent on a read-only file system, no permission,
+    an unknown bucket): raised before anything is trained, naming the URL."""
+
+
+def _main(job: Callable, description: str, argv: Optional[List[str]]) -> int:
     from bootdiff.run.layout import RunLayout
     from bootdiff.run.lease import LeaseHeld, RunLease
 
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     cfg, cfg_yaml, wait_lease = parse_args(argv, description)
     catch_sigterm()
     entry = "ray_jobs." + os.path.splitext(os.path.basename(sys.argv[0] or "main"))[0]
@@ -101,6 +134,9 @@ def main(job: Callable, description: str, argv: Optional[List[str]] = None) -> i
     except LeaseHeld as exc:
         print(f"[bootdiff] {exc}", file=sys.stderr, flush=True)
         return 75
+    except OSError as exc:  # the first write under storage: nothing exists to lose yet
+        raise StorageError(f"storage '{cfg.storage}' cannot be written ({type(exc).__name__}: {exc}); set "
+                           f"storage= to a writable folder or an s3:// URL you can write to") from exc
     try:
         out = job(cfg, cfg_yaml)
         lease.check()

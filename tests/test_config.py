@@ -264,10 +264,39 @@ def test_pipeline_entry_point_fails_fast_and_writes_nothing(tmp_path):
                            f"storage={storage}", "eval.sampler.kind=foo"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.time() - t
-    assert proc.returncode != 0
-    assert "ConfigError" in proc.stderr and "eval.sampler.kind" in proc.stderr and "foo" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "[bootdiff] ERROR:" in proc.stderr and "eval.sampler.kind" in proc.stderr and "foo" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 2, proc.stderr
     assert not storage.exists() and os.listdir(tmp_path) == []  # nothing written, Ray not started
     # CPU seconds of the failed run (imports + load): wall time on a shared 2-core box mostly
     # measures the other processes (seen: 3.9 s CPU in 20 s wall at load average 7.5).
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert cpu < 10, f"{cpu:.1f} s CPU ({wall:.1f} s wall)"
+
+
+def test_a_users_mistake_is_one_paragraph_and_exit_2_a_bug_keeps_its_traceback(tmp_path, capsys):
+    from ray_jobs import common
+
+    ran = []
+    job = lambda cfg, cfg_yaml: ran.append(cfg) or {"ok": 1}  # noqa: E731
+    quick = "configs/quickstart.yaml"
+    # A config value at fault: named, no traceback, exit 2, nothing run or written.
+    assert common.main(job, "", ["--config", quick, f"storage={tmp_path}/s", "data.num_full=0"]) == 2
+    err = capsys.readouterr().err
+    assert "[bootdiff] ERROR: command line: data.num_full=0" in err and "Traceback" not in err
+    assert not ran and not os.path.exists(tmp_path / "s")
+    # A storage that cannot be written: the URL named before any work.
+    assert common.main(job, "", ["--config", quick, "storage=/proc/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "storage '/proc/nope' cannot be written" in err and "storage=" in err and not ran
+    # --debug: the same mistake raises with its traceback.
+    with pytest.raises(ConfigError, match="data.num_full"):
+        common.main(job, "", ["--config", quick, "--debug", f"storage={tmp_path}/s", "data.num_full=0"])
+    # A bug is not a user's mistake: its traceback stays.
+    def bug(cfg, cfg_yaml):
+        raise ZeroDivisionError("a bug")
+    with pytest.raises(ZeroDivisionError):
+        common.main(bug, "", ["--config", quick, f"storage={tmp_path}/s"])
+    # And a good config runs, its result one JSON line.
+    assert common.main(job, "", ["--config", quick, f"storage={tmp_path}/s"]) == 0 and len(ran) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 1}
