@@ -147,8 +147,10 @@ def video_animation(samples, name: str = "samples", max_videos: int = 8, fps: fl
     return buf.getvalue(), text
 
 
-def grid_scale(grid: np.ndarray, target: int = 480) -> int:
-    """Integer nearest-neighbour upscale factor used for a sample grid in the report (1..8)."""
+def grid_scale(grid: np.ndarray, target: int = 820) -> int:
+    """Integer nearest-neighbour upscale factor used for a sample grid in the report (1..8): the
+    largest that keeps the grid within ``target`` pixels (one grid per row of the page), so a
+    row of eight 32² samples is shown at 3×, of 16² ones at 6×."""
     return int(max(1, min(8, target // max(grid.shape[:2]))))
 
 

@@ -186,7 +186,7 @@ section p{margin:6px 0}.cards{display:grid;grid-template-columns:repeat(auto-fit
 .card{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:12px 14px}
 .card .k{font-size:12px;color:#5b6478;text-transform:uppercase;letter-spacing:.04em}
 .card .v{font-size:22px;font-weight:600;margin:2px 0}.card .s{font-size:13px;color:#3b4357}
-.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
+.grid1{display:grid;gap:14px}.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
 figure{margin:0;background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:10px;text-align:center}
 figure img{max-width:100%;height:auto}figcaption{font-size:13px;color:#3b4357;margin-top:6px}
 figcaption b{display:block;font-size:15px;color:#1d2330}img.px{image-rendering:pixelated}
@@ -216,7 +216,7 @@ FIGURE1_TITLE = ("Figure 1 as numbers: sliced Wasserstein distance to the test s
                  "level (lower is closer)")
 GROUPS = (("heatmap", "Sweep heatmap", ""), ("curves", "Error per σ", "grid2"),
           ("training", "Training curves", "grid2"),
-          ("samples", "Samples", "grid2"), ("animations", "Sampled videos, animated", "grid2"))
+          ("samples", "Samples", "grid1"), ("animations", "Sampled videos, animated", "grid2"))
 
 
 def _markdown(d) -> str:
