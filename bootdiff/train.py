@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import random
 import sys
 import time
@@ -335,8 +336,9 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
                 url = last_ckpt = _save_checkpoint(run_dir, step, nimg, model, ema, optimizer, gen, params,
                                                    config_yaml, cfg.keep_checkpoints, distributed, rank, world)
             if rank == 0:
+                # a checkpoint by its name: under Ray its folder is temporary until Ray persists it
                 line = (f"step {step:<7d} kimg {nimg / 1000:<9.3f} loss {loss_mean:<9.4f} lr {lr:<9.3g} "
-                        f"img/s {metrics['img_per_s']:<9.1f}" + (f" checkpoint {url}" if url else ""))
+                        f"img/s {metrics['img_per_s']:<9.1f}" + (f" checkpoint {os.path.basename(url)}" if url else ""))
                 tqdm.write(line, file=sys.stdout)
             if hooks is not None and hasattr(hooks, "on_report"):
                 hooks.on_report(metrics, url if rank == 0 else None)  # only rank 0 wrote it

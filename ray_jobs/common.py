@@ -163,7 +163,25 @@ def cfg_from_yaml(text: str) -> ExperimentConfig:
 # `ray start` (inherited by every worker it starts; a local ray.init() cluster inherits the
 # driver's), an instance profile / IAM role, or a Kubernetes Secret (cluster/README.md).
 SHARED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING")
+              "BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+              "PYTHONWARNINGS")
+
+# Ray's own console lines that a newcomer takes for failures and that ask nothing of them: Ray
+# Data's deprecation of an option Ray Train itself passes (every Train controller prints it).
+RAY_WARNINGS_IGNORED = ("ignore:`ExecutionOptions.exclude_resources` is deprecated",)
+
+
+def quiet_ray(local: bool) -> None:
+    """Keep Ray's internal noise off the console (set before ``ray.init``; `SHARED_ENV` carries it
+    to every Ray worker): the warnings in `RAY_WARNINGS_IGNORED` (through ``PYTHONWARNINGS``, kept
+    beside any the user set) and, on a cluster this process starts on its own machine, Train's
+    preemption watcher — it watches for cloud nodes being preempted, which a local machine never
+    is, and its actor logs a C++ error line (``PreemptionWatcher … max_restarts > 0``) on every
+    Train run. A user's own ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` is kept."""
+    have = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(have + [w for w in RAY_WARNINGS_IGNORED if w not in have])
+    if local:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def init_ray(cfg: ExperimentConfig):
@@ -174,9 +192,10 @@ def init_ray(cfg: ExperimentConfig):
 
     if ray.is_initialized():
         return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    quiet_ray(local=address is None)
     env = {k: os.environ[k] for k in SHARED_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, logging_level="WARNING", **kwargs)
     catch_sigterm()  # ray.init set its own SIGTERM handler (sys.exit), which skips Tune's state save
     ctx = ray.get_runtime_context()

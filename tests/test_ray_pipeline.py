@@ -141,6 +141,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
         assert line in out, f"job log lacks {line!r}"
     # Train's per-report / per-checkpoint INFO lines stay off the console (ray.train_log_level)
     assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
+    assert "RayDeprecationWarning" not in out  # Ray's own deprecation noise (common.quiet_ray)
     assert "chosen on validation G" in out  # the sweep says what it chose on
     sub_id = out.split("Job '")[1].split("'")[0]
     job = next(j for j in _jobs(head) if j["submission_id"] == sub_id)
@@ -361,6 +362,9 @@ def test_pipeline_on_s3_storage(s3, tmp_path):
         shutil.rmtree(rtmp, ignore_errors=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
+    # Ray's internal noise stays off the console of a locally started run (common.quiet_ray).
+    assert "RayDeprecationWarning" not in out and "exclude_resources" not in out, out[-5000:]
+    assert "PreemptionWatcher" not in out and "core_worker.cc" not in out, out[-5000:]
     fs = fsspec.filesystem("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     fs.invalidate_cache()
     root = storage[len("s3://"):] + "/quickstart"
