@@ -31,6 +31,8 @@ def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
     if cfg.sweep.trial_resources:
         opts["resources"] = dict(cfg.sweep.trial_resources)
     urls = ray.get(ray.remote(**opts)(evaluate).remote(cfg, cfg_yaml, outcome, student_entry))
+    for line in urls.get("verdict") or []:  # the report's answer: did the partial data help?
+        print(f"[bootdiff] {line}", flush=True)
     print(f"[bootdiff] report: {urls.get('html')}", flush=True)
     return urls
 

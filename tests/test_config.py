@@ -197,7 +197,7 @@ MISTAKES = [
 
 @pytest.mark.parametrize("path,override,key", MISTAKES, ids=[m[1] for m in MISTAKES])
 def test_each_mistake_fails_at_load_naming_key_and_command_line(path, override, key):
-    extra = ["views.low.kind=patch"] if override == "residual.fusion=split" else []
+    extra = ["views.low.kind=patch", "sweep.peers=[]"] if override == "residual.fusion=split" else []
     base = to_object(load_config(path, extra))  # the config without the mistake is valid
     assert base.views
     t = time.time()
@@ -238,7 +238,10 @@ def test_override_adds_a_view_only_with_a_kind():
     assert "'lwo'" in msg and "views.lwo.train.total_kimg=1" in msg and "patch, low" in msg
     with pytest.raises(ConfigError, match="unknown view 'ptach'"):
         load_config(QUICK, ["views.ptach={patch_size: 8}"])
-    cfg = load_config(QUICK, ["views.lwo.kind=downsample", "views.lwo.factor=4", "views.lwo.train.total_kimg=1"])
+    with pytest.raises(ConfigError, match=r"sweep.peers=\[ambient\].*the one peers.ambient.low_view"):
+        load_config(QUICK, ["views.lwo.kind=downsample", "views.lwo.factor=4"])  # two downsample views: which one?
+    cfg = load_config(QUICK, ["views.lwo.kind=downsample", "views.lwo.factor=4", "views.lwo.train.total_kimg=1",
+                              "peers.ambient.low_view=low"])
     assert set(cfg.views) == {"patch", "low", "lwo"} and cfg.views.lwo.kind == "downsample"
     assert cfg.views.lwo.train.total_kimg == 1
     cfg = load_config(QUICK, ["views.low.train.total_kimg=1"])  # an existing view: no kind needed

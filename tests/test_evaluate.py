@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from bootdiff.config import EvalConfig
 from bootdiff.evaluation.metrics import (fixed_noise, generalization_error, laplacian_pyramid, memorization_rate,
@@ -328,17 +329,21 @@ def test_features_config_checked_at_load(tmp_path, dinov2_dir, monkeypatch):
         load_config(QUICK, ["eval.features.kind=dinov2", f"eval.features.path={dinov2_dir}"])
 
 
-def test_full_res_budget_defaults_to_the_bootstrapped_models():
+def test_full_res_budget_defaults_to_the_bootstrapped_models(tmp_path):
     from bootdiff.config import full_res_budget, load_config, to_object
     from bootdiff.evaluation.evaluate import budgets
 
-    cfg = to_object(load_config(QUICK))
+    plain = yaml.safe_load(open(QUICK))
+    plain["full_res"]["train"]["total_kimg"] = "???"  # unset (the quickstart caps its early-stopped baseline)
+    (tmp_path / "unset.yaml").write_text(yaml.safe_dump(plain))
+    unset = str(tmp_path / "unset.yaml")
+    cfg = to_object(load_config(unset))
     views = sum(v.train.total_kimg for v in cfg.views.values())
     assert cfg.full_res.train.total_kimg == views + cfg.residual.train.total_kimg == full_res_budget(cfg)
     assert cfg.full_res.train.batch_size == 32  # the rest of the block is the config's
-    cfg = to_object(load_config(QUICK, ["views.patch.train.total_kimg=1", "residual.train.total_kimg=0.5"]))
+    cfg = to_object(load_config(unset, ["views.patch.train.total_kimg=1", "residual.train.total_kimg=0.5"]))
     assert cfg.full_res.train.total_kimg == 1 + cfg.views["low"].train.total_kimg + 0.5
-    cfg = to_object(load_config(QUICK, ["full_res.train.total_kimg=3"]))  # set explicitly: kept
+    cfg = to_object(load_config(unset, ["full_res.train.total_kimg=3", "full_res.train.patience=2"]))  # set: kept
     assert cfg.full_res.train.total_kimg == 3
     manifest = {"splits": {"full": {"count": 64, "shape": [1, 32, 32]}}}
     outcome = {"best": "r", "trials": [
@@ -351,5 +356,5 @@ def test_full_res_budget_defaults_to_the_bootstrapped_models():
     b = budgets(cfg, manifest, outcome)
     assert b == {"n_full": 64, "views": {n: v.train.total_kimg for n, v in cfg.views.items()},
                  "residual": cfg.residual.train.total_kimg, "bootstrapped": full_res_budget(cfg),
-                 "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5,
+                 "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5, "patience": 2,
                  "peers": {"ambient-sigma_tn1": 2.5}}

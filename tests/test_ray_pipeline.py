@@ -33,7 +33,12 @@ TINY = [
     "residual.train.report_every=2",  # reports between checkpoints carry no G
     "full_res.train.total_kimg=0.16", "full_res.train.checkpoint_every_kimg=0.08",
     "eval.max_samples=64", "eval.num_images=4", "eval.sampler.steps=6", "eval.num_sigma=6",
+    "sweep.peers=[]",  # the quickstart's Ambient peer: in the job-submitted pipeline only
 ]
+
+# The strongest baseline: the full-res baseline (and the peer, which trains like it) early-stopped on
+# validation G with patience 1, up to a cap with room for four checkpoints (steps 3, 5, 8, 10).
+PATIENT = ["full_res.train.patience=1", "full_res.train.total_kimg=0.32"]
 
 # The optional distillation stage (bootdiff.distill), on in the job-submitted pipeline only.
 DISTILL = [
@@ -105,7 +110,7 @@ def submitted(head, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("storage"))
     cmd = [RAY, "job", "submit", "--address", head["address"], "--working-dir", ".", "--",
            PY, "-m", "ray_jobs.pipeline", "--config", "configs/quickstart.yaml",
-           f"storage={storage}", "ray.inject_failure_step=3", "sweep.peers=[ambient]", *TINY, *DISTILL]
+           f"storage={storage}", "ray.inject_failure_step=3", *TINY, "sweep.peers=[ambient]", *DISTILL, *PATIENT]
     t0 = time.time()
     proc = _submit(cmd, head["env"], timeout=1800)
     return {"proc": proc, "storage": storage, "root": os.path.join(storage, "quickstart"),
@@ -167,16 +172,15 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
             resumed.setdefault(run, set()).add(int(step))
     assert resumed["view-patch"] == {4} and resumed["view-low"] == {4}, resumed
     # The full-res baseline runs the same Train worker, so it fails once too (checkpoint every
-    # 0.08 kimg / 32 per step: steps 3 and 5); residual trials inject nothing.
+    # 0.08 kimg / 32 per step: steps 3, 5, 8, 10); residual trials inject nothing.
     assert resumed.get("trial-full_res") == {3} and "trial-residual" not in resumed, resumed
     assert resumed.get("trial-ambient") == {3}, resumed  # a peer (sweep.peers) runs that worker too
 
-    # The 2×2 sweep plus both baselines finished; the best residual is a real trial.
+    # The quickstart's 2-setting sweep plus both baselines and the peer finished; the best residual is a real trial.
     sweep = json.load(open(os.path.join(root, "sweep", "sweep.json")))
     kinds = [t["kind"] for t in sweep["trials"]]
-    assert kinds.count("residual") == 4 and "combined" in kinds and "full_res" in kinds and "ambient" in kinds
-    assert {(t["mu_var"], t["mu_l1"]) for t in sweep["trials"] if t["kind"] == "residual"} == \
-        {(0.0, 0.0), (0.0, 0.01), (1.0, 0.0), (1.0, 0.01)}
+    assert kinds.count("residual") == 2 and "combined" in kinds and "full_res" in kinds and "ambient" in kinds
+    assert {(t["mu_var"], t["mu_l1"]) for t in sweep["trials"] if t["kind"] == "residual"} == {(0.0, 0.0), (1.0, 0.0)}
     best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
     assert best["kind"] == "residual" and best["test_G"] > 0
     assert all(t["test_G"] > 0 and t["val_G"] > 0 for t in sweep["trials"])
@@ -224,6 +228,24 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
         assert os.path.isdir(t["checkpoint"]), t
     assert "<h2>Training curves</h2>" in html and "report_files/training_G.png" in open(
         os.path.join(rep, "report.md")).read()
+    # The report's answer comes first and stands on the early-stopped baseline: stopped by patience 1
+    # (its last checkpoint no better than its best before it; a resume counts patience afresh from
+    # the resumed checkpoint, docs/RAY.md), or at its cap, "still improving" when the cap was its best.
+    from bootdiff.evaluation.plots import _fmt
+
+    fr = next(t for t in sweep["trials"] if t["kind"] == "full_res")
+    vals = tb["trial-full_res"]["val_G"]["value"]
+    said = [line for line in open(os.path.join(rep, "report.md")).read().splitlines() if line.startswith("- ")][1]
+    assert said.startswith("- At N = 16 full-res samples the partial data "), said
+    assert "[bootdiff] " + said[2:] in out  # the answer on the console too, before the report's path
+    assert json.load(open(os.path.join(rep, "summary.json")))["verdict"][0] == said[2:]
+    if fr["status"] == "stopped_early":
+        assert len(vals) >= 3 and vals[-1] >= min(vals[:-1]) and fr["kimg"] < 0.32, (fr, vals)
+        assert f"had not improved for 1 checkpoint, at {_fmt(fr['kimg'])} of its 0.32-kimg cap" in said, said
+    else:
+        assert fr["status"] == "complete" and fr["kimg"] >= 0.32, fr
+        capped = fr["chosen_kimg"] >= fr["kimg"] - 1e-6
+        assert ("reached its 0.32-kimg cap still improving" in said) == capped, (fr, said)
 
     # Exported models load with plain diffusers, and the bootstrapped model with bootdiff.
     from diffusers import UNet2DModel

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from bootdiff.evaluation import report
+from bootdiff.evaluation.summary import verdict
 
 CHROMIUM = "/usr/bin/chromium"
 SIGMA = np.geomspace(0.002, 80.0, 8)
@@ -282,8 +283,13 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
         assert esc("Training budgets: the bootstrapped model stands on 14 kimg (view models patch 6 + low 6, "
                    "residual 2); the full-res-only baseline trained 14 kimg on the 64 full-res samples — the "
                    "same budget.") in doc
-        assert esc("At N = 64 full-res samples and equal budgets (14 kimg each), the partial data helped: test G "
-                   "0.1875 bootstrapped vs 0.25 full-res only (25.0% lower).") in doc
+    # the answer is the summary's first sentence after the trial count, and the first card
+    first = [line for line in md.splitlines() if line.startswith("- ")][1]
+    assert first == ("- At N = 64 full-res samples the partial data helped: the bootstrapped model res_00001, the "
+                     "model trained on it with the lowest validation G, reaches test G 0.1875 against 0.25 for the "
+                     "full-res-only baseline (25.0% lower). The full-res-only baseline trained the bootstrapped "
+                     "model's budget (14 kimg), taken at its validation minimum (10 kimg)."), first
+    assert text.index("partial data at N = 64") < text.index("best trial")
     assert "FD" not in report.figure1_table(quality)[0]
     labelled = {k: dict(v, classifier_fd=1.5 + i, confident_share=0.25 * i) for i, (k, v) in enumerate(quality.items())}
     from bootdiff.evaluation.quality import _model as _model_label
@@ -295,24 +301,78 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
                                                        labelled["bootstrapped"]["confident_share"])
     assert re.search(r"<h3>Figure 1 as numbers[^<]*</h3><div class=\"tbl\"><table>", text)
 
-    # unequal budgets: stated, and no verdict on the partial data
+    # unequal budgets without early stopping: stated, and no verdict on the partial data
     lines = report.budget_lines(_budget(2.0), trials, trials[0])
     assert "trained 2 kimg on the 64 full-res samples — 0.14× the bootstrapped model's, unequal budgets." in lines[0]
-    assert lines[1].startswith("At N = 64 the budgets differ (14 vs 2 kimg), so this run cannot say whether the "
-                               "partial data helped: test G 0.1875 bootstrapped vs 0.25 full-res only")
+    short = [dict(t, kimg=2.0, chosen_kimg=2.0) if t["kind"] == "full_res" else t for t in trials]
+    said, card = verdict(_budget(2.0), short, trials[0])
+    assert said == ["The full-res-only baseline trained 2 kimg against the bootstrapped model's 14 without early "
+                    "stopping, so this run cannot say whether the partial data helped; set full_res.train.patience "
+                    "for the strongest baseline, or leave full_res.train.total_kimg unset for equal budgets."]
+    assert card[1] == "cannot say"
     trials[-1]["test_G"] = 0.15  # at equal budgets and a better baseline: it did not help
-    assert "the partial data did not help: test G 0.1875 bootstrapped vs 0.15 full-res only (25.0% higher)." \
-        in report.budget_lines(_budget(14.0), trials, trials[0])[1]
+    said, card = verdict(_budget(14.0), trials, trials[0])
+    assert said[0].startswith("At N = 64 full-res samples the partial data did not help: the bootstrapped model "
+                              "res_00001, the model trained on it with the lowest validation G, reaches test G 0.1875 "
+                              "against 0.15 for the full-res-only baseline (25.0% higher).") and card[1] == "did not help"
     # a run ends on the whole batch that reaches its budget: 14.016 of 14 kimg is still equal
     overshoot = report.budget_lines({**_budget(14.0), "full_res_trained": 14.016}, trials, trials[0])
     assert overshoot[0].endswith("— the same budget.") and "planned" not in overshoot[0]
-    assert "equal budgets (14 kimg each), the partial data did not help" in overshoot[1]
-    no_base = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[1]
-    assert no_base == "Whether the partial data helped at N = 64 cannot be said: no full-res-only baseline with a " \
-                      "finite test G."
+    over = [dict(t, kimg=14.016) if t["kind"] == "full_res" else t for t in trials]
+    assert "trained the bootstrapped model's budget (14 kimg)" in verdict(_budget(14.0), over, trials[0])[0][0]
+    no_base = verdict(_budget(14.0), trials[:-1], trials[0])[0]
+    assert no_base == ["Whether the partial data helped at N = 64 cannot be said: no full-res-only baseline with a "
+                       "finite test G (sweep.baseline_full_res)."]
     assert w["html"].endswith("report.html")
     no_run = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[0]
     assert "the full-res-only baseline (not in this sweep: sweep.baseline_full_res) would train 14 kimg" in no_run
+
+
+def test_the_verdict_stands_on_the_strongest_baseline_early_stopped_with_patience():
+    """With patience the baseline's budget is a cap: the verdict is said whether it stopped there or
+    early, and it names a capped baseline that was still improving; the model it names is the
+    recommended one when that is not the baseline, with the bootstrapped model beside it, and the
+    labelled-source metrics when both have them."""
+    trials = _inputs()[0]
+    b = {**_budget(34.0, n=16), "patience": 3}
+    base = trials[-1]
+    base.update(test_G=0.25, kimg=12.0, chosen_kimg=6.0, status="stopped_early", classifier_fd=120.0,
+                confident_share=0.3)
+    said, card = verdict(b, trials, trials[0])
+    assert said[0].endswith("The full-res-only baseline stopped when its validation G had not improved for 3 "
+                            "checkpoints, at 12 of its 34-kimg cap, taken at its validation minimum (6 kimg)."), said
+    assert "partial data helped" in said[0] and len(said) == 1 and card == (
+        "partial data at N = 16", "helped", "res_00001: test G 25.0% lower than full-res only")
+    # at its cap with its last checkpoint its best: the baseline might do better, and the report says so
+    base.update(kimg=34.016, chosen_kimg=34.016, status="complete")
+    said, _ = verdict(b, trials, trials[0])
+    assert said[0].endswith("The full-res-only baseline reached its 34-kimg cap still improving (its last checkpoint "
+                            "was its best): a longer cap (full_res.train.total_kimg) could lower its G, so the "
+                            "comparison may favour the partial data."), said
+    base.update(chosen_kimg=20.0)
+    assert verdict(b, trials, trials[0])[0][0].endswith("trained to its 34-kimg cap, taken at its validation minimum "
+                                                        "(20 kimg).")
+    # a peer recommended: it is the answer, the bootstrapped model beside it; classifier metrics when both have them
+    peer = {"trial_id": "ambient-sigma_tn0.5", "kind": "ambient", "val_G": 0.15, "test_G": 0.2, "train_G": 0.1,
+            "kimg": 34.0, "chosen_kimg": 30.0, "status": "complete", "checkpoint": "s3://b/amb",
+            "classifier_fd": 90.0, "confident_share": 0.45}
+    said, card = verdict(b, trials + [peer], trials[0], rec=peer)
+    assert said[0].startswith("At N = 16 full-res samples the partial data helped: the Ambient Omni peer "
+                              "ambient-sigma_tn0.5, the model trained on it with the lowest validation G, reaches test "
+                              "G 0.2 against 0.25 for the full-res-only baseline (20.0% lower); classifier FD 90 vs "
+                              "120, confidently classified 45% vs 30% of the samples."), said
+    assert said[1] == ("The bootstrapped model itself (best residual trial res_00001) reaches test G 0.1875 against "
+                       "0.25 for the full-res-only baseline (25.0% lower).")
+    # the baseline recommended: the answer is the best other model on validation, and it did not help
+    base.update(val_G=0.1, test_G=0.15)
+    said, card = verdict(b, trials + [peer], trials[0], rec=base)
+    assert said[0].startswith("At N = 16 full-res samples the partial data did not help: the Ambient Omni peer") \
+        and card[1] == "did not help"
+    lines = report.budget_lines({**b, "peers": {"ambient-sigma_tn0.5": 34.0}}, trials, trials[0])
+    assert lines[0].endswith("on the 16 full-res samples — early-stopped on validation G (patience 3 checkpoints), "
+                             "so its budget is a cap (2.4× the bootstrapped model's), not a match."), lines
+    assert lines[1].startswith("The peers train with the full-res baseline's network, budget cap (34 kimg) and "
+                               "patience on the same")
 
 
 def test_report_recommends_the_lowest_validation_G_a_peer_included(tmp_path):

@@ -324,8 +324,10 @@ def peers_available(cfg) -> List[str]:
     return [n for n in PEER_NAMES if ok[n]]
 
 
-PEER_NEEDS = {"ambient": "a downsample view and a patch view", "finetune": "a downsample view",
-              "patchdiff": "a patch view on image (not video) data"}
+PEER_NEEDS = {"ambient": "a downsample view and a patch view (of several of a kind, the one peers.ambient.low_view / "
+                         "crop_view names)",
+              "finetune": "a downsample view (of several, the one peers.finetune.low_view names)",
+              "patchdiff": "a patch view on image (not video) data (of several, the one peers.patchdiff.patch_view names)"}
 
 
 def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:

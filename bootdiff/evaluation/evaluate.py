@@ -52,7 +52,8 @@ def sample_images(cfg, D, shape, seed: int) -> torch.Tensor:
 def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = None) -> dict:
     """Everything the report shows, from a sweep's ``outcome`` (``sweep.json``: ``trials`` rows
     and the ``best`` trial id); writes the report, ``summary.json`` and the exported models and
-    returns the report's URLs (`bootdiff.evaluation.report.write_report`).
+    returns the report's URLs (`bootdiff.evaluation.report.write_report`) with ``verdict``: the
+    report's answer, whether the partial data helped (`bootdiff.evaluation.summary.verdict`).
 
     ``student(cfg, models, shape)``, when given, returns (a distilled student to score beside the
     others, or None; its sampling-step cost against the teacher's, or None): the pipeline passes
@@ -146,6 +147,11 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
                "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},
                "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}}
+    from bootdiff.evaluation.summary import verdict
+
+    rows = {t["trial_id"]: t for t in trials}  # the report's answer, for the console too
+    summary["verdict"] = urls["verdict"] = verdict(budget, trials, rows.get(outcome.get("best")),
+                                                   rows.get(outcome.get("recommended")))[0]
     if worth:
         summary["benchmark_worth"] = worth
     if step_cost:
@@ -303,8 +309,9 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
     """The training budgets (kimg) the report states side by side: each view model's and the
     residual's (the bootstrapped model stands on their sum) and the full-res baseline's, as
     configured and as the sweep's rows (``outcome``: ``sweep.json``) say they trained
-    (``*_trained``: None when unknown), and what each peer the report scores trained (``peers``:
-    {trial id: kimg}; their cap is the full-res baseline's)."""
+    (``*_trained``: None when unknown), the baseline's (and peers') early-stopping patience
+    (``patience``, checkpoints; 0: none, then its budget is not a cap), and what each peer the report
+    scores trained (``peers``: {trial id: kimg}; their cap is the full-res baseline's)."""
     rows = {r["trial_id"]: r for r in outcome["trials"]}
     full = next((r for r in outcome["trials"] if r["kind"] == "full_res"), None)
     views = {n: float(v.train.total_kimg) for n, v in cfg.views.items()}
@@ -312,5 +319,6 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
             "residual": float(cfg.residual.train.total_kimg),
             "bootstrapped": float(sum(views.values()) + cfg.residual.train.total_kimg),
             "full_res": float(cfg.full_res.train.total_kimg), "full_res_trained": _kimg(full),
+            "patience": int(cfg.full_res.train.patience),
             "residual_trained": _kimg(rows.get(outcome.get("best"))),
             "peers": {r["trial_id"]: _kimg(r) for r in best_peers(outcome["trials"])}}

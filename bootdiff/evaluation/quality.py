@@ -1,9 +1,9 @@
 """The sweep report's reading of sample quality and budgets (docs/METHOD.md §8): Figure 1 of the
 paper as numbers — the sliced Wasserstein distance of each model's samples to the test split per
 pyramid level (low-res only, patches only, combined, bootstrapped, full-res only), FD beside it when
-measured — with the sentence that reads it, and the two summary sentences on training budgets:
-both budgets side by side, and whether the partial data helped at this N (said only at equal
-budgets). Pure data in, tables ``(columns, rows)`` and text out; `bootdiff.evaluation.report` lays them out.
+measured — with the sentence that reads it, and the summary's sentences on training budgets
+(the bootstrapped model's, the full-res baseline's and the peers' side by side; whether the partial
+data helped is `bootdiff.evaluation.summary.verdict`'s). Pure data in, tables ``(columns, rows)`` and text out; `bootdiff.evaluation.report` lays them out.
 """
 
 from __future__ import annotations
@@ -105,41 +105,32 @@ def figure1_sentence(quality) -> str:
 
 
 def budget_lines(budget, trials, best=None) -> list:
-    """Two sentences: the training budgets of the bootstrapped model and of the full-res baseline
-    side by side (kimg; ``budget`` as `bootdiff.evaluation.evaluate.budgets` returns it), and whether the
-    partial data helped at this N, with the test G of both — said only at equal budgets."""
+    """The training budgets of the bootstrapped model and of the full-res baseline side by side
+    (kimg; ``budget`` as `bootdiff.evaluation.evaluate.budgets` returns it) — with patience the
+    baseline's budget is a cap and the sentence says so — and, with peers, theirs."""
     b, n = budget, budget["n_full"]
     boot = b["bootstrapped"]
     full = b["full_res_trained"] if b.get("full_res_trained") is not None else b["full_res"]
     views = " + ".join(f"{k} {_fmt(v)}" for k, v in b["views"].items())
+    pat = int(b.get("patience") or 0)
     # equal within 1 %: a run stops on the whole batch that reaches its kimg (14.016 of 14 at batch 32)
     equal = abs(boot - full) <= 0.01 * max(boot, full, 1e-9)
-    planned = f" (of {_fmt(b['full_res'])} planned)" if abs(full - b["full_res"]) > 0.01 * b["full_res"] else ""
+    planned = (f" (of {_fmt(b['full_res'])} {'kimg cap' if pat else 'planned'})"
+               if abs(full - b["full_res"]) > 0.01 * b["full_res"] else "")
     ran = any(t["kind"] == "full_res" for t in trials)
+    if pat:
+        tail = (f" — early-stopped on validation G (patience {pat} checkpoints), so its budget is a cap "
+                f"({b['full_res'] / boot:.2g}× the bootstrapped model's), not a match.")
+    else:
+        tail = " — the same budget." if equal else f" — {full / boot:.2g}× the bootstrapped model's, unequal budgets."
     lines = [f"Training budgets: the bootstrapped model stands on {_fmt(boot)} kimg (view models {views}, "
              f"residual {_fmt(b['residual'])}); the full-res-only baseline "
              + (f"trained {_fmt(full)} kimg{planned}" if ran else
                 f"(not in this sweep: sweep.baseline_full_res) would train {_fmt(full)} kimg")
-             + f" on the {n} full-res samples — " + ("the same budget." if equal else
-                                                    f"{full / boot:.2g}× the bootstrapped model's, unequal budgets.")]
+             + f" on the {n} full-res samples" + tail]
     if b.get("peers"):
-        lines.append("The peers train with the full-res baseline's network and budget cap "
-                     f"({_fmt(b['full_res'])} kimg) on the same full-res samples and partial views: "
-                     + ", ".join(f"{k} trained {_fmt(v)} kimg" for k, v in b["peers"].items() if v is not None) + ".")
-    fr = next((t for t in trials if t["kind"] == "full_res" and math.isfinite(_num(t["test_G"]))), None)
-    bt = best if best is not None and best["kind"] == "residual" and math.isfinite(_num(best["test_G"])) else None
-    if fr is None or bt is None:
-        lines.append(f"Whether the partial data helped at N = {n} cannot be said: no "
-                     f"{'full-res-only baseline' if fr is None else 'bootstrapped (residual) trial'} with a finite "
-                     f"test G.")
-        return lines
-    gb, gf = _num(bt["test_G"]), _num(fr["test_G"])
-    numbers = f"test G {_fmt(gb)} bootstrapped vs {_fmt(gf)} full-res only ({_change(gb, gf)})"
-    if equal:
-        lines.append(f"At N = {n} full-res samples and equal budgets ({_fmt(boot)} kimg each), the partial data "
-                     f"{'helped' if gb < gf else 'did not help'}: {numbers}.")
-    else:
-        lines.append(f"At N = {n} the budgets differ ({_fmt(boot)} vs {_fmt(full)} kimg), so this run cannot say "
-                     f"whether the partial data helped: {numbers}; leave full_res.train.total_kimg unset "
-                     f"for equal budgets.")
+        lines.append("The peers train with the full-res baseline's network, budget cap "
+                     f"({_fmt(b['full_res'])} kimg){' and patience' if pat else ''} on the same full-res samples "
+                     "and partial views: " + ", ".join(f"{k} trained {_fmt(v)} kimg"
+                                                       for k, v in b["peers"].items() if v is not None) + ".")
     return lines

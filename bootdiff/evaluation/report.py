@@ -367,9 +367,7 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
 
     gap_at = cols.index("train_G") + 1
     table_cols = cols[:gap_at] + ["gap"] + cols[gap_at:]
-    summary_rows, lines, cards = summarize(trials, best, rec)
-    if worth_line(worth):
-        lines.insert(2 if rec is not None else 1, worth_line(worth))
+    summary_rows, lines, cards = summarize(trials, best, rec, budget, worth_line(worth))
     if budget:
         lines += budget_lines(budget, trials, best)
         cards.append(("budgets (kimg)", f"{_fmt(budget['bootstrapped'])} vs {_fmt(budget['full_res'])}",

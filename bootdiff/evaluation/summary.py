@@ -1,8 +1,10 @@
 """The report's summary: which model to use and how each model did, as table rows, sentences and
 cards — the same numbers in each.
 
-The recommended model (`bootdiff.sweep.recommend`: the lowest validation G of every model, each at
-its own validation minimum) is said first, then the best bootstrapped trial (docs/METHOD.md §6:
+Whether the partial data helped at this N comes first (`verdict`: the model trained on it that the
+sweep stands behind against the strongest full-res-only baseline), then the recommended model
+(`bootdiff.sweep.recommend`: the lowest validation G of every model, each at its own validation
+minimum), then the best bootstrapped trial (docs/METHOD.md §6:
 chosen on validation G, never on test) with its train–test gap, then every baseline and peer
 against it. Pure data in, text out; `bootdiff.evaluation.report` lays it out.
 """
@@ -62,11 +64,95 @@ def _recommendation(trials, best, rec):
     return [line], [("recommended model", rec["trial_id"], f"validation G {_fmt(v)}, test G {_fmt(g)}")]
 
 
-def summarize(trials, best, rec=None):
+def _baseline_stop(fr, b) -> tuple:
+    """(how the full-res baseline ended, whether it is the strongest baseline this run can give):
+    with patience (``full_res.train.patience``) it is, taken at its validation minimum — stopped
+    by patience, or at its cap (then said "still improving" when its last checkpoint was its best:
+    a longer cap could lower its G); without patience only at the bootstrapped model's budget."""
+    pat, cap = int(b.get("patience") or 0), _num(b["full_res"])
+    ran, at = _num(fr.get("kimg")), _num(fr.get("chosen_kimg"))
+    taken = f"taken at its validation minimum ({_fmt(at)} kimg)"
+    if pat > 0:
+        if fr.get("status") == "stopped_early":
+            return (f"The full-res-only baseline stopped when its validation G had not improved for {pat} "
+                    f"checkpoint{'s' if pat > 1 else ''}, at {_fmt(ran)} of its {_fmt(cap)}-kimg cap, {taken}."), True
+        if math.isfinite(at) and math.isfinite(ran) and at >= ran - 1e-6:
+            return (f"The full-res-only baseline reached its {_fmt(cap)}-kimg cap still improving (its last "
+                    f"checkpoint was its best): a longer cap (full_res.train.total_kimg) could lower its G, so "
+                    f"the comparison may favour the partial data."), True
+        return f"The full-res-only baseline trained to its {_fmt(cap)}-kimg cap, {taken}.", True
+    equal = abs(b["bootstrapped"] - ran) <= 0.01 * max(b["bootstrapped"], ran, 1e-9)
+    if equal:
+        return (f"The full-res-only baseline trained the bootstrapped model's budget ({_fmt(b['bootstrapped'])} "
+                f"kimg), {taken}."), True
+    return (f"The full-res-only baseline trained {_fmt(ran)} kimg against the bootstrapped model's "
+            f"{_fmt(b['bootstrapped'])} without early stopping, so this run cannot say whether the partial "
+            f"data helped; set full_res.train.patience for the strongest baseline, or leave "
+            f"full_res.train.total_kimg unset for equal budgets."), False
+
+
+def _vs(t, fr) -> str:
+    """Test G of ``t`` against the baseline's, then the labelled-source metrics when both have them."""
+    g, gf = _num(t["test_G"]), _num(fr["test_G"])
+    out = f"test G {_fmt(g)} against {_fmt(gf)} for the full-res-only baseline ({_change(g, gf)})"
+    if math.isfinite(_num(t.get("classifier_fd"))) and math.isfinite(_num(fr.get("classifier_fd"))):
+        out += (f"; classifier FD {_fmt(_num(t['classifier_fd']))} vs {_fmt(_num(fr['classifier_fd']))}, "
+                f"confidently classified {_num(t.get('confident_share')) * 100:.0f}% vs "
+                f"{_num(fr.get('confident_share')) * 100:.0f}% of the samples")
+    return out
+
+
+def verdict(budget, trials, best=None, rec=None) -> tuple:
+    """The report's answer, said first: did the partial data help at this N, and by how much?
+    ``(sentences, card)``. The model trained on it that the sweep stands behind — the recommended
+    model (`bootdiff.sweep.recommend`) when it is not the full-res baseline, else the lowest
+    validation G of every other kind — against the full-res-only baseline at its validation
+    minimum, by test G and, for labelled sources, the classifier FD and confidently classified
+    share; the best bootstrapped trial's own result beside it when that model is a peer or the
+    combined denoiser. Fair only against the strongest baseline (`_baseline_stop`), else it says
+    why it cannot answer. Neither choice reads the test split."""
+    n = budget["n_full"]
+    fr = next((t for t in trials if t["kind"] == "full_res" and math.isfinite(_num(t["test_G"]))), None)
+    cands = [t for t in trials if t["kind"] != "full_res" and math.isfinite(_num(t.get("val_G")))
+             and math.isfinite(_num(t["test_G"])) and (t.get("checkpoint") or t["kind"] == "combined")]
+    pd = rec if rec is not None and rec["kind"] != "full_res" and rec in cands else \
+        min(cands, key=lambda t: _num(t["val_G"]), default=None)
+    if fr is None or pd is None:
+        why = ("no full-res-only baseline with a finite test G (sweep.baseline_full_res)" if fr is None else
+               "no model trained on the partial data with a finite validation and test G")
+        return [f"Whether the partial data helped at N = {n} cannot be said: {why}."], \
+            (f"partial data at N = {n}", "cannot say", why)
+    stop, fair = _baseline_stop(fr, budget)
+    g, gf = _num(pd["test_G"]), _num(fr["test_G"])
+    kind = KIND_NAME.get(pd["kind"], pd["kind"])
+    if not fair:
+        return [stop], (f"partial data at N = {n}", "cannot say", "baseline neither early-stopped nor at equal budget")
+    helped = g < gf
+    lines = [f"At N = {n} full-res samples the partial data {'helped' if helped else 'did not help'}: "
+             f"the {kind} {pd['trial_id']}, the model trained on it with the lowest validation G, reaches "
+             f"{_vs(pd, fr)}. {stop}"]
+    bt = best if best is not None and best["kind"] == "residual" and best is not pd else None
+    if bt is not None and math.isfinite(_num(bt["test_G"])):
+        lines.append(f"The bootstrapped model itself (best residual trial {bt['trial_id']}) reaches {_vs(bt, fr)}.")
+    return lines, (f"partial data at N = {n}", "helped" if helped else "did not help",
+                   f"{pd['trial_id']}: test G {_change(g, gf)} than full-res only")
+
+
+KIND_NAME = {"residual": "bootstrapped model", "combined": "combined denoiser", "ambient": "Ambient Omni peer",
+             "finetune": "pre-train + fine-tune peer", "patchdiff": "Patch Diffusion peer"}
+
+
+def summarize(trials, best, rec=None, budget=None, worth=None):
     """The summary: table rows (best, then baselines), headline sentences and the page's cards
-    ``(label, value, note)`` — the same numbers in each; ``rec``: the recommended model's row,
-    said first."""
+    ``(label, value, note)`` — the same numbers in each. With ``budget``
+    (`bootdiff.evaluation.evaluate.budgets`) the answer comes first: whether the partial data
+    helped (`verdict`); then ``rec``, the recommended model's row, and ``worth`` (a sentence:
+    `bootdiff.evaluation.worth.worth_line`)."""
     rec_lines, cards = _recommendation(trials, best, rec)
+    rec_lines += [worth] if worth else []
+    if budget is not None:
+        said, card = verdict(budget, trials, best, rec)
+        rec_lines, cards = said + rec_lines, [card] + cards
     rows = []
     bg, btr = (_num(best["test_G"]), _num(best["train_G"])) if best else (math.nan, math.nan)
     n_ok, n_res = sum(_ok(t) for t in trials), sum(t["kind"] == "residual" for t in trials)
