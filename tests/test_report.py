@@ -302,7 +302,7 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     assert re.search(r"<h3>Figure 1 as numbers[^<]*</h3><div class=\"tbl\"><table>", text)
 
     # unequal budgets without early stopping: stated, and no verdict on the partial data
-    lines = report.budget_lines(_budget(2.0), trials, trials[0])
+    lines = report.budget_lines(_budget(2.0), trials)
     assert "trained 2 kimg on the 64 full-res samples — 0.14× the bootstrapped model's, unequal budgets." in lines[0]
     short = [dict(t, kimg=2.0, chosen_kimg=2.0) if t["kind"] == "full_res" else t for t in trials]
     said, card = verdict(_budget(2.0), short, trials[0])
@@ -316,7 +316,7 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
                               "res_00001, the model trained on it with the lowest validation G, reaches test G 0.1875 "
                               "against 0.15 for the full-res-only baseline (25.0% higher).") and card[1] == "did not help"
     # a run ends on the whole batch that reaches its budget: 14.016 of 14 kimg is still equal
-    overshoot = report.budget_lines({**_budget(14.0), "full_res_trained": 14.016}, trials, trials[0])
+    overshoot = report.budget_lines({**_budget(14.0), "full_res_trained": 14.016}, trials)
     assert overshoot[0].endswith("— the same budget.") and "planned" not in overshoot[0]
     over = [dict(t, kimg=14.016) if t["kind"] == "full_res" else t for t in trials]
     assert "trained the bootstrapped model's budget (14 kimg)" in verdict(_budget(14.0), over, trials[0])[0][0]
@@ -324,7 +324,7 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     assert no_base == ["Whether the partial data helped at N = 64 cannot be said: no full-res-only baseline with a "
                        "finite test G (sweep.baseline_full_res)."]
     assert w["html"].endswith("report.html")
-    no_run = report.budget_lines(_budget(14.0), trials[:-1], trials[0])[0]
+    no_run = report.budget_lines(_budget(14.0), trials[:-1])[0]
     assert "the full-res-only baseline (not in this sweep: sweep.baseline_full_res) would train 14 kimg" in no_run
 
 
@@ -368,7 +368,7 @@ def test_the_verdict_stands_on_the_strongest_baseline_early_stopped_with_patienc
     said, card = verdict(b, trials + [peer], trials[0], rec=base)
     assert said[0].startswith("At N = 16 full-res samples the partial data did not help: the Ambient Omni peer") \
         and card[1] == "did not help"
-    lines = report.budget_lines({**b, "peers": {"ambient-sigma_tn0.5": 34.0}}, trials, trials[0])
+    lines = report.budget_lines({**b, "peers": {"ambient-sigma_tn0.5": 34.0}}, trials)
     assert lines[0].endswith("on the 16 full-res samples — early-stopped on validation G (patience 3 checkpoints), "
                              "so its budget is a cap (2.4× the bootstrapped model's), not a match."), lines
     assert lines[1].startswith("The peers train with the full-res baseline's network, budget cap (34 kimg) and "

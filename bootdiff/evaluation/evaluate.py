@@ -147,11 +147,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
                "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},
                "total_G": {k: {"test": sum(v["test_mean"]) / len(v["test_mean"]),
                                "train": sum(v["train_mean"]) / len(v["train_mean"])} for k, v in curves.items()}}
-    from bootdiff.evaluation.summary import verdict
-
-    rows = {t["trial_id"]: t for t in trials}  # the report's answer, for the console too
-    summary["verdict"] = urls["verdict"] = verdict(budget, trials, rows.get(outcome.get("best")),
-                                                   rows.get(outcome.get("recommended")))[0]
+    summary["verdict"] = urls["verdict"]  # the report's answer, for the console too
     if worth:
         summary["benchmark_worth"] = worth
     if step_cost:

@@ -104,7 +104,7 @@ def figure1_sentence(quality) -> str:
     return text[0].upper() + text[1:]
 
 
-def budget_lines(budget, trials, best=None) -> list:
+def budget_lines(budget, trials) -> list:
     """The training budgets of the bootstrapped model and of the full-res baseline side by side
     (kimg; ``budget`` as `bootdiff.evaluation.evaluate.budgets` returns it) — with patience the
     baseline's budget is a cap and the sentence says so — and, with peers, theirs."""

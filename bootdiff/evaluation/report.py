@@ -26,7 +26,7 @@ from PIL import Image
 from bootdiff.evaluation.plots import (OK_STATUS, _fmt, _png, grid_scale, image_grid, plot_curves,
                                    plot_heatmap, sample_grid, to_uint8_images, training_figures, video_animation)
 from bootdiff.evaluation.quality import budget_lines, figure1_sentence, figure1_table
-from bootdiff.evaluation.summary import KIND_LABEL, summarize
+from bootdiff.evaluation.summary import KIND_LABEL, summarize, verdict
 from bootdiff.evaluation.worth import worth_line
 from bootdiff.sweep import KINDS, recommend, select_best
 from bootdiff.sweep import num as _num
@@ -332,7 +332,8 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
                  budget=None, training=None, recommended=None, worth=None) -> dict:
     """Write ``report.html`` (self-contained), ``report.md`` (+ ``report_files/*.png``, ``*.gif``) and
     ``trials.csv`` into the folder ``out_url``; returns their URLs (``html``, ``markdown``,
-    ``csv``, ``images``: {file name: URL}).
+    ``csv``, ``images``: {file name: URL}) and ``verdict``: the summary's answer sentences
+    (`bootdiff.evaluation.summary.verdict`; empty without ``budget``).
 
     ``trials``: dicts with at least `REQUIRED` keys (kind in `KINDS`; baselines have None μ's);
     any other keys are extra CSV/table columns. ``curves``: {model: {"sigma", "test_mean",
@@ -367,9 +368,11 @@ def write_report(out_url, trials, curves, samples, config_yaml, manifest, best_t
 
     gap_at = cols.index("train_G") + 1
     table_cols = cols[:gap_at] + ["gap"] + cols[gap_at:]
-    summary_rows, lines, cards = summarize(trials, best, rec, budget, worth_line(worth))
+    answer = verdict(budget, trials, best, rec) if budget else None
+    summary_rows, lines, cards = summarize(trials, best, rec, answer, worth_line(worth))
+    written["verdict"] = answer[0] if answer else []  # the report's answer, for the console too
     if budget:
-        lines += budget_lines(budget, trials, best)
+        lines += budget_lines(budget, trials)
         cards.append(("budgets (kimg)", f"{_fmt(budget['bootstrapped'])} vs {_fmt(budget['full_res'])}",
                       "bootstrapped (views + residual) vs full-res only"))
     sum_cols = list(summary_rows[0]) if summary_rows else ["model"]

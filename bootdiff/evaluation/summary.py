@@ -22,6 +22,11 @@ KIND_LABEL = {"residual": "bootstrapped (residual)", "combined": "combined denoi
               "finetune": "pre-train + fine-tune peer (baseline)", "patchdiff": "Patch Diffusion peer (baseline)"}
 
 
+# each kind by name, in a sentence (the verdict's)
+KIND_NAME = {"residual": "bootstrapped model", "combined": "combined denoiser", "ambient": "Ambient Omni peer",
+             "finetune": "pre-train + fine-tune peer", "patchdiff": "Patch Diffusion peer"}
+
+
 def _settings(t) -> str:
     if t["kind"] != "residual":
         setting = t.get("setting") or {}
@@ -123,10 +128,9 @@ def verdict(budget, trials, best=None, rec=None) -> tuple:
         return [f"Whether the partial data helped at N = {n} cannot be said: {why}."], \
             (f"partial data at N = {n}", "cannot say", why)
     stop, fair = _baseline_stop(fr, budget)
-    g, gf = _num(pd["test_G"]), _num(fr["test_G"])
-    kind = KIND_NAME.get(pd["kind"], pd["kind"])
     if not fair:
         return [stop], (f"partial data at N = {n}", "cannot say", "baseline neither early-stopped nor at equal budget")
+    g, gf, kind = _num(pd["test_G"]), _num(fr["test_G"]), KIND_NAME.get(pd["kind"], pd["kind"])
     helped = g < gf
     lines = [f"At N = {n} full-res samples the partial data {'helped' if helped else 'did not help'}: "
              f"the {kind} {pd['trial_id']}, the model trained on it with the lowest validation G, reaches "
@@ -138,21 +142,15 @@ def verdict(budget, trials, best=None, rec=None) -> tuple:
                    f"{pd['trial_id']}: test G {_change(g, gf)} than full-res only")
 
 
-KIND_NAME = {"residual": "bootstrapped model", "combined": "combined denoiser", "ambient": "Ambient Omni peer",
-             "finetune": "pre-train + fine-tune peer", "patchdiff": "Patch Diffusion peer"}
-
-
-def summarize(trials, best, rec=None, budget=None, worth=None):
+def summarize(trials, best, rec=None, answer=None, worth=None):
     """The summary: table rows (best, then baselines), headline sentences and the page's cards
-    ``(label, value, note)`` — the same numbers in each. With ``budget``
-    (`bootdiff.evaluation.evaluate.budgets`) the answer comes first: whether the partial data
-    helped (`verdict`); then ``rec``, the recommended model's row, and ``worth`` (a sentence:
-    `bootdiff.evaluation.worth.worth_line`)."""
+    ``(label, value, note)`` — the same numbers in each. ``answer`` (`verdict`'s ``(sentences,
+    card)``: whether the partial data helped) comes first; then ``rec``, the recommended model's
+    row, and ``worth`` (a sentence: `bootdiff.evaluation.worth.worth_line`)."""
     rec_lines, cards = _recommendation(trials, best, rec)
     rec_lines += [worth] if worth else []
-    if budget is not None:
-        said, card = verdict(budget, trials, best, rec)
-        rec_lines, cards = said + rec_lines, [card] + cards
+    if answer is not None:
+        rec_lines, cards = answer[0] + rec_lines, [answer[1]] + cards
     rows = []
     bg, btr = (_num(best["test_G"]), _num(best["train_G"])) if best else (math.nan, math.nan)
     n_ok, n_res = sum(_ok(t) for t in trials), sum(t["kind"] == "residual" for t in trials)
