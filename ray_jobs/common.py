@@ -126,6 +126,7 @@ def _main(job: Callable, description: str, argv: Optional[List[str]]) -> int:
 
     cfg, cfg_yaml, wait_lease = parse_args(argv, description)
     catch_sigterm()
+    init_ray(cfg)  # joins (or starts) Ray and checks the cluster can hold the run before the lease is written
     entry = "ray_jobs." + os.path.splitext(os.path.basename(sys.argv[0] or "main"))[0]
     lease = RunLease(RunLayout.of(cfg).lease, owner=f"{entry} ({cfg.name})", job_id=ray_submission_id(),
                      wait_s=wait_lease)
@@ -186,7 +187,8 @@ def quiet_ray(local: bool) -> None:
 
 def init_ray(cfg: ExperimentConfig):
     """Join the cluster named by cfg.ray.address / RAY_ADDRESS (as under ``ray job submit``), or
-    start a local one with the dashboard. Non-secret settings (`SHARED_ENV`: S3 endpoint, region,
+    start a local one with the dashboard, and check that the cluster can hold the run
+    (`ray_jobs.cluster.check`: shared storage, placements; a `ConfigError` naming the key). Non-secret settings (`SHARED_ENV`: S3 endpoint, region,
     cache) travel to the workers; credentials never do (cluster/README.md, "Credentials")."""
     import ray
 
@@ -197,6 +199,13 @@ def init_ray(cfg: ExperimentConfig):
     env = {k: os.environ[k] for k in SHARED_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     ray.init(address=address, logging_level="WARNING", **kwargs)
+    from ray_jobs import cluster
+
+    try:  # before anything is written: storage every node can reach, placements some node can take
+        cluster.check(cfg, cluster.live_nodes(ray))
+    except Exception:
+        ray.shutdown()
+        raise
     catch_sigterm()  # ray.init set its own SIGTERM handler (sys.exit), which skips Tune's state save
     ctx = ray.get_runtime_context()
     dash = getattr(ray, "_private", None) and ray._private.worker.global_worker.node.address_info.get("webui_url")

@@ -26,7 +26,8 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
 
     from bootdiff.config import to_yaml
     from bootdiff.experiment import export_result
-    from ray_jobs.sweep_residual import residual_worker, worker_cpus
+    from ray_jobs.cluster import worker_cpus
+    from ray_jobs.sweep_residual import residual_worker
     from ray_jobs.train_views import make_trainer
 
     cfg = job_cfg(job, b)

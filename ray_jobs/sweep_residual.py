@@ -41,16 +41,8 @@ from bootdiff.sweep import (chosen_report, recommend, select_best, trial_config,
                             trial_row)
 from bootdiff.run.tb import trial_hparams
 from ray_jobs import common
+from ray_jobs.cluster import TRIAL_TOKEN_CPU, worker_cpus
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
-
-# Each trial is a driver holding a token CPU share; its Train worker gets the rest of trial_cpus,
-# so one trial's whole footprint is trial_cpus and `concurrency` trials fit the cluster exactly.
-TRIAL_TOKEN_CPU = 0.01
-
-
-def worker_cpus(cfg) -> float:
-    return max(cfg.sweep.trial_cpus - TRIAL_TOKEN_CPU, TRIAL_TOKEN_CPU)
-
 
 def residual_worker(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` of one residual trial."""
@@ -89,7 +81,8 @@ def residual_trainer(cfg, cfg_yaml: str, trial: dict, runs: str, callbacks=None)
     return TorchTrainer(
         residual_worker,
         train_loop_config={"cfg_yaml": cfg_yaml, "trial": trial},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(sw.trial_gpus), resources_per_worker=resources,
+                                     label_selector=dict(sw.trial_label_selector) or None),
         run_config=RunConfig(name=f"trial-{trial['label']}", storage_path=storage_path,
                              storage_filesystem=storage_fs, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=0), logging_config=common.train_logging(cfg),

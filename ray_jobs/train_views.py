@@ -76,7 +76,7 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
         train_worker,
         train_loop_config={"cfg_yaml": cfg_yaml, "view": view, "evaluate": evaluate, "curve_url": curve_url},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, label_selector=dict(sc.label_selector) or None),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
@@ -138,21 +138,6 @@ def fit_view(cfg_yaml: str, view: str) -> dict:
     return info
 
 
-def check_fits(cfg, views, total: dict) -> None:
-    """Fail fast (naming the view) when a view's worker group can never be scheduled: Train V2
-    would otherwise wait and retry forever (docs/RAY.md)."""
-    for v in views:
-        sc = cfg.views[v].scaling
-        need = {"CPU": sc.cpus_per_worker, **dict(sc.resources_per_worker)}
-        if sc.use_gpu:
-            need["GPU"] = sc.gpus_per_worker or 1
-        for key, amount in need.items():
-            if amount * sc.num_workers > total.get(key, 0):
-                raise RuntimeError(
-                    f"views.{v}.scaling asks for {sc.num_workers} worker(s) x {amount} {key}, but the "
-                    f"cluster has {total.get(key, 0)} {key} in all")
-
-
 def view_done(cfg, view: str) -> bool:
     """The view's export is complete: its ``COMPLETE`` marker, written after every file (on S3 the
     files are uploaded one by one, so ``bootdiff.json`` alone can precede a partial export)."""
@@ -163,14 +148,18 @@ def run(cfg, cfg_yaml: str) -> list:
     """Train every view that is not exported yet, all concurrently; return their run infos."""
     ray = common.init_ray(cfg)
     todo = [v for v in cfg.views if not view_done(cfg, v)]
-    check_fits(cfg, todo, ray.cluster_resources())
     for v in cfg.views:
         if v not in todo:
             print(f"[bootdiff] view '{v}': already exported at {RunLayout.of(cfg).model(v)}, skipped", flush=True)
     if not todo:
         return []
-    # fit() blocks its caller: each trainer runs in its own zero-CPU task (docs/RAY.md).
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_view)
+    # fit() blocks its caller: each trainer runs in its own zero-CPU task (docs/RAY.md), kept on the
+    # driver's node (soft affinity), so losing a worker node loses only Train workers, which
+    # `fit_retrying` restarts on the nodes left from the run's last checkpoint.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(fit_view)
     refs = {v: remote_fit.remote(cfg_yaml, v) for v in todo}
     print(f"[bootdiff] training {len(todo)} view model(s) concurrently: {', '.join(todo)}", flush=True)
     infos, pending = [], dict(refs)

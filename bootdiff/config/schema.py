@@ -94,6 +94,9 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     resources_per_worker: Dict[str, float] = field(default_factory=dict)
+    # Ray node labels every worker's node must carry (Ray Train's ScalingConfig.label_selector; nodes
+    # get labels with `ray start --labels k=v`): e.g. {node: gpu-a}; {} = any node
+    label_selector: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -200,6 +203,7 @@ class SweepConfig:
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
     trial_resources: Dict[str, float] = field(default_factory=dict)
+    trial_label_selector: Dict[str, str] = field(default_factory=dict)  # node labels of residual trials' workers
     max_concurrent: int = 0  # 0 = as many as resources allow
     baseline_combined: bool = True  # the combined denoiser alone, no residual
     baseline_full_res: bool = True  # a model trained on the scarce full-res set alone
@@ -262,6 +266,9 @@ class RayConfig:
     inject_failure_step: int = -1  # testing FailureConfig: a worker raises once at this step
     worker_start_timeout_s: float = 0  # >0: fail (not hang) when a worker group can't be scheduled
     train_log_level: str = "WARNING"  # Ray Train's own console logs (INFO: a line per report and checkpoint)
+    # a local-path storage on a cluster of more than one node is refused (ray_jobs/cluster.py) unless
+    # this declares it a folder every node mounts (NFS, a shared volume)
+    shared_storage: bool = False
 
 
 @dataclass
