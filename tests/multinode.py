@@ -1,0 +1,139 @@
+"""A multi-node Ray cluster on one machine, for tests and benchmarks/scaling.py: a head that takes
+no work (``--num-cpus=0``; the dashboard and job server on it) and worker nodes, each a separate
+``ray start`` process tree with its own ``--temp-dir``, working directory, resources and node
+labels (``node=<name>``), all joined with one fresh auth token. A node is lost with `kill_node`
+(SIGKILL to its raylet, as when a machine goes away); `stop` ends only this cluster's processes
+(they carry its temp dirs on their command lines; ``ray stop`` would stop every cluster here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Dict, Optional
+
+PY = sys.executable
+RAY = os.path.join(os.path.dirname(PY), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """``LocalCluster({"a": {"cpus": 2}, "b": {"cpus": 2, "resources": {"fake_gpu": 1}}}, env)``:
+    ``start()`` brings up the head and the nodes and waits until every node is alive;
+    ``address`` (dashboard URL, for ``ray job submit``), ``gcs`` (for ``RAY_ADDRESS``), ``env``
+    (token auth, for drivers and the CLI), ``node_ids()`` (name -> Ray node id)."""
+
+    def __init__(self, nodes: Dict[str, dict], env: Optional[dict] = None):
+        self.nodes = nodes
+        self.root = tempfile.mkdtemp(prefix="bdmn-", dir="/tmp")  # Ray's socket paths stay short
+        token = uuid.uuid4().hex
+        self.env = dict(env or os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+                        RAY_TRAIN_ENABLE_STATE_TRACKING="1", RAY_DEDUP_LOGS="0",
+                        PATH=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
+        self.env.pop("RAY_ADDRESS", None)
+        self.gcs = self.address = ""
+        self.started: set = set()
+
+    def _dir(self, name: str) -> str:
+        path = os.path.join(self.root, name)
+        os.makedirs(os.path.join(path, "work"), exist_ok=True)
+        return path
+
+    def _start(self, name: str, args: list) -> None:
+        d = self._dir(name)
+        for attempt in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait
+            proc = subprocess.run([RAY, "start", f"--temp-dir={d}/t", "--disable-usage-stats", *args],
+                                  env=self.env, cwd=os.path.join(d, "work"), capture_output=True, text=True,
+                                  timeout=180)
+            if proc.returncode == 0:
+                return
+            self._kill(f"{d}/t")
+        raise RuntimeError(f"ray start of node {name} failed: {(proc.stdout + proc.stderr)[-3000:]}")
+
+    def start(self) -> "LocalCluster":
+        port, dash = free_port(), free_port()
+        ports = [f"--{n}={free_port()}" for n in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "ray-client-server-port", "runtime-env-agent-port",
+                                                  "metrics-export-port")]
+        self._start("head", ["--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=0",
+                             "--include-dashboard=true", "--labels=node=head", *ports])
+        self.gcs, self.address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+        for name, spec in self.nodes.items():
+            self.add_node(name, spec)
+        return self
+
+    def add_node(self, name: str, spec: dict) -> None:
+        ports = [f"--{n}={free_port()}" for n in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "runtime-env-agent-port", "metrics-export-port",
+                                                  "node-manager-port", "object-manager-port")]
+        self._start(name, [f"--address={self.gcs}", f"--num-cpus={spec.get('cpus', 2)}",
+                           f"--resources={json.dumps(spec.get('resources', {}))}",
+                           f"--labels={','.join(f'{k}={v}' for k, v in {'node': name, **spec.get('labels', {})}.items())}",
+                           *ports])
+        self.nodes[name] = spec
+        self.started.add(name)
+        self.wait_nodes()
+
+    def list_nodes(self) -> list:
+        """Ray's state API: ``ray list nodes`` (alive and dead)."""
+        proc = subprocess.run([RAY, "list", "nodes", "--address", self.address, "--format", "json", "--limit", "100"],
+                              env=self.env, capture_output=True, text=True, timeout=60)
+        return json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
+
+    def wait_nodes(self, timeout: float = 120) -> None:
+        want = {"head", *[n for n in self.started if not self.nodes[n].get("lost")]}
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            alive = {n.get("labels", {}).get("node") for n in self.list_nodes() if n.get("state") == "ALIVE"}
+            if want <= alive:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"nodes {sorted(want - alive)} did not come up in {timeout:.0f} s")
+
+    def node_ids(self) -> Dict[str, str]:
+        """Node name (its ``node`` label) -> Ray node id, for the nodes alive now."""
+        return {n["labels"]["node"]: n["node_id"] for n in self.list_nodes()
+                if n.get("state") == "ALIVE" and "node" in n.get("labels", {})}
+
+    def kill_node(self, name: str) -> None:
+        """Lose a worker node: SIGKILL its raylet (its workers die with it, and the GCS marks the
+        node dead when its health checks stop)."""
+        out = subprocess.run(["pgrep", "-f", f"raylet.*{self.root}/{name}/t"], capture_output=True, text=True).stdout
+        pids = [int(p) for p in out.split()]
+        if not pids:
+            raise RuntimeError(f"node {name}: no raylet running")
+        for pid in pids:
+            os.kill(pid, 9)
+        self.nodes[name]["lost"] = True
+
+    def _kill(self, pattern: str) -> None:
+        subprocess.run(["pkill", "-TERM", "-f", pattern], capture_output=True)
+        deadline = time.time() + 5
+        while time.time() < deadline and subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+            time.sleep(0.5)
+        subprocess.run(["pkill", "-KILL", "-f", pattern], capture_output=True)
+
+    def stop(self) -> None:
+        self._kill(self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def train_runs(self) -> list:
+        """Ray Train's state API (the dashboard's ``/api/train/v2/runs/v1``, Train V2): every Train run with its
+        attempts and their workers (``node_id``)."""
+        import urllib.request
+
+        req = urllib.request.Request(self.address + "/api/train/v2/runs/v1",
+                                     headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["train_runs"]

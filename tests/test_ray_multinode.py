@@ -1,0 +1,157 @@
+"""Past one machine: the job-submitted pipeline on a three-node Ray cluster simulated on this
+machine (tests/multinode.py: a head that takes no work and worker nodes ``a`` and ``b``, each its own
+``ray start`` with its own temp dir and working directory), with moto's S3 server as the only
+storage. Each view's Train run lands on the node its label selector names and the sweep's trials
+use both nodes (Ray Train's state API); a local storage path and a placement no node can take fail
+at load, naming the key, before anything is written; a worker node lost mid-stage-1 costs at most
+one checkpoint interval and the run finishes on the node left."""
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from multinode import RAY, PY, LocalCluster
+from test_ray_pipeline import REPO, TINY
+
+pytestmark = pytest.mark.ray
+
+# The tiny quickstart without its peer, distillation or combined baseline: this file is about nodes.
+OVERRIDES = [*TINY, "sweep.baseline_combined=false", "ray.max_failures=2"]
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, mnist_wheel):
+    """Head (0 CPUs) + nodes a and b (2 CPUs each); they inherit the moto endpoint and test keys."""
+    c = LocalCluster({"a": {"cpus": 2}, "b": {"cpus": 2}}).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _submit(cluster, *overrides, wait=True):
+    """``ray job submit`` of the pipeline from the repository (its own working directory), with the
+    moto endpoint in the job's env (it is not a secret; the keys come from the nodes' env)."""
+    cmd = [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
+           *([] if wait else ["--no-wait"]), "--", PY, "-m", "ray_jobs.pipeline",
+           "--config", "configs/quickstart.yaml", *OVERRIDES, *overrides]
+    for _ in range(20):  # a just-started head's job agent may not be up yet
+        proc = subprocess.run(cmd, env=dict(cluster.env, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"]),
+                              cwd=REPO, capture_output=True, text=True, timeout=1500)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
+
+
+def _fs():
+    import fsspec
+
+    fs = fsspec.filesystem("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    fs.invalidate_cache()
+    return fs
+
+
+def _nodes_of(cluster, runs, name) -> set:
+    """Node names that workers of the Train runs called ``name`` (every attempt) ran on."""
+    ids = {v: k for k, v in cluster.node_ids().items()}
+    return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name
+            for a in r["attempts"] for w in a["workers"]}
+
+
+def test_pipeline_on_three_nodes_with_views_placed_and_storage_on_s3(cluster, s3):
+    storage = f"{s3[0]}/multinode"
+    proc = _submit(cluster, f"storage={storage}", "views.patch.scaling.label_selector={node: a}",
+                   "views.low.scaling.label_selector={node: b}", "views.low.scaling.num_workers=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, out[-6000:]
+    runs = cluster.train_runs()
+    # each view's workers on the node its label selector names, from Ray Train's state API
+    assert _nodes_of(cluster, runs, "view-patch") == {"a"}, runs
+    assert _nodes_of(cluster, runs, "view-low") == {"b"}, runs
+    low = [r for r in runs if r["name"] == "view-low"][-1]
+    assert len(low["attempts"][-1]["workers"]) == 2  # the low-res view data-parallel (DDP) over node b
+    # the sweep's three Train trials (full-res baseline, two residual settings) used both nodes
+    trial_nodes = set().union(*[_nodes_of(cluster, runs, r["name"]) for r in runs if r["name"].startswith("trial-")])
+    assert trial_nodes == {"a", "b"}, [(r["name"], _nodes_of(cluster, runs, r["name"])) for r in runs]
+    # everything on S3: the nodes' own working directories hold nothing of the run
+    fs, root = _fs(), storage[len("s3://"):] + "/quickstart"
+    sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
+    assert {t["kind"] for t in sweep["trials"]} == {"full_res", "residual"} and sweep["best"]
+    assert "data:image/png;base64," in fs.cat(f"{root}/sweep/report/report.html").decode()
+    for name in ("head", "a", "b"):
+        assert not os.listdir(os.path.join(cluster.root, name, "work")), name
+
+
+def test_local_storage_and_unplaceable_runs_fail_at_load_naming_the_key(cluster, s3, tmp_path):
+    local = tmp_path / "runs"
+    proc = _submit(cluster, f"storage={local}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "ERROR: storage=" in out, out[-4000:]
+    assert f"storage='{local}' is a local path, but the Ray cluster has 3 nodes" in out and "s3://" in out
+    assert "ray.shared_storage=true" in out and "Traceback" not in out
+    assert not local.exists()  # nothing written: not even the run's lease
+    prefix = f"{s3[0]}/unplaceable-{uuid.uuid4().hex[:6]}"
+    proc = _submit(cluster, f"storage={prefix}", "views.patch.scaling.label_selector={node: c}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    assert "views.patch.scaling.label_selector={'node': 'c'} selects no node of the Ray cluster" in out, out[-4000:]
+    assert re.search(r"labels node=a\b", out) and re.search(r"labels node=b\b", out)  # what there is instead
+    assert not _fs().exists(prefix[len("s3://"):])
+
+
+def test_worker_node_lost_mid_stage_one_resumes_on_the_node_left(cluster, s3):
+    """SIGKILL the raylet of the node training the low-res view once its run has a registered
+    checkpoint: Train's worker group fails, `fit_retrying` starts it again on the other node from
+    that checkpoint (or a later one), and the pipeline finishes. Runs last: it loses node b or a."""
+
+    storage = f"{s3[0]}/nodeloss"
+    views = ["views.patch.train.total_kimg=1.28", "views.low.train.total_kimg=1.28",
+             "views.patch.train.checkpoint_every_kimg=0.32", "views.low.train.checkpoint_every_kimg=0.32",
+             "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false"]
+    proc = _submit(cluster, f"storage={storage}", *views, wait=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Job '" in out, out[-4000:]
+    sub_id = out.split("Job '")[1].split("'")[0]
+    fs, root = _fs(), storage[len("s3://"):] + "/quickstart"
+    snapshot = f"{root}/views/view-low/checkpoint_manager_snapshot.json"
+    deadline, lost, at_step = time.time() + 600, None, None
+    while time.time() < deadline and lost is None:
+        fs.invalidate_cache()
+        if fs.exists(snapshot):
+            nodes = _nodes_of(cluster, cluster.train_runs(), "view-low")
+            if nodes:
+                state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
+                at_step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
+                lost = sorted(nodes)[0]
+                cluster.kill_node(lost)
+                break
+        time.sleep(0.5)
+    assert lost is not None, "the low-res view never registered a checkpoint"
+    left = "b" if lost == "a" else "a"
+    status = None
+    while time.time() < deadline:
+        proc = subprocess.run([RAY, "job", "status", "--address", cluster.address, sub_id], env=cluster.env,
+                              capture_output=True, text=True, timeout=60)
+        status = (proc.stdout + proc.stderr).upper()  # the CLI logs "Job '…' succeeded" on stderr
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    logs = subprocess.run([RAY, "job", "logs", "--address", cluster.address, sub_id], env=cluster.env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "SUCCEEDED" in status, logs[-6000:]
+    assert "view 'low': worker failure 1 of at most 2, retrying from the latest checkpoint" in logs, logs[-6000:]
+    resumed = [int(s) for s in re.findall(r"resuming from step (\d+) \(\S*view-low", logs)]
+    assert resumed and resumed[-1] >= at_step, (resumed, at_step)  # at most one checkpoint interval redone
+    runs = cluster.train_runs()
+    last = max((r for r in runs if r["name"] == "view-low"), key=lambda r: r["start_time_ns"])
+    ids = cluster.node_ids()
+    assert {w["node_id"] for a in last["attempts"] for w in a["workers"]} == {ids[left]}
+    info = json.loads(fs.cat(f"{root}/views/view-low.json"))
+    assert info["metrics"]["step"] == 20  # 1.28 kimg / 64 per step, all of it trained
+    assert fs.exists(f"{root}/sweep/report/report.html")
