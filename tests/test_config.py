@@ -100,6 +100,33 @@ def test_kuberay_rayjob_runs_the_pipeline():
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
 
 
+def test_dockerfile_builds_the_image_the_rayjob_names():
+    """cluster/Dockerfile (not built here: no Docker daemon, no registry) against what it must agree
+    with: the RayJob's image and working_dir, the pinned Ray version, the project's torch range,
+    the code the jobs import, and nothing of the test extras."""
+    import re
+
+    j = yaml.safe_load(open(os.path.join(REPO, "cluster", "kuberay-rayjob.yaml")))
+    rc = j["spec"]["rayClusterSpec"]
+    images = {c["image"] for g in [rc["headGroupSpec"], *rc["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]}
+    docker = open(os.path.join(REPO, "cluster", "Dockerfile")).read()
+    tag = re.search(r"docker build -f cluster/Dockerfile -t (\S+) \.", docker).group(1)
+    assert images == {tag} == {"bootdiff:latest"}
+    assert f"docker build -f cluster/Dockerfile -t {tag} ." in open(os.path.join(REPO, "cluster", "kuberay-rayjob.yaml")).read()
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)", docker, re.M)
+    pyproject = open(os.path.join(REPO, "pyproject.toml")).read()
+    assert base.group(1) == rc["rayVersion"] and f'"ray[train,tune,default]=={base.group(1)}"' in pyproject
+    workdir = re.search(r"^WORKDIR (\S+)", docker, re.M).group(1)
+    assert yaml.safe_load(j["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
+    torch_pin = re.search(r'"torch==([\d.]+)"', docker).group(1)
+    low, high = re.search(r'"torch>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(low) <= as_tuple(torch_pin) < as_tuple(high)
+    for folder in ("bootdiff", "ray_jobs", "configs"):  # what the entrypoint imports and reads
+        assert re.search(rf"^COPY \S* ?{folder} \./{folder}$", docker, re.M), folder
+    assert "[test]" not in docker and ".venv/" in open(os.path.join(REPO, ".dockerignore")).read()
+
+
 # ----------------------------------------------------------------------------- choices
 
 
