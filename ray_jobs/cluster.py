@@ -16,7 +16,7 @@ node mounts (NFS, a shared volume)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from bootdiff.config.schema import ConfigError
 
@@ -91,21 +91,23 @@ def _describe(nodes: List[dict]) -> str:
     return "; ".join(out)
 
 
-def check(cfg, nodes: List[dict]) -> None:
+def check(cfg, nodes: List[dict], keys: Optional[Tuple[str, ...]] = None) -> None:
     """Raise `ConfigError` naming the key when ``storage`` is a local path on a multi-node cluster
     (and not declared shared), or when some run's workers cannot be placed: no node has the labels
     its selector asks for, none of those holds one worker's bundle, or they hold fewer workers
-    than the run has."""
+    than the run has. ``keys``: check only the runs of those placement keys (and not storage)."""
     from bootdiff.run.layout import absolute_url
 
     storage = absolute_url(cfg.storage)
-    if len(nodes) > 1 and "://" not in storage and not cfg.ray.shared_storage:
+    if keys is None and len(nodes) > 1 and "://" not in storage and not cfg.ray.shared_storage:
         raise ConfigError(
             f"storage='{cfg.storage}' is a local path, but the Ray cluster has {len(nodes)} nodes: each node's "
             f"workers would write their checkpoints and shards to their own disk. Set storage= to an s3:// URL "
             f"(every node reads and writes it), or, if {storage} is a folder every node mounts (NFS, a shared "
             f"volume), say so with ray.shared_storage=true")
     for key, bundle, selector, workers in demands(cfg):
+        if keys is not None and key not in keys:
+            continue
         where = f"{key} (label_selector {selector})" if selector else key
         match = [n for n in nodes if _selects(selector, n["labels"])]
         if not match:
@@ -119,3 +121,33 @@ def check(cfg, nodes: List[dict]) -> None:
         if room < workers:
             raise ConfigError(f"{key}.num_workers={workers}: the nodes {'it selects ' if selector else ''}hold only "
                               f"{room} worker(s) of {bundle}; nodes: {_describe(match)}")
+
+
+def placeable(cfg, key: str) -> Callable[[], None]:
+    """For a retry after a lost worker (`ray_jobs.train_views.fit_retrying`): a check that the run of
+    placement key ``key`` still fits the nodes alive now, raising `ConfigError` that names what is
+    missing — e.g. the only node its label selector allowed was lost — instead of a worker group
+    that waits for a node that will not come back."""
+
+    def _check() -> None:
+        import ray
+
+        try:
+            check(cfg, live_nodes(ray), keys=(key,))
+        except ConfigError as exc:
+            raise ConfigError(f"no live node of the Ray cluster can run it any more (a node was lost?): {exc}") from None
+
+    return _check
+
+
+def placement_key(view: str) -> str:
+    """The config key whose placement a Train run of ``view`` uses (see `demands`)."""
+    from bootdiff.peers import NAMES
+
+    if view in ("full_res", *NAMES):
+        return "full_res.scaling"
+    if view == "residual":
+        return "sweep.trial_resources"
+    if view == "distill":
+        return "distill.scaling"
+    return f"views.{view}.scaling"

@@ -165,7 +165,7 @@ def cfg_from_yaml(text: str) -> ExperimentConfig:
 # driver's), an instance profile / IAM role, or a Kubernetes Secret (cluster/README.md).
 SHARED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
               "BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-              "PYTHONWARNINGS")
+              "PYTHONWARNINGS", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 
 # Ray's own console lines that a newcomer takes for failures and that ask nothing of them: Ray
 # Data's deprecation of an option Ray Train itself passes (every Train controller prints it).
@@ -196,6 +196,8 @@ def init_ray(cfg: ExperimentConfig):
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     quiet_ray(local=address is None)
+    if cfg.ray.worker_start_timeout_s > 0:  # how long Train waits for a worker group (docs/RAY.md §2)
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.ray.worker_start_timeout_s:g}"
     env = {k: os.environ[k] for k in SHARED_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     ray.init(address=address, logging_level="WARNING", **kwargs)

@@ -22,7 +22,7 @@ import time
 from bootdiff import experiment
 from bootdiff.distill import student as distill
 from bootdiff.run.layout import RunLayout
-from ray_jobs import common
+from ray_jobs import cluster, common
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
 
@@ -66,7 +66,7 @@ def run(cfg, cfg_yaml: str) -> dict:
     if distill.teacher_rows(cfg.distill) > 0 and not distill.teacher_samples_done(cfg):
         generate_teacher_samples(cfg, cfg_yaml)
     result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, "distill", "distill", layout.distill_runs, evaluate=True),
-                          cfg.ray.max_failures, "distillation")
+                          cfg.ray.max_failures, "distillation", cluster.placeable(cfg, "distill.scaling"))
     if result.checkpoint is None:
         raise RuntimeError("distillation: training finished without a checkpoint")
     urls = distill.export_student(cfg, result.checkpoint.path)

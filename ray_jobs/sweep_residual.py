@@ -40,7 +40,7 @@ from bootdiff.config import to_yaml
 from bootdiff.sweep import (chosen_report, recommend, select_best, trial_config, trial_list, trial_residual_config,
                             trial_row)
 from bootdiff.run.tb import trial_hparams
-from ray_jobs import common
+from ray_jobs import cluster, common
 from ray_jobs.cluster import TRIAL_TOKEN_CPU, worker_cpus
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
@@ -85,7 +85,7 @@ def residual_trainer(cfg, cfg_yaml: str, trial: dict, runs: str, callbacks=None)
                                      label_selector=dict(sw.trial_label_selector) or None),
         run_config=RunConfig(name=f"trial-{trial['label']}", storage_path=storage_path,
                              storage_filesystem=storage_fs, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=0), logging_config=common.train_logging(cfg),
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0), logging_config=common.train_logging(cfg),
                              checkpoint_config=common.checkpoint_config(cfg, cfg.residual.train.keep_checkpoints, True)))
 
 
@@ -132,7 +132,8 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
         def make():
             return residual_trainer(cfg, config["cfg_yaml"], trial, runs, callbacks=[TuneReportCallback()])
     try:
-        fit_retrying(make, cfg.ray.max_failures, f"trial '{trial['label']}'")
+        fit_retrying(make, cfg.ray.max_failures, f"trial '{trial['label']}'",
+                     cluster.placeable(cfg, cluster.placement_key(trial["kind"])))
     except Exception as exc:
         if session and deterministic(exc):
             common.write_json(final, {"error": f"{type(exc).__name__}: {exc}"[:2000]})

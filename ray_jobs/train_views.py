@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from bootdiff import experiment, util
+from bootdiff.config.schema import ConfigError
 from bootdiff.experiment import export_result
 from bootdiff.peers import NAMES as PEER_NAMES, peer_training
 from bootdiff.run.layout import RunLayout
-from ray_jobs import common
+from ray_jobs import cluster, common
 
 
 def train_worker(config: dict) -> None:
@@ -79,14 +80,16 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
                                      resources_per_worker=resources, label_selector=dict(sc.label_selector) or None),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=0),  # worker failures: fit_retrying decides
+            # worker failures and worker groups that cannot start: fit_retrying decides
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints,
                                                        chosen_on_val=view in ("full_res", *PEER_NAMES) and evaluate),
             callbacks=callbacks, logging_config=common.train_logging(cfg)),
     )
 
 
-def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str):
+def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str,
+                 placeable: Optional[Callable[[], None]] = None):
     """``make().fit()``, retried from the run's latest checkpoint only when a retry can help.
 
     Ray 2.60 Train V2 retries every worker-group failure alike (`DefaultFailurePolicy`: any
@@ -98,8 +101,16 @@ def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str):
     hands the workers the latest checkpoint (docs/RAY.md §1) — up to ``max_failures`` times
     (``ray.max_failures``; −1: forever). Preemptions stay Ray's (``max_preemption_failures``).
     A retry starts a new Train controller, listed as another run of the same name in the
-    dashboard's Train tab."""
-    from ray.train import WorkerGroupError
+    dashboard's Train tab.
+
+    A lost node: before every retry ``placeable()`` (`ray_jobs.cluster.placeable`) checks that the
+    nodes alive now can still hold the run, and raises `ConfigError` naming what is missing (e.g.
+    the only node its label selector allows) instead of retrying. A worker group that does not
+    start within ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (the trainers run with
+    ``controller_failure_limit=0``, so Train raises `ControllerError`) is started again, without
+    counting as a failure — the cluster may be busy, or still adding nodes — as long as
+    ``placeable()`` passes."""
+    from ray.train import ControllerError, WorkerGroupError
 
     from bootdiff.errors import deterministic
 
@@ -107,6 +118,13 @@ def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str):
     while True:
         try:
             return make().fit()
+        except ControllerError as err:  # the worker group did not start: still placeable?
+            if placeable is None:
+                raise
+            placeable()
+            print(f"[bootdiff] {what}: its Train workers did not start in time ({err.controller_failure}); "
+                  f"waiting for room on the cluster", file=sys.stderr, flush=True)
+            continue
         except WorkerGroupError as err:
             errs = err.worker_failures
             final = [errs[r] for r in sorted(errs) if deterministic(errs[r])]
@@ -117,6 +135,8 @@ def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str):
             failures += 1
             if 0 <= max_failures < failures:
                 raise
+            if placeable is not None:
+                placeable()
             print(f"[bootdiff] {what}: worker failure {failures}"
                   f"{'' if max_failures < 0 else f' of at most {max_failures}'}, retrying from the "
                   f"latest checkpoint: {err}", file=sys.stderr, flush=True)
@@ -128,7 +148,7 @@ def fit_view(cfg_yaml: str, view: str) -> dict:
     layout = RunLayout.of(cfg)
     start = time.time()
     result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, f"view-{view}", layout.view_runs),
-                          cfg.ray.max_failures, f"view '{view}'")
+                          cfg.ray.max_failures, f"view '{view}'", cluster.placeable(cfg, cluster.placement_key(view)))
     if result.checkpoint is None:
         raise RuntimeError(f"view '{view}': training finished without a checkpoint")
     url = export_result(cfg, view, result.checkpoint.path)
@@ -167,7 +187,12 @@ def run(cfg, cfg_yaml: str) -> list:
         done, _ = ray.wait(list(pending.values()), num_returns=1)
         view = next(v for v, r in pending.items() if r == done[0])
         del pending[view]
-        info = ray.get(done[0])
+        try:
+            info = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:  # a user-facing error (no node left for it): its message
+            if isinstance(exc.cause, ConfigError):
+                raise ConfigError(f"views.{view}: {exc.cause}") from None
+            raise
         infos.append(info)
         m = info["metrics"]
         print(f"[bootdiff] view '{view}' done in {info['end'] - info['start']:.0f} s: "

@@ -88,3 +88,63 @@ def test_label_selector_semantics_follow_ray():
     assert _selects({"node": "!in(b,c)"}, labels) and not _selects({"node": "!in(a,c)"}, labels)
     assert not _selects({"gpu": "h100"}, labels) and _selects({"gpu": "!h100"}, labels)
     assert _selects({"node": "a", "zone": "west"}, labels) and not _selects({"node": "a", "zone": "east"}, labels)
+
+
+def test_retry_after_a_lost_node_checks_placement_first():
+    """`fit_retrying` after a lost worker: a run the nodes left can still hold is fitted again; one
+    they cannot (the only node its label selector allowed is gone) fails at once with the key, no
+    retry; a worker group that did not start is started again without counting a failure, until
+    placement fails."""
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from ray_jobs.train_views import fit_retrying
+
+    nodes = [HEAD, A]  # node b, which views.low asked for, is gone
+    cfg = _cfg("views.low.scaling.label_selector={node: b}")
+
+    def placeable():
+        check(cfg, nodes, keys=("views.low.scaling",))
+
+    fits = []
+
+    class Trainer:
+        def __init__(self, failure):
+            self.failure = failure
+
+        def fit(self):
+            fits.append(self.failure)
+            if self.failure is not None:
+                raise self.failure
+            return "done"
+
+    lost = WorkerGroupError("worker died", {0: RuntimeError("node lost")})
+    with pytest.raises(ConfigError, match=r"views\.low\.scaling\.label_selector=\{'node': 'b'\} selects no node"):
+        fit_retrying(lambda: Trainer(lost), max_failures=5, what="view 'low'", placeable=placeable)
+    assert len(fits) == 1  # not retried: no node can take it
+
+    nodes.append(B)  # placeable again: retried, and succeeds
+    queue = [lost, None]
+    fits.clear()
+    assert fit_retrying(lambda: Trainer(queue.pop(0)), max_failures=1, what="view 'low'", placeable=placeable) == "done"
+    assert len(fits) == 2
+
+    timeout = ControllerError(WorkerGroupStartupTimeoutError(num_workers=1))
+    queue = [timeout, timeout, timeout, None]  # a busy cluster: three start time-outs, then room
+    fits.clear()
+    assert fit_retrying(lambda: Trainer(queue.pop(0)), max_failures=0, what="view 'low'", placeable=placeable) == "done"
+    assert len(fits) == 4  # start time-outs are not failures (max_failures=0 allowed none)
+    nodes.pop()  # and once node b is gone, a start time-out ends in the placement error
+    queue = [timeout]
+    with pytest.raises(ConfigError, match="no node"):
+        fit_retrying(lambda: Trainer(queue.pop(0)), max_failures=0, what="view 'low'", placeable=placeable)
+
+
+def test_each_train_run_is_checked_under_the_key_it_is_placed_by():
+    from ray_jobs.cluster import placement_key
+
+    keys = {key for key, *_ in demands(_cfg("distill.enabled=true"))}
+    for view, key in [("patch", "views.patch.scaling"), ("low", "views.low.scaling"), ("full_res", "full_res.scaling"),
+                      ("ambient", "full_res.scaling"), ("residual", "sweep.trial_resources"),
+                      ("distill", "distill.scaling")]:
+        assert placement_key(view) == key and key in keys, view

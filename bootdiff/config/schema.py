@@ -264,7 +264,10 @@ class RayConfig:
     ingest_tasks: int = 0  # 0 = one task per shard range
     train_state_tracking: bool = True
     inject_failure_step: int = -1  # testing FailureConfig: a worker raises once at this step
-    worker_start_timeout_s: float = 0  # >0: fail (not hang) when a worker group can't be scheduled
+    # >0: seconds Ray Train waits for a worker group to be placed before `fit_retrying` checks
+    # whether any live node can take it (fails naming the key if none can, else waits again);
+    # 0 keeps Ray's 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+    worker_start_timeout_s: float = 0
     train_log_level: str = "WARNING"  # Ray Train's own console logs (INFO: a line per report and checkpoint)
     # a local-path storage on a cluster of more than one node is refused (ray_jobs/cluster.py) unless
     # this declares it a folder every node mounts (NFS, a shared volume)
