@@ -84,6 +84,12 @@ def test_pipeline_on_three_nodes_with_views_placed_and_storage_on_s3(cluster, s3
     sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
     assert {t["kind"] for t in sweep["trials"]} == {"full_res", "residual"} and sweep["best"]
     assert "data:image/png;base64," in fs.cat(f"{root}/sweep/report/report.html").decode()
+    run = json.loads(fs.cat(f"{root}/views/view-low.json"))  # 2 ranks × 64 per step: 0.32 kimg = 3 steps
+    assert run["metrics"]["step"] == 3 and abs(run["metrics"]["kimg"] - 0.384) < 1e-6
+    files = fs.find(root)
+    assert f"{root}/data/manifest.json" in files and any(f.startswith(f"{root}/data/low/") for f in files)
+    assert any("/views/view-low/" in f and f.endswith("state.pt") for f in files)  # Train's checkpoints
+    assert any("/sweep/runs/" in f and f.endswith("state.pt") for f in files)
     for name in ("head", "a", "b"):
         assert not os.listdir(os.path.join(cluster.root, name, "work")), name
 
@@ -108,7 +114,8 @@ def test_local_storage_and_unplaceable_runs_fail_at_load_naming_the_key(cluster,
 def test_worker_node_lost_mid_stage_one_resumes_on_the_node_left(cluster, s3):
     """SIGKILL the raylet of the node training the low-res view once its run has a registered
     checkpoint: Train's worker group fails, `fit_retrying` starts it again on the other node from
-    that checkpoint (or a later one), and the pipeline finishes. Runs last: it loses node b or a."""
+    that checkpoint (or a later one), and the pipeline finishes. Runs after the tests that need both
+    nodes: it loses a or b."""
 
     storage = f"{s3[0]}/nodeloss"
     views = ["views.patch.train.total_kimg=1.28", "views.low.train.total_kimg=1.28",
@@ -155,3 +162,42 @@ def test_worker_node_lost_mid_stage_one_resumes_on_the_node_left(cluster, s3):
     info = json.loads(fs.cat(f"{root}/views/view-low.json"))
     assert info["metrics"]["step"] == 20  # 1.28 kimg / 64 per step, all of it trained
     assert fs.exists(f"{root}/sweep/report/report.html")
+
+
+def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(cluster, s3):
+    """The low-res view may run only on node c (its label selector); c is lost after the view's first
+    checkpoint. No node left can take the retry, so the job fails — within a worker-group start
+    timeout, not a hang — with the project's message naming the key and the nodes there are."""
+    cluster.add_node("c", {"cpus": 1})
+    storage = f"{s3[0]}/nodeless"
+    views = ["ray.worker_start_timeout_s=20", "views.low.scaling.label_selector={node: c}", "views.low.train.total_kimg=1.28",
+             "views.low.train.checkpoint_every_kimg=0.32"]
+    proc = _submit(cluster, f"storage={storage}", *views, wait=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Job '" in out, out[-4000:]
+    sub_id = out.split("Job '")[1].split("'")[0]
+    fs = _fs()
+    snapshot = f"{storage[len('s3://'):]}/quickstart/views/view-low/checkpoint_manager_snapshot.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not fs.exists(snapshot):
+        fs.invalidate_cache()
+        time.sleep(0.5)
+    assert fs.exists(snapshot), "the low-res view never registered a checkpoint"
+    cluster.kill_node("c")
+    lost_at, status = time.time(), ""
+    while time.time() < lost_at + 300:
+        proc = subprocess.run([RAY, "job", "status", "--address", cluster.address, sub_id], env=cluster.env,
+                              capture_output=True, text=True, timeout=60)
+        status = (proc.stdout + proc.stderr).upper()
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    failed_after = time.time() - lost_at
+    logs = subprocess.run([RAY, "job", "logs", "--address", cluster.address, sub_id], env=cluster.env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "FAILED" in status, (status, logs[-6000:])
+    assert failed_after < 150, failed_after  # a start timeout of 20 s (ray.worker_start_timeout_s) at most
+    msg = "ERROR: views.low: no live node of the Ray cluster can run it any more (a node was lost?): " \
+          "views.low.scaling.label_selector={'node': 'c'} selects no node of the Ray cluster"
+    assert msg in logs, logs[-6000:]
+    assert re.search(r"labels node=[ab]\b", logs)  # the nodes there are instead
