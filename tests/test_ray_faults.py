@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_ray_pipeline import PY, RAY, REPO, TINY, _env, _free_port, _ray_tmp, _stop, _terminated_trial
+from test_ray_pipeline import PY, RAY, REPO, TINY, _env, _free_port, _ray_tmp, _stop
 
 OVERRIDES = [o for o in TINY if not o.startswith("views.patch")]
 
@@ -187,3 +187,17 @@ def test_sigint_during_sweep_resumes_only_unfinished_trials(head, run, tmp_path)
     assert starts.count(finished) == 1, starts  # the finished trial never ran again
     other = next(t for t in rows if t != finished)
     assert 1 <= starts.count(other) <= 2, starts
+
+
+def _terminated_trial(tune_dir: str):
+    """Label of a trial that Tune's saved experiment state records as TERMINATED, if any."""
+    for path in glob.glob(os.path.join(tune_dir, "experiment_state-*.json")):
+        try:
+            state = json.load(open(path))
+        except ValueError:  # being rewritten
+            continue
+        for data, _ in state["trial_data"]:
+            trial = json.loads(data)
+            if trial["status"] == "TERMINATED":
+                return trial["config"]["trial"]["label"]
+    return None
