@@ -140,16 +140,8 @@ def main() -> None:
                             lost["at"] = time.time()
                             cluster.kill_node(lost["node"])
                     time.sleep(0.5)
-                while True:
-                    st = subprocess.run([RAY, "job", "status", "--address", cluster.address, sub], env=cluster.env,
-                                        capture_output=True, text=True, timeout=60)
-                    st = (st.stdout + st.stderr).upper()  # the CLI logs "Job '…' succeeded" on stderr
-                    if any(s in st for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-                        break
-                    time.sleep(2)
-                logs = subprocess.run([RAY, "job", "logs", "--address", cluster.address, sub], env=cluster.env,
-                                      capture_output=True, text=True, timeout=60).stdout
-                if "SUCCEEDED" not in st:
+                state, logs = cluster.wait_job(sub, timeout=3600)
+                if state != "SUCCEEDED":
                     raise RuntimeError(f"node-loss run failed: {logs[-4000:]}")
                 return logs
 

@@ -128,6 +128,21 @@ class LocalCluster:
         self._kill(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def wait_job(self, submission_id: str, timeout: float = 600) -> tuple:
+        """Poll ``ray job status`` until the job ends (or ``timeout``): (its final state in capitals,
+        e.g. ``"SUCCEEDED"``, or ``""`` if it did not end in time; its full log)."""
+        deadline, state = time.time() + timeout, ""
+        while time.time() < deadline and not state:
+            proc = subprocess.run([RAY, "job", "status", "--address", self.address, submission_id], env=self.env,
+                                  capture_output=True, text=True, timeout=60)
+            out = (proc.stdout + proc.stderr).upper()  # the CLI logs "Job '…' succeeded" on stderr
+            state = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+            if not state:
+                time.sleep(2)
+        logs = subprocess.run([RAY, "job", "logs", "--address", self.address, submission_id], env=self.env,
+                              capture_output=True, text=True, timeout=60).stdout
+        return state, logs
+
     def train_runs(self) -> list:
         """Ray Train's state API (the dashboard's ``/api/train/v2/runs/v1``, Train V2): every Train run with its
         attempts and their workers (``node_id``)."""

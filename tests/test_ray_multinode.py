@@ -141,17 +141,8 @@ def test_worker_node_lost_mid_stage_one_resumes_on_the_node_left(cluster, s3):
         time.sleep(0.5)
     assert lost is not None, "the low-res view never registered a checkpoint"
     left = "b" if lost == "a" else "a"
-    status = None
-    while time.time() < deadline:
-        proc = subprocess.run([RAY, "job", "status", "--address", cluster.address, sub_id], env=cluster.env,
-                              capture_output=True, text=True, timeout=60)
-        status = (proc.stdout + proc.stderr).upper()  # the CLI logs "Job '…' succeeded" on stderr
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(2)
-    logs = subprocess.run([RAY, "job", "logs", "--address", cluster.address, sub_id], env=cluster.env,
-                          capture_output=True, text=True, timeout=60).stdout
-    assert "SUCCEEDED" in status, logs[-6000:]
+    status, logs = cluster.wait_job(sub_id, timeout=max(deadline - time.time(), 60))
+    assert status == "SUCCEEDED", logs[-6000:]
     assert "view 'low': worker failure 1 of at most 2, retrying from the latest checkpoint" in logs, logs[-6000:]
     resumed = [int(s) for s in re.findall(r"resuming from step (\d+) \(\S*view-low", logs)]
     assert resumed and resumed[-1] >= at_step, (resumed, at_step)  # at most one checkpoint interval redone
@@ -184,18 +175,10 @@ def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(c
         time.sleep(0.5)
     assert fs.exists(snapshot), "the low-res view never registered a checkpoint"
     cluster.kill_node("c")
-    lost_at, status = time.time(), ""
-    while time.time() < lost_at + 300:
-        proc = subprocess.run([RAY, "job", "status", "--address", cluster.address, sub_id], env=cluster.env,
-                              capture_output=True, text=True, timeout=60)
-        status = (proc.stdout + proc.stderr).upper()
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(2)
+    lost_at = time.time()
+    status, logs = cluster.wait_job(sub_id, timeout=300)
     failed_after = time.time() - lost_at
-    logs = subprocess.run([RAY, "job", "logs", "--address", cluster.address, sub_id], env=cluster.env,
-                          capture_output=True, text=True, timeout=60).stdout
-    assert "FAILED" in status, (status, logs[-6000:])
+    assert status == "FAILED", (status, logs[-6000:])
     assert failed_after < 150, failed_after  # a start timeout of 20 s (ray.worker_start_timeout_s) at most
     msg = "ERROR: views.low: no live node of the Ray cluster can run it any more (a node was lost?): " \
           "views.low.scaling.label_selector={'node': 'c'} selects no node of the Ray cluster"
