@@ -124,6 +124,7 @@ def main() -> None:
             lost = {}
 
             def with_node_loss(overrides):
+                since = time.time_ns()  # the earlier cases' view-low runs are not this one
                 out = job(cluster, "ray_jobs.train_views", overrides, wait=False)
                 sub = out.split("Job '")[1].split("'")[0]
                 snap = f"{root}/views/view-low/checkpoint_manager_snapshot.json"
@@ -131,7 +132,8 @@ def main() -> None:
                     fs.invalidate_cache()
                     if fs.exists(snap):
                         ids = {v: k for k, v in cluster.node_ids().items()}
-                        nodes = {ids.get(w["node_id"]) for r in cluster.train_runs() if r["name"] == "view-low"
+                        nodes = {ids.get(w["node_id"]) for r in cluster.train_runs()
+                                 if r["name"] == "view-low" and r["start_time_ns"] >= since
                                  for a in r["attempts"] for w in a["workers"]} - {None}
                         if nodes:
                             state = json.loads(fs.cat(snap))  # Train's registered checkpoints

@@ -101,10 +101,11 @@ class LocalCluster:
             time.sleep(1)
         raise RuntimeError(f"nodes {sorted(want - alive)} did not come up in {timeout:.0f} s")
 
-    def node_ids(self) -> Dict[str, str]:
-        """Node name (its ``node`` label) -> Ray node id, for the nodes alive now."""
+    def node_ids(self, alive: bool = True) -> Dict[str, str]:
+        """Node name (its ``node`` label) -> Ray node id, for the nodes alive now (or every node
+        the cluster has had, ``alive=False``: a lost node's id stays its own)."""
         return {n["labels"]["node"]: n["node_id"] for n in self.list_nodes()
-                if n.get("state") == "ALIVE" and "node" in n.get("labels", {})}
+                if (n.get("state") == "ALIVE" or not alive) and "node" in n.get("labels", {})}
 
     def kill_node(self, name: str) -> None:
         """Lose a worker node: SIGKILL its raylet (its workers die with it, and the GCS marks the

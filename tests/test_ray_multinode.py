@@ -57,10 +57,11 @@ def _fs():
     return fs
 
 
-def _nodes_of(cluster, runs, name) -> set:
-    """Node names that workers of the Train runs called ``name`` (every attempt) ran on."""
-    ids = {v: k for k, v in cluster.node_ids().items()}
-    return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name
+def _nodes_of(cluster, runs, name, since_ns: int = 0) -> set:
+    """Node names that workers of the Train runs called ``name`` (every attempt; started after
+    ``since_ns``, so an earlier test's run of that name is left out) ran on."""
+    ids = {v: k for k, v in cluster.node_ids(alive=False).items()}
+    return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name and r["start_time_ns"] >= since_ns
             for a in r["attempts"] for w in a["workers"]}
 
 
@@ -111,36 +112,52 @@ def test_local_storage_and_unplaceable_runs_fail_at_load_naming_the_key(cluster,
     assert not _fs().exists(prefix[len("s3://"):])
 
 
-def test_worker_node_lost_mid_stage_one_resumes_on_the_node_left(cluster, s3):
+def _kill_after_checkpoint(cluster, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int):
+    """Once a Train run's checkpoint manager has registered a checkpoint (its snapshot under
+    storage), SIGKILL the raylet of a node its workers run on: (that node, the latest registered
+    step, the run's name)."""
+    while time.time() < deadline:
+        fs.invalidate_cache()
+        for snapshot in fs.glob(snapshot_glob):
+            name = snapshot.split("/")[-2]
+            nodes = _nodes_of(cluster, cluster.train_runs(), name, since_ns) - {"head"}
+            if nodes and name.startswith(run_prefix):
+                state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
+                step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
+                lost = sorted(nodes)[0]
+                cluster.kill_node(lost)
+                return lost, step, name
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint of {run_prefix}* registered in time")
+
+
+def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3):
     """SIGKILL the raylet of the node training the low-res view once its run has a registered
-    checkpoint: Train's worker group fails, `fit_retrying` starts it again on the other node from
-    that checkpoint (or a later one), and the pipeline finishes. Runs after the tests that need both
-    nodes: it loses a or b."""
+    checkpoint: Train's worker group fails, `fit_retrying` starts it again on a node left from
+    that checkpoint (or a later one). A fresh node d joins meanwhile; the raylet of the node running the
+    residual trial is killed in turn once the trial has a checkpoint: the trial (its Train workers,
+    and its Tune driver if it was there) resumes from that checkpoint on a node left, and the
+    pipeline finishes with the trial complete. Runs after the tests that need both a and b."""
 
     storage = f"{s3[0]}/nodeloss"
     views = ["views.patch.train.total_kimg=1.28", "views.low.train.total_kimg=1.28",
              "views.patch.train.checkpoint_every_kimg=0.32", "views.low.train.checkpoint_every_kimg=0.32",
-             "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false"]
+             "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false",
+             "residual.train.total_kimg=0.96", "residual.train.checkpoint_every_kimg=0.24"]
+    since = time.time_ns()
     proc = _submit(cluster, f"storage={storage}", *views, wait=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Job '" in out, out[-4000:]
     sub_id = out.split("Job '")[1].split("'")[0]
     fs, root = _fs(), storage[len("s3://"):] + "/quickstart"
-    snapshot = f"{root}/views/view-low/checkpoint_manager_snapshot.json"
-    deadline, lost, at_step = time.time() + 600, None, None
-    while time.time() < deadline and lost is None:
-        fs.invalidate_cache()
-        if fs.exists(snapshot):
-            nodes = _nodes_of(cluster, cluster.train_runs(), "view-low")
-            if nodes:
-                state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
-                at_step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
-                lost = sorted(nodes)[0]
-                cluster.kill_node(lost)
-                break
-        time.sleep(0.5)
-    assert lost is not None, "the low-res view never registered a checkpoint"
+    deadline = time.time() + 900
+    lost, at_step, _ = _kill_after_checkpoint(cluster, fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
+                                              "view-low", deadline, since)
     left = "b" if lost == "a" else "a"
+    cluster.add_node("d", {"cpus": 2})  # the sweep gets two nodes again
+    lost2, trial_step, trial_run = _kill_after_checkpoint(
+        cluster, fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual", deadline,
+        since)
     status, logs = cluster.wait_job(sub_id, timeout=max(deadline - time.time(), 60))
     assert status == "SUCCEEDED", logs[-6000:]
     assert "view 'low': worker failure 1 of at most 2, retrying from the latest checkpoint" in logs, logs[-6000:]
@@ -148,10 +165,20 @@ def test_worker_node_lost_mid_stage_one_resumes_on_the_node_left(cluster, s3):
     assert resumed and resumed[-1] >= at_step, (resumed, at_step)  # at most one checkpoint interval redone
     runs = cluster.train_runs()
     last = max((r for r in runs if r["name"] == "view-low"), key=lambda r: r["start_time_ns"])
-    ids = cluster.node_ids()
-    assert {w["node_id"] for a in last["attempts"] for w in a["workers"]} == {ids[left]}
+    ids = {v: k for k, v in cluster.node_ids(alive=False).items()}
+    # on a node left: the other one, or d if it had joined by the retry
+    assert {ids.get(w["node_id"]) for a in last["attempts"] for w in a["workers"]} <= {left, "d"}
     info = json.loads(fs.cat(f"{root}/views/view-low.json"))
     assert info["metrics"]["step"] == 20  # 1.28 kimg / 64 per step, all of it trained
+    # the sweep: the residual trial resumed from its checkpoint on a node left, and completed
+    label = trial_run[len("trial-"):]
+    resumed = [int(s) for s in re.findall(rf"resuming from step (\d+) \(\S*{trial_run}/", logs)]
+    assert resumed and resumed[-1] >= trial_step, (resumed, trial_step, logs[-6000:])
+    last = max((r for r in runs if r["name"] == trial_run), key=lambda r: r["start_time_ns"])
+    assert lost2 not in {ids.get(w["node_id"]) for a in last["attempts"] for w in a["workers"]}
+    sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
+    trial = next(t for t in sweep["trials"] if t["trial_id"] == label)
+    assert trial["status"] == "complete" and sweep["best"] == label, sweep["trials"]
     assert fs.exists(f"{root}/sweep/report/report.html")
 
 
