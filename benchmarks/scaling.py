@@ -14,7 +14,12 @@ view's ``fit()`` call to its export), so job submission and driver start-up are 
 2. ``one_node``: both at once, both on node a (label selector ``node=a``);
 3. ``two_nodes``: both at once, patch on node a, low on node b;
 4. ``node_lost``: as 3 without selectors, and the node training the low-res view loses its raylet
-   (SIGKILL) once that view has a registered checkpoint; the view resumes on the node left.
+   (SIGKILL) once that view has a registered checkpoint; the view resumes on the node left;
+5. ``pipeline``: the whole job-submitted pipeline on that data (a short sweep: one residual
+   setting of ``--residual-kimg``), once undisturbed and once with two nodes lost — the low-res
+   view's mid-stage-1, then, a fresh node having joined, the residual trial's mid-sweep — and
+   whether its ``sweep.json`` (trials' status, steps, G) and ``summary.json`` (times left out)
+   equal the undisturbed run's.
 
 All nodes share this machine's cores, so two nodes cannot be faster than one: ``two_nodes`` /
 the slowest view alone is Ray's overhead of spreading stage 1 over nodes (target ≤ 1.15), and
@@ -62,11 +67,35 @@ def job(cluster, module: str, overrides: list, wait: bool = True, config: str = 
     return proc.stdout + proc.stderr
 
 
+def _strip_times(obj):
+    """A summary without what differs between any two runs: wall times, dates, paths of a run's
+    own temporary files."""
+    if isinstance(obj, dict):
+        return {k: _strip_times(v) for k, v in obj.items()
+                if not (k.endswith("_s") or any(w in k for w in ("time", "seconds", "date", "wall", "duration")))}
+    if isinstance(obj, list):
+        return [_strip_times(v) for v in obj]
+    return obj
+
+
+def _diff(a, b, path="") -> list:
+    """Where two JSON values differ (dotted paths), at most 20."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        return out[:20]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")][:20]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"[:300]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kimg", type=float, default=2.0, help="kimg per view model")
     ap.add_argument("--checkpoint-kimg", type=float, default=0.5, help="kimg between checkpoints")
     ap.add_argument("--limit", type=int, default=1500, help="MNIST images ingested")
+    ap.add_argument("--residual-kimg", type=float, default=0.96, help="kimg of the pipeline case's residual trial")
     args = ap.parse_args()
     t_start = time.time()
     load0 = os.getloadavg()
@@ -127,21 +156,9 @@ def main() -> None:
                 since = time.time_ns()  # the earlier cases' view-low runs are not this one
                 out = job(cluster, "ray_jobs.train_views", overrides, wait=False)
                 sub = out.split("Job '")[1].split("'")[0]
-                snap = f"{root}/views/view-low/checkpoint_manager_snapshot.json"
-                while "node" not in lost:
-                    fs.invalidate_cache()
-                    if fs.exists(snap):
-                        ids = {v: k for k, v in cluster.node_ids().items()}
-                        nodes = {ids.get(w["node_id"]) for r in cluster.train_runs()
-                                 if r["name"] == "view-low" and r["start_time_ns"] >= since
-                                 for a in r["attempts"] for w in a["workers"]} - {None}
-                        if nodes:
-                            state = json.loads(fs.cat(snap))  # Train's registered checkpoints
-                            lost["step"] = max(r["metrics"]["step"] for r in state["checkpoint_results"])
-                            lost["node"] = sorted(nodes)[0]
-                            lost["at"] = time.time()
-                            cluster.kill_node(lost["node"])
-                    time.sleep(0.5)
+                node, step, _ = cluster.kill_after_checkpoint(
+                    fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json", "view-low", time.time() + 1800, since)
+                lost.update(node=node, step=step, at=time.time())
                 state, logs = cluster.wait_job(sub, timeout=3600)
                 if state != "SUCCEEDED":
                     raise RuntimeError(f"node-loss run failed: {logs[-4000:]}")
@@ -152,6 +169,51 @@ def main() -> None:
             node_lost.update(lost_node=lost["node"], killed_after_checkpoint_step=lost["step"],
                              resumed_from_step=resumed[-1] if resumed else None,
                              retry_line="worker failure 1" in logs)
+
+            # 5. the whole pipeline (the data above, a short sweep: one residual setting), undisturbed
+            # and with two nodes lost: the low-res view's mid-stage-1, then (a fresh node d having
+            # joined) the residual trial's mid-sweep; its sweep.json and summary.json against the first
+            cluster.add_node("c", {"cpus": 2})  # two worker nodes again
+            pipe = base + ["sweep.mu_var=[0.0]", "sweep.peers=[]", "sweep.baseline_full_res=false",
+                           "sweep.baseline_combined=false", f"residual.train.total_kimg={args.residual_kimg}",
+                           f"residual.train.checkpoint_every_kimg={args.residual_kimg / 4:g}"]
+
+            def pipeline(disturb: bool):
+                fs.invalidate_cache()
+                for part in fs.ls(root):  # everything of the run but its ingested data
+                    if part.rstrip("/").rsplit("/", 1)[-1] != "data":
+                        fs.rm(part, recursive=True)
+                log(f"pipeline, {'two nodes lost' if disturb else 'undisturbed'}")
+                since, t0 = time.time_ns(), time.time()
+                out = job(cluster, "ray_jobs.pipeline", pipe, wait=False)
+                sub = out.split("Job '")[1].split("'")[0]
+                kills = []
+                if disturb:
+                    deadline = time.time() + 1800
+                    kills.append(cluster.kill_after_checkpoint(
+                        fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json", "view-low", deadline, since))
+                    cluster.add_node("d", {"cpus": 2})
+                    kills.append(cluster.kill_after_checkpoint(
+                        fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual",
+                        deadline, since))
+                state, logs = cluster.wait_job(sub, timeout=3600)
+                if state != "SUCCEEDED":
+                    raise RuntimeError(f"pipeline failed: {logs[-4000:]}")
+                fs.invalidate_cache()
+                sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
+                summary = json.loads(fs.cat(f"{root}/sweep/report/summary.json"))
+                trials = {t["trial_id"]: {k: t.get(k) for k in ("status", "step", "kimg", "val_G", "test_G", "train_G")}
+                          for t in sweep["trials"]}
+                return {"wall_s": round(time.time() - t0, 1), "best": sweep["best"], "trials": trials,
+                        "killed": [{"node": n, "after_checkpoint_step": s, "run": r} for n, s, r in kills],
+                        "resumed_from_steps": [int(s) for s in re.findall(r"resuming from step (\d+)", logs)]}, summary
+
+            undisturbed, summary0 = pipeline(False)
+            disturbed, summary1 = pipeline(True)
+            pipeline_result = {"undisturbed": undisturbed, "two_nodes_lost": disturbed,
+                               "sweep_equal": (undisturbed["trials"], undisturbed["best"]) == (disturbed["trials"], disturbed["best"]),
+                               "summary_equal": _strip_times(summary0) == _strip_times(summary1),
+                               "summary_diff": _diff(_strip_times(summary0), _strip_times(summary1))}
         finally:
             cluster.stop()
     slowest = max(alone.values(), key=lambda r: r["wall_s"])["wall_s"]
@@ -167,6 +229,7 @@ def main() -> None:
         # exact resume (bootdiff.train): the view trained through a node loss ends where the
         # undisturbed run ends, to the bit, when the resumed run replays the same batches
         "node_lost_final_loss_equals_two_nodes": node_lost["final_loss"] == two_nodes["final_loss"],
+        "pipeline": pipeline_result,
         "total_s": round(time.time() - t_start, 1),
     }
     print(json.dumps(out, indent=1))

@@ -102,10 +102,6 @@ def main(job: Callable, description: str, argv: Optional[List[str]] = None) -> i
         print(f"[bootdiff] ERROR: {exc}\n[bootdiff] Finished work is kept; fix it and run the same command "
               f"again (--debug shows the traceback).", file=sys.stderr, flush=True)
         return 2
-    finally:  # disconnect (a cluster this process started stops): main can run again in one process
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
 
 
 def _user_errors() -> tuple:

@@ -144,6 +144,31 @@ class LocalCluster:
                               capture_output=True, text=True, timeout=60).stdout
         return state, logs
 
+    def nodes_of(self, runs: list, name: str, since_ns: int = 0) -> set:
+        """Node names that workers of the Train runs called ``name`` (every attempt; started after
+        ``since_ns``, so an earlier job's run of that name is left out) ran on."""
+        ids = {v: k for k, v in self.node_ids(alive=False).items()}
+        return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name and r["start_time_ns"] >= since_ns
+                for a in r["attempts"] for w in a["workers"]}
+
+    def kill_after_checkpoint(self, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int) -> tuple:
+        """Once a Train run called ``run_prefix…`` has a registered checkpoint (its checkpoint
+        manager's snapshot under storage, found with fsspec ``fs``), SIGKILL the raylet of a node
+        its workers run on: (that node, the latest registered step, the run's name)."""
+        while time.time() < deadline:
+            fs.invalidate_cache()
+            for snapshot in fs.glob(snapshot_glob):
+                name = snapshot.split("/")[-2]
+                nodes = self.nodes_of(self.train_runs(), name, since_ns) - {"head"} if name.startswith(run_prefix) else set()
+                if nodes:
+                    state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
+                    step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
+                    lost = sorted(nodes)[0]
+                    self.kill_node(lost)
+                    return lost, step, name
+            time.sleep(0.5)
+        raise RuntimeError(f"no checkpoint of a Train run {run_prefix}* registered in time")
+
     def train_runs(self) -> list:
         """Ray Train's state API (the dashboard's ``/api/train/v2/runs/v1``, Train V2): every Train run with its
         attempts and their workers (``node_id``)."""

@@ -304,7 +304,17 @@ def test_pipeline_entry_point_fails_fast_and_writes_nothing(tmp_path):
     assert cpu < 10, f"{cpu:.1f} s CPU ({wall:.1f} s wall)"
 
 
-def test_a_users_mistake_is_one_paragraph_and_exit_2_a_bug_keeps_its_traceback(tmp_path, capsys):
+@pytest.fixture
+def no_ray_left():
+    """`common.main` joins Ray (here: starts a local cluster) before the run's lease; a process
+    exits after it, this test's does not: disconnect so the tests after it can ``ray.init``."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_a_users_mistake_is_one_paragraph_and_exit_2_a_bug_keeps_its_traceback(tmp_path, capsys, no_ray_left):
     from ray_jobs import common
 
     ran = []

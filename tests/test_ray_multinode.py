@@ -57,14 +57,6 @@ def _fs():
     return fs
 
 
-def _nodes_of(cluster, runs, name, since_ns: int = 0) -> set:
-    """Node names that workers of the Train runs called ``name`` (every attempt; started after
-    ``since_ns``, so an earlier test's run of that name is left out) ran on."""
-    ids = {v: k for k, v in cluster.node_ids(alive=False).items()}
-    return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name and r["start_time_ns"] >= since_ns
-            for a in r["attempts"] for w in a["workers"]}
-
-
 def test_pipeline_on_three_nodes_with_views_placed_and_storage_on_s3(cluster, s3):
     storage = f"{s3[0]}/multinode"
     proc = _submit(cluster, f"storage={storage}", "views.patch.scaling.label_selector={node: a}",
@@ -73,13 +65,13 @@ def test_pipeline_on_three_nodes_with_views_placed_and_storage_on_s3(cluster, s3
     assert proc.returncode == 0 and "succeeded" in out, out[-6000:]
     runs = cluster.train_runs()
     # each view's workers on the node its label selector names, from Ray Train's state API
-    assert _nodes_of(cluster, runs, "view-patch") == {"a"}, runs
-    assert _nodes_of(cluster, runs, "view-low") == {"b"}, runs
+    assert cluster.nodes_of(runs, "view-patch") == {"a"}, runs
+    assert cluster.nodes_of(runs, "view-low") == {"b"}, runs
     low = [r for r in runs if r["name"] == "view-low"][-1]
     assert len(low["attempts"][-1]["workers"]) == 2  # the low-res view data-parallel (DDP) over node b
     # the sweep's three Train trials (full-res baseline, two residual settings) used both nodes
-    trial_nodes = set().union(*[_nodes_of(cluster, runs, r["name"]) for r in runs if r["name"].startswith("trial-")])
-    assert trial_nodes == {"a", "b"}, [(r["name"], _nodes_of(cluster, runs, r["name"])) for r in runs]
+    trial_nodes = set().union(*[cluster.nodes_of(runs, r["name"]) for r in runs if r["name"].startswith("trial-")])
+    assert trial_nodes == {"a", "b"}, [(r["name"], cluster.nodes_of(runs, r["name"])) for r in runs]
     # everything on S3: the nodes' own working directories hold nothing of the run
     fs, root = _fs(), storage[len("s3://"):] + "/quickstart"
     sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
@@ -112,25 +104,6 @@ def test_local_storage_and_unplaceable_runs_fail_at_load_naming_the_key(cluster,
     assert not _fs().exists(prefix[len("s3://"):])
 
 
-def _kill_after_checkpoint(cluster, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int):
-    """Once a Train run's checkpoint manager has registered a checkpoint (its snapshot under
-    storage), SIGKILL the raylet of a node its workers run on: (that node, the latest registered
-    step, the run's name)."""
-    while time.time() < deadline:
-        fs.invalidate_cache()
-        for snapshot in fs.glob(snapshot_glob):
-            name = snapshot.split("/")[-2]
-            nodes = _nodes_of(cluster, cluster.train_runs(), name, since_ns) - {"head"}
-            if nodes and name.startswith(run_prefix):
-                state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
-                step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
-                lost = sorted(nodes)[0]
-                cluster.kill_node(lost)
-                return lost, step, name
-        time.sleep(0.5)
-    raise AssertionError(f"no checkpoint of {run_prefix}* registered in time")
-
-
 def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3):
     """SIGKILL the raylet of the node training the low-res view once its run has a registered
     checkpoint: Train's worker group fails, `fit_retrying` starts it again on a node left from
@@ -151,13 +124,12 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     sub_id = out.split("Job '")[1].split("'")[0]
     fs, root = _fs(), storage[len("s3://"):] + "/quickstart"
     deadline = time.time() + 900
-    lost, at_step, _ = _kill_after_checkpoint(cluster, fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
-                                              "view-low", deadline, since)
+    lost, at_step, _ = cluster.kill_after_checkpoint(fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
+                                                     "view-low", deadline, since)
     left = "b" if lost == "a" else "a"
     cluster.add_node("d", {"cpus": 2})  # the sweep gets two nodes again
-    lost2, trial_step, trial_run = _kill_after_checkpoint(
-        cluster, fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual", deadline,
-        since)
+    lost2, trial_step, trial_run = cluster.kill_after_checkpoint(
+        fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual", deadline, since)
     status, logs = cluster.wait_job(sub_id, timeout=max(deadline - time.time(), 60))
     assert status == "SUCCEEDED", logs[-6000:]
     assert "view 'low': worker failure 1 of at most 2, retrying from the latest checkpoint" in logs, logs[-6000:]
