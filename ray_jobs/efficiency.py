@@ -16,7 +16,7 @@ from bootdiff import util
 from bootdiff.efficiency.models import PEER_NAMES, job_cfg
 from bootdiff.efficiency.run import run_job
 from bootdiff.run.layout import RunLayout
-from ray_jobs import common
+from ray_jobs import cluster, common
 
 
 def train_ray(job: dict, b: dict, out: str) -> dict:
@@ -28,7 +28,7 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     from bootdiff.experiment import export_result
     from ray_jobs.cluster import worker_cpus
     from ray_jobs.sweep_residual import residual_worker
-    from ray_jobs.train_views import make_trainer
+    from ray_jobs.train_views import fit_retrying, make_trainer
 
     cfg = job_cfg(job, b)
     cfg_yaml = to_yaml(cfg)
@@ -39,8 +39,12 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     curve_url = util.join(storage, name, "curve.json")
     if job["kind"] in ("view", "full_res", *PEER_NAMES):
         view = job["view"] if job["kind"] == "view" else job["kind"]
-        trainer = make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view",
-                               curve_url=curve_url if job["kind"] != "view" else "")
+        # through fit_retrying like every other Train run: a lost worker is retried from the run's
+        # checkpoint, a worker group that cannot start waits while some node can take it
+        result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view",
+                                                   curve_url=curve_url if job["kind"] != "view" else ""),
+                              cfg.ray.max_failures, f"data-efficiency {job['id']}",
+                              cluster.placeable(cfg, cluster.placement_key(view)))
     else:
         sw = cfg.sweep
         resources = {"CPU": worker_cpus(cfg), **dict(sw.trial_resources)}
@@ -53,7 +57,7 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
             run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                  logging_config=common.train_logging(cfg)))
-    result = trainer.fit()
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"data-efficiency: {job['id']} finished without a checkpoint")
     ckpt = RunLayout.of(cfg).url(result.checkpoint.path)
