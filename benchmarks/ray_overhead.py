@@ -348,7 +348,7 @@ def main(argv=None) -> int:
 
             from bootdiff.data.ingest import ingest
             from bootdiff.run.layout import absolute_url
-            from ray_jobs import common
+            from ray_jobs import entry
 
             result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "cuda": torch.cuda.is_available(), "torch": torch.__version__,
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
             result["ingest_s"] = round(time.time() - t0, 2)
             result["samples"] = {v: manifest["splits"][v]["count"] for v in views}
             t0 = time.time()
-            common.init_ray(cfg)
+            entry.init_ray(cfg)
             result["ray_init_s"] = round(time.time() - t0, 2)
             result["cluster_cpus"] = ray.cluster_resources().get("CPU")
             if not args.no_stage1:

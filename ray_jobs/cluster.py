@@ -1,5 +1,5 @@
 """What a run asks of the Ray cluster, checked against the cluster's live nodes before anything is
-written or trained (`check`, called by `common.init_ray`): where each run's workers may go and
+written or trained (`check`, called by `entry.init_ray`): where each run's workers may go and
 whether its storage can be shared by every node.
 
 Placement is Ray's own: a Train worker's bundle (``CPU``, ``GPU``, custom resources:

@@ -22,7 +22,7 @@ import time
 from bootdiff import experiment
 from bootdiff.distill import student as distill
 from bootdiff.run.layout import RunLayout
-from ray_jobs import cluster, common
+from ray_jobs import cluster, common, entry
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
 
@@ -40,7 +40,7 @@ def generate_teacher_samples(cfg, cfg_yaml: str) -> dict:
     """The teacher-sample shards in parallel Ray tasks (resources as a sweep trial's), then their manifest."""
     from bootdiff.data.shards import ShardInfo
 
-    ray = common.init_ray(cfg)
+    ray = entry.init_ray(cfg)
     plan = distill.teacher_shard_plan(cfg)
     ntasks = max(1, min(len(plan), int(ray.cluster_resources().get("CPU", 1) // max(cfg.sweep.trial_cpus, 1))))
     opts = {"num_cpus": cfg.sweep.trial_cpus, "num_gpus": cfg.sweep.trial_gpus, "max_retries": 2}
@@ -82,4 +82,4 @@ def _job(cfg, cfg_yaml: str) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(_job, __doc__))
+    sys.exit(entry.main(_job, __doc__))

@@ -16,7 +16,7 @@ from bootdiff import util
 from bootdiff.efficiency.models import PEER_NAMES, job_cfg
 from bootdiff.efficiency.run import run_job
 from bootdiff.run.layout import RunLayout
-from ray_jobs import cluster, common
+from ray_jobs import cluster, common, entry
 
 
 def train_ray(job: dict, b: dict, out: str) -> dict:
@@ -81,7 +81,7 @@ def ray_runner(cfg):
     def run(todo, b, out, num_samples):
         if not todo:
             return
-        ray = common.init_ray(cfg)
+        ray = entry.init_ray(cfg)
         remote = ray.remote(num_cpus=0, max_retries=0)(_run_job)
         pending = {remote.remote(j, b, out, num_samples): j for j in todo}
         while pending:

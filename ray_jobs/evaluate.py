@@ -16,7 +16,7 @@ from bootdiff import util
 from bootdiff.distill.student import student_entry
 from bootdiff.evaluation.evaluate import evaluate
 from bootdiff.run.layout import RunLayout
-from ray_jobs import common
+from ray_jobs import common, entry
 from ray_jobs.sweep_residual import sweep_done
 
 
@@ -26,7 +26,7 @@ def report_done(cfg) -> bool:
 
 def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
     """Evaluate as one Ray task (resources as a sweep trial's), and return the report's URLs."""
-    ray = common.init_ray(cfg)
+    ray = entry.init_ray(cfg)
     opts = {"num_cpus": cfg.sweep.trial_cpus, "num_gpus": cfg.sweep.trial_gpus}
     if cfg.sweep.trial_resources:
         opts["resources"] = dict(cfg.sweep.trial_resources)
@@ -45,4 +45,4 @@ def _job(cfg, cfg_yaml: str) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(_job, __doc__))
+    sys.exit(entry.main(_job, __doc__))

@@ -12,7 +12,7 @@ import sys
 
 from bootdiff import experiment, util
 from bootdiff.run.layout import RunLayout
-from ray_jobs import common
+from ray_jobs import entry
 
 
 def ingest_done(cfg) -> bool:
@@ -28,7 +28,7 @@ def run(cfg) -> dict:
     if ingest_done(cfg):
         print(f"[bootdiff] data already ingested: {RunLayout.of(cfg).manifest}", flush=True)
         return experiment.read_manifest(cfg)
-    ray = common.init_ray(cfg)
+    ray = entry.init_ray(cfg)
     tasks = plan_ingest(cfg)
     remote = ray.remote(num_cpus=1, max_retries=2)(run_shard_task)
     pending = [remote.remote(t) for t in tasks]
@@ -48,4 +48,4 @@ def _job(cfg, cfg_yaml: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(_job, __doc__))
+    sys.exit(entry.main(_job, __doc__))

@@ -14,7 +14,7 @@ checkpoints, the Tune experiment), so a failed pipeline is simply submitted agai
 Ctrl-C or SIGTERM (``ray job stop``) stops the pipeline without marking anything done (Tune saves
 the sweep's state first); it exits with 130 / 143 naming the interrupted stage, and the same command
 resumes: finished stages are skipped, a view resumes from its checkpoint, the sweep is restored
-and runs only its unfinished trials. One submission of a run at a time (its lease, `common.main`).
+and runs only its unfinished trials. One submission of a run at a time (its lease, `entry.main`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import time
 
 from bootdiff import util
 from bootdiff.run.layout import RunLayout
-from ray_jobs import common, distill, evaluate, ingest, sweep_residual, train_views
+from ray_jobs import common, distill, entry, evaluate, ingest, sweep_residual, train_views
 
 
 def run(cfg, cfg_yaml: str) -> dict:
     t0 = time.time()
     layout = RunLayout.of(cfg)
-    common.init_ray(cfg)
+    entry.init_ray(cfg)
     print(f"[bootdiff] pipeline '{cfg.name}' -> {layout.root}", flush=True)
     common.write_json(layout.config, {"yaml": cfg_yaml})
     stages = {}
@@ -46,8 +46,8 @@ def run(cfg, cfg_yaml: str) -> dict:
         try:
             fn()
         except KeyboardInterrupt as exc:
-            detail = f": {exc}" if isinstance(exc, common.Interrupted) and str(exc) else ""
-            raise common.Interrupted(f"pipeline stage {name}{detail}; finished stages: "
+            detail = f": {exc}" if isinstance(exc, entry.Interrupted) and str(exc) else ""
+            raise entry.Interrupted(f"pipeline stage {name}{detail}; finished stages: "
                                      f"{', '.join(stages) or 'none'}") from exc
         stages[name] = time.time() - s
     report = util.join(layout.report, "report.html")
@@ -137,4 +137,4 @@ def _job(cfg, cfg_yaml: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(_job, __doc__))
+    sys.exit(entry.main(_job, __doc__))

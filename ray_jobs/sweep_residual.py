@@ -40,7 +40,7 @@ from bootdiff.config import to_yaml
 from bootdiff.sweep import (chosen_report, recommend, select_best, trial_config, trial_list, trial_residual_config,
                             trial_row)
 from bootdiff.run.tb import trial_hparams
-from ray_jobs import cluster, common
+from ray_jobs import cluster, common, entry
 from ray_jobs.cluster import TRIAL_TOKEN_CPU, worker_cpus
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
@@ -230,7 +230,7 @@ def sweep_done(cfg) -> bool:
 
 def run(cfg, cfg_yaml: str) -> dict:
     """Run (or restore and finish) the sweep; write and return ``sweep.json``."""
-    ray = common.init_ray(cfg)
+    ray = entry.init_ray(cfg)
     from ray import tune
 
     layout = RunLayout.of(cfg)
@@ -280,7 +280,7 @@ def run(cfg, cfg_yaml: str) -> dict:
     unfinished = [r["trial_id"] for r in rows if r["status"] == "interrupted"] + \
         [t["label"] for t in trials if t["label"] not in known]
     if unfinished:  # nothing is recorded as finished: the next run restores the Tune experiment
-        raise common.Interrupted(
+        raise entry.Interrupted(
             f"the sweep ({len(unfinished)} of {len(trials)} trials unfinished: {', '.join(unfinished)}; "
             f"Tune saved its state at {tune_path})")
     errors = [r for r in rows if r["error"]]
@@ -305,4 +305,4 @@ def _job(cfg, cfg_yaml: str) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(_job, __doc__))
+    sys.exit(entry.main(_job, __doc__))

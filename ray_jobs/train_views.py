@@ -23,7 +23,7 @@ from bootdiff.config.schema import ConfigError
 from bootdiff.experiment import export_result
 from bootdiff.peers import NAMES as PEER_NAMES, peer_training
 from bootdiff.run.layout import RunLayout
-from ray_jobs import cluster, common
+from ray_jobs import cluster, common, entry
 
 
 def train_worker(config: dict) -> None:
@@ -166,7 +166,7 @@ def view_done(cfg, view: str) -> bool:
 
 def run(cfg, cfg_yaml: str) -> list:
     """Train every view that is not exported yet, all concurrently; return their run infos."""
-    ray = common.init_ray(cfg)
+    ray = entry.init_ray(cfg)
     todo = [v for v in cfg.views if not view_done(cfg, v)]
     for v in cfg.views:
         if v not in todo:
@@ -205,4 +205,4 @@ def _job(cfg, cfg_yaml: str) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(common.main(_job, __doc__))
+    sys.exit(entry.main(_job, __doc__))

@@ -306,7 +306,7 @@ def test_pipeline_entry_point_fails_fast_and_writes_nothing(tmp_path):
 
 @pytest.fixture
 def no_ray_left():
-    """`common.main` joins Ray (here: starts a local cluster) before the run's lease; a process
+    """`entry.main` joins Ray (here: starts a local cluster) before the run's lease; a process
     exits after it, this test's does not: disconnect so the tests after it can ``ray.init``."""
     yield
     import ray
@@ -315,28 +315,28 @@ def no_ray_left():
 
 
 def test_a_users_mistake_is_one_paragraph_and_exit_2_a_bug_keeps_its_traceback(tmp_path, capsys, no_ray_left):
-    from ray_jobs import common
+    from ray_jobs import entry
 
     ran = []
     job = lambda cfg, cfg_yaml: ran.append(cfg) or {"ok": 1}  # noqa: E731
     quick = "configs/quickstart.yaml"
     # A config value at fault: named, no traceback, exit 2, nothing run or written.
-    assert common.main(job, "", ["--config", quick, f"storage={tmp_path}/s", "data.num_full=0"]) == 2
+    assert entry.main(job, "", ["--config", quick, f"storage={tmp_path}/s", "data.num_full=0"]) == 2
     err = capsys.readouterr().err
     assert "[bootdiff] ERROR: command line: data.num_full=0" in err and "Traceback" not in err
     assert not ran and not os.path.exists(tmp_path / "s")
     # A storage that cannot be written: the URL named before any work.
-    assert common.main(job, "", ["--config", quick, "storage=/proc/nope"]) == 2
+    assert entry.main(job, "", ["--config", quick, "storage=/proc/nope"]) == 2
     err = capsys.readouterr().err
     assert "storage '/proc/nope' cannot be written" in err and "storage=" in err and not ran
     # --debug: the same mistake raises with its traceback.
     with pytest.raises(ConfigError, match="data.num_full"):
-        common.main(job, "", ["--config", quick, "--debug", f"storage={tmp_path}/s", "data.num_full=0"])
+        entry.main(job, "", ["--config", quick, "--debug", f"storage={tmp_path}/s", "data.num_full=0"])
     # A bug is not a user's mistake: its traceback stays.
     def bug(cfg, cfg_yaml):
         raise ZeroDivisionError("a bug")
     with pytest.raises(ZeroDivisionError):
-        common.main(bug, "", ["--config", quick, f"storage={tmp_path}/s"])
+        entry.main(bug, "", ["--config", quick, f"storage={tmp_path}/s"])
     # And a good config runs, its result one JSON line.
-    assert common.main(job, "", ["--config", quick, f"storage={tmp_path}/s"]) == 0 and len(ran) == 1
+    assert entry.main(job, "", ["--config", quick, f"storage={tmp_path}/s"]) == 0 and len(ran) == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 1}

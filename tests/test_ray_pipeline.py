@@ -144,7 +144,7 @@ def test_job_submit_pipeline_end_to_end(head, submitted):
         assert line in out, f"job log lacks {line!r}"
     # Train's per-report / per-checkpoint INFO lines stay off the console (ray.train_log_level)
     assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
-    assert "RayDeprecationWarning" not in out  # Ray's own deprecation noise (common.quiet_ray)
+    assert "RayDeprecationWarning" not in out  # Ray's own deprecation noise (entry.quiet_ray)
     assert "chosen on validation G" in out  # the sweep says what it chose on
     sub_id = out.split("Job '")[1].split("'")[0]
     job = next(j for j in _jobs(head) if j["submission_id"] == sub_id)

@@ -108,7 +108,7 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     print(f"video pipeline as a Ray job: {time.time() - t0:.0f} s")
     for line in ("=== stage ingest", "=== stage train_views", "=== stage sweep_residual", "=== stage evaluate"):
         assert line in out, f"job log lacks {line!r}"
-    # Ray's internal noise stays off the console of a locally started run (common.quiet_ray).
+    # Ray's internal noise stays off the console of a locally started run (entry.quiet_ray).
     assert "RayDeprecationWarning" not in out and "exclude_resources" not in out, out[-5000:]
     assert "PreemptionWatcher" not in out and "core_worker.cc" not in out, out[-5000:]
     root = storage / "moving_mnist"
