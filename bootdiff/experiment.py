@@ -113,6 +113,26 @@ def train_data(cfg, manifest: dict, view: str, tcfg, rank: int, world_size: int,
     return data
 
 
+def mixed_train_data(cfg, manifest: dict, tcfg, groups: Sequence[Tuple[str, int]], rank: int = 0,
+                     world_size: int = 1) -> Callable[[int], Iterator[tuple]]:
+    """``data(start_step) -> iterator`` of micro-batches that are tuples, one tensor per
+    ``(split, rows)`` of ``groups`` (a mixed batch: `bootdiff.peers.ambient`, the residual's σ-gated
+    low-res rows): each group its own `train_data` stream of ``rows`` per micro-batch, positioned
+    exactly, so a resumed run continues the same streams. A group of zero rows yields an empty
+    tensor of its split's sample shape."""
+    import dataclasses
+
+    parts = [train_data(cfg, manifest, split, dataclasses.replace(tcfg, batch_size=n), rank, world_size)
+             if n > 0 else view_sample_shape(manifest, split) for split, n in groups]
+
+    def data(start_step: int):
+        streams = [iter(p(start_step)) if callable(p) else None for p in parts]
+        while True:
+            yield tuple(next(s) if s is not None else torch.zeros((0, *p)) for s, p in zip(streams, parts))
+
+    return data
+
+
 def load_all(cfg, manifest: dict, split: str, max_samples: int) -> torch.Tensor:
     """Up to ``max_samples`` samples of a split as one tensor (for evaluation and references)."""
     parts = list(stream(cfg, manifest, split, batch_size=min(256, max_samples), mode="eval",
@@ -272,17 +292,40 @@ def residual_training(cfg, manifest: dict, rcfg: ResidualConfig, rank: int = 0, 
     `train` loads into the model, buffers included.
     """
     from bootdiff.checkpoint import latest_checkpoint
-    from bootdiff.residual import ResidualLoss
 
     model = build_bootstrap(cfg, manifest, rcfg)
     if device is not None:
         model.to(device)
     if not (resume_from or latest_checkpoint(run_dir)):
         fit_bootstrap(cfg, manifest, model, rcfg)
-    sigma_data = float(view_info(manifest, "full")["sigma_data"])
+    loss, groups = residual_loss(cfg, manifest, rcfg)
+    if len(groups) == 1:
+        return model, loss, train_data(cfg, manifest, "full", rcfg.train, rank, world_size)
+    return model, loss, mixed_train_data(cfg, manifest, rcfg.train, groups, rank, world_size)
+
+
+def residual_loss(cfg, manifest: dict, rcfg: ResidualConfig):
+    """(`bootdiff.residual.ResidualLoss` of ``rcfg``, the ``(split, rows)`` groups of its
+    micro-batch): ``[("full", batch_size)]``, plus ``(low view, round(low_ratio · batch_size))``
+    when ``residual.low_ratio`` > 0 — the low-res view's samples lifted by the view's own Aᵀ/c
+    and trained only at σ ≥ ``residual.sigma_tn`` (σ-gated partial data in stage 2)."""
+    from bootdiff.residual import ResidualLoss
+
+    info = view_info(manifest, "full")
+    sigma_data = float(info["sigma_data"])
+    groups = [("full", rcfg.train.batch_size)]
+    lift = None
+    n_low = int(round(rcfg.low_ratio * rcfg.train.batch_size))
+    if n_low > 0:
+        from bootdiff.config.check import pick_view
+        from bootdiff.views import make_view
+
+        low = pick_view(cfg, "downsample", rcfg.low_view, key="residual.low_view")
+        lift = make_view(cfg.views[low], info["shape"], name=low).lift
+        groups.append((low, n_low))
     loss = ResidualLoss(rcfg.train.loss, sigma_data, mu_var=rcfg.mu_var, mu_l1=rcfg.mu_l1,
-                        l1_decay=rcfg.l1_decay)
-    return model, loss, train_data(cfg, manifest, "full", rcfg.train, rank, world_size)
+                        l1_decay=rcfg.l1_decay, lift=lift, sigma_tn=rcfg.sigma_tn)
+    return loss, groups
 
 
 # ----------------------------------------------------------------------------- trained runs and trials

@@ -25,11 +25,12 @@ from bootdiff.schedules import WEIGHTINGS, sample_training_sigma, weighting
 from bootdiff.util import broadcast_sigma, randn
 
 
-def noisy_batch(x: torch.Tensor, loss_cfg, generator):
-    """σ ``[N]`` and ``x_σ = x + σ·n`` for one batch (σ drawn first, then n; METHOD §2)."""
+def noisy_batch(x: torch.Tensor, loss_cfg, generator, lo: float = 0.0):
+    """σ ``[N]`` and ``x_σ = x + σ·n`` for one batch (σ drawn first, then n; METHOD §2); ``lo`` > 0
+    draws σ from p_train truncated to σ ≥ lo (`bootdiff.schedules.sample_training_sigma`)."""
     if not x.is_floating_point():
         raise ValueError(f"loss input must be a floating-point tensor, got {x.dtype}")
-    sigma = sample_training_sigma(x.shape[0], loss_cfg, generator, x.device).to(x.dtype)
+    sigma = sample_training_sigma(x.shape[0], loss_cfg, generator, x.device, lo=lo).to(x.dtype)
     noise = randn(x.shape, generator, x.device, x.dtype)
     return sigma, x + broadcast_sigma(sigma, x, column=True) * noise
 

@@ -290,10 +290,17 @@ class ResidualLoss:
     gradients reach only the residual network R_θ. ``r`` may be ``[N]`` (one value per sample) or
     broadcastable to x. Sets ``self.last_sigma`` and ``self.last_terms`` (per-sample ``mse``,
     ``var``, ``l1``, detached).
+
+    σ-gated partial data (the Ambient-Omni gate of `bootdiff.peers.ambient`, here in stage 2;
+    ``residual.low_ratio``): with ``lift`` (the low-res view's Aᵀ/c) the batch may be a pair
+    ``(x_full, y_low)``; the lifted rows ``lift(y_low)`` get the same loss with σ ~ p_train
+    truncated to σ ≥ ``sigma_tn``, where their missing detail is drowned by the noise. The
+    returned losses are the full-res rows' then the lifted rows'.
     """
 
     def __init__(self, loss_cfg, sigma_data: float, mu_var: float = 0.0, mu_l1: float = 0.0,
-                 l1_decay: str = "none", weighting: Optional[str] = None):
+                 l1_decay: str = "none", weighting: Optional[str] = None, lift: Optional[Callable] = None,
+                 sigma_tn: float = 0.0):
         l1_decay = str(getattr(l1_decay, "value", l1_decay))  # an Enum member of the config, or a str
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
@@ -306,6 +313,9 @@ class ResidualLoss:
         self.mu_var = float(mu_var)
         self.mu_l1 = float(mu_l1)
         self.l1_decay = l1_decay
+        if lift is not None and not sigma_tn > 0:
+            raise ValueError(f"residual.sigma_tn must be > 0 (the σ gate of the lifted low-res rows), got {sigma_tn}")
+        self.lift, self.sigma_tn = lift, float(sigma_tn)
         self.weighting = check_weighting(weighting or loss_cfg.weighting)
         self.last_sigma: Optional[torch.Tensor] = None
         self.last_terms: dict = {}
@@ -316,9 +326,24 @@ class ResidualLoss:
             return (self.sigma_data / sigma).clamp(max=1.0)
         return torch.ones_like(sigma)
 
-    def __call__(self, model, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def __call__(self, model, x, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         parts = _parts_fn(model)
-        sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator)
+        if not isinstance(x, (tuple, list)):
+            return self._terms(parts, x, generator)
+        if self.lift is None or len(x) != 2:
+            raise ValueError("ResidualLoss: a batch of (full-res, low-res) rows needs lift= (residual.low_ratio > 0)")
+        full, low = x
+        if low.shape[0] == 0:
+            return self._terms(parts, full, generator)
+        out_full = self._terms(parts, full, generator)
+        sigma_full, terms_full = self.last_sigma, self.last_terms
+        out_low = self._terms(parts, self.lift(low), generator, lo=self.sigma_tn)
+        self.last_sigma = torch.cat([sigma_full, self.last_sigma])
+        self.last_terms = {k: torch.cat([terms_full[k], self.last_terms[k]]) for k in terms_full}
+        return torch.cat([out_full, out_low])
+
+    def _terms(self, parts, x: torch.Tensor, generator, lo: float = 0.0) -> torch.Tensor:
+        sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator, lo=lo)
         self.last_sigma = sigma.detach()
         d_comb, r, R = parts(x_noisy, sigma)
         d_comb = d_comb.detach()

@@ -5,8 +5,9 @@ The rule (as in ``keras.callbacks.EarlyStopping`` with ``restore_best_weights`` 
 caller): at every checkpoint report carrying ``key`` (e.g. ``val_G``, the validation G of the
 EMA weights), the run has improved when the value is below the best so far by more than
 ``min_delta`` (relative); after ``patience`` checkpoints in a row without improvement the run
-stops. The model is then taken at its validation minimum — which checkpoint that is, is the
-caller's (the sweep keeps it, `ray_jobs.common.checkpoint_config`; the data-efficiency benchmark
+stops. Reports before ``start_kimg`` do not count (a pre-training phase on other data, whose
+held-out G says nothing of the model it becomes: ``train.patience_from_kimg``). The model is
+then taken at its validation minimum — which checkpoint that is, is the caller's (the sweep keeps it, `ray_jobs.common.checkpoint_config`; the data-efficiency benchmark
 reads it off the curve). A run that reaches its ``total_kimg`` cap first was still improving, and
 `Patience.summary` says so. ``patience = 0`` never stops a run.
 
@@ -23,21 +24,25 @@ from typing import Iterable, Optional
 class Patience:
     """``update(metrics)`` at each report, ``should_stop()`` polled by `bootdiff.train.train`."""
 
-    def __init__(self, patience: int, key: str, min_delta: float = 0.0):
+    def __init__(self, patience: int, key: str, min_delta: float = 0.0, start_kimg: float = 0.0):
         if int(patience) < 0:
             raise ValueError(f"patience={patience}: must be >= 0 checkpoints (0: never stop early)")
         if not min_delta >= 0:
             raise ValueError(f"min_delta={min_delta}: must be >= 0 (a relative improvement)")
         self.patience, self.key, self.min_delta = int(patience), str(key), float(min_delta)
+        self.start_kimg = float(start_kimg)
         self.best = math.inf
         self.best_kimg: Optional[float] = None
         self.since_best = 0  # checkpoints since the best one
         self.last_kimg: Optional[float] = None
 
     def update(self, metrics: dict) -> None:
-        """One report; only those carrying a finite ``key`` (checkpoint reports) count."""
+        """One report; only those carrying a finite ``key`` (checkpoint reports) at or after
+        ``start_kimg`` count."""
         v = metrics.get(self.key)
         if v is None or not math.isfinite(float(v)):
+            return
+        if float(metrics.get("kimg", math.inf)) < self.start_kimg - 1e-9:
             return
         v = float(v)
         self.last_kimg = float(metrics["kimg"]) if "kimg" in metrics else None

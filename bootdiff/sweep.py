@@ -21,7 +21,7 @@ from typing import Optional
 
 from bootdiff.config import ResidualConfig
 from bootdiff.config.choices import PEER_NAMES
-from bootdiff.config.grid import apply_setting, setting_label, settings
+from bootdiff.config.grid import apply_setting, fix_finetune_schedule, setting_label, settings
 
 KINDS = ("residual", "combined", "full_res", *PEER_NAMES)
 
@@ -87,7 +87,10 @@ def trial_residual_config(cfg, trial: dict) -> ResidualConfig:
 
 def trial_config(cfg, trial: dict):
     """The config a trial trains with: ``cfg`` itself, or for a peer trial with a grid setting a
-    copy of it with ``peers.<name>`` at that setting (`bootdiff.peers.apply_setting`)."""
+    copy of it with ``peers.<name>`` at that setting (`bootdiff.peers.apply_setting`); a finetune
+    trial's copy has its switch fixed and no patience before it (`bootdiff.config.grid.fix_finetune_schedule`)."""
+    if trial["kind"] == "finetune":  # its switch fixed, no patience while it pre-trains
+        return fix_finetune_schedule(apply_setting(copy.deepcopy(cfg), "finetune", trial.get("setting") or {}))
     if trial["kind"] not in PEER_NAMES or not trial.get("setting"):
         return cfg
     return apply_setting(copy.deepcopy(cfg), trial["kind"], trial["setting"])

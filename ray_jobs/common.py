@@ -67,7 +67,7 @@ def curve_hooks(config: dict, tcfg, rank: int):
         return None
     from bootdiff.efficiency.train import CurveHooks
 
-    return CurveHooks(config["curve_url"], int(tcfg.patience))
+    return CurveHooks(config["curve_url"], int(tcfg.patience), float(tcfg.patience_from_kimg))
 
 
 def stopping_hooks(config: dict, tcfg, rank: int) -> dict:
@@ -81,10 +81,13 @@ def early_stopper(tcfg, rank: int, key: str = "val_G"):
     """Rank 0's `bootdiff.stopping.Patience` on ``key`` for a run evaluated at its checkpoints
     with ``train.patience`` > 0, else None. A run resumed by Train counts its patience afresh from
     the resumed checkpoint (the reports before it are Train's, not the worker's), so it stops at
-    most ``patience`` checkpoints later than it would have uninterrupted."""
+    most ``patience`` checkpoints later than it would have uninterrupted. Checkpoints before
+    ``train.patience_from_kimg`` do not count."""
     from bootdiff.stopping import Patience
 
-    return Patience(tcfg.patience, key) if rank == 0 and int(tcfg.patience) > 0 else None
+    if rank != 0 or int(tcfg.patience) <= 0:
+        return None
+    return Patience(tcfg.patience, key, start_kimg=float(tcfg.patience_from_kimg))
 
 
 def checkpoint_config(cfg, keep: int, chosen_on_val: bool):

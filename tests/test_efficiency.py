@@ -5,6 +5,7 @@ resuming (finished models are skipped)."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -410,3 +411,50 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     assert "oracle, stopped at 0.2 kimg" in md and "A row that beats the oracle means the oracle was cut short" in md
     assert "finetune, stopped at" in md and "still improving at its cap" in md
     assert f"not improved for 2 checkpoints, up to a cap: baselines {b['full_res_kimg']:g} kimg" in md
+
+
+def test_residual_variants_rerun_the_selection_runs_with_overrides(bench, tmp_path, capsys):
+    """`benchmarks/residual_variants.py`: each residual setting's selection run trained again with
+    a variant's overrides (here the σ-gated low-res rows of stage 2) on the same carve-out, at the
+    benchmark's residual budget and patience; "before" is the benchmark's own run; a re-run reads
+    the finished variant runs instead of training them again."""
+    import json
+    import shutil
+
+    from bootdiff import experiment, util
+    from bootdiff.efficiency.models import share_view_models
+    from bootdiff.export import save_view_model
+    from benchmarks.residual_variants import main as variants_main
+
+    cfg, out0, plan, manifests = bench
+    out = str(tmp_path / "bench")
+    shutil.copytree(out0, out)  # the fixture's datasets, moved: their configs name the old folder
+    plan = {**plan, "datasets": {k: y.replace(out0, out) for k, y in plan["datasets"].items()},
+            "budgets": {"residual_kimg": 0.032, "full_res_kimg": 0.032, "view_kimg": 0.032, "oracle_kimg": 0.032,
+                        "patience": 2}}
+    base = from_yaml(plan["datasets"]["base"], ExperimentConfig)
+    for i, (name, vcfg) in enumerate(base.views.items()):  # untrained view models stand in for stage 1's
+        info = experiment.view_info(manifests["base"], name)
+        torch.manual_seed(i)
+        save_view_model(experiment.build_view_denoiser(vcfg, info["shape"], info["sigma_data"]).eval(),
+                        RunLayout.of(base).model(name), vcfg)
+    share_view_models(plan, out)
+    util.atomic_write_bytes(os.path.join(out, "plan.json"), json.dumps(plan).encode())
+    for mv, g in ((0.0, 0.9), (1.0, 0.8)):  # the benchmark's own selection runs (their rows)
+        label = f"residual-mv{mv:g}-ml0-ra1"
+        row = {"trial": {"kind": "residual", "mu_var": mv, "mu_l1": 0.0, "range_adapter": True, "label": label},
+               "curve": [{"kimg": 0.016, "test_G": g}], "test_G": g, "kimg": 0.016}
+        util.atomic_write_bytes(os.path.join(out, "results", f"N8__select-{label}.json"), json.dumps(row).encode())
+    args = ["--bench", out, "--ns", "8", "--variant", "low", "residual.low_ratio=1", "residual.sigma_tn=0.5",
+            "residual.train.checkpoint_every_kimg=0.016"]
+    assert variants_main(args) == 0
+    res = json.loads(capsys.readouterr().out)["ns"]["8"]
+    assert res["before"]["best_val_G"] == 0.8 and set(res["low"]["settings"]) == set(res["before"]["settings"])
+    for s in res["low"]["settings"].values():  # real runs: G on the carve-out at each checkpoint
+        assert math.isfinite(s["val_G"]) and 0 < s["kimg_at_best"] <= 0.032
+    assert res["low"]["flops_per_step"] > 1.5 * res["before"]["flops_per_step"]  # twice the rows
+    assert res["low"]["vs_before"] == pytest.approx(res["low"]["best_val_G"] / 0.8 - 1)
+    ran = sorted(os.listdir(os.path.join(out, "variants")))
+    assert ran == ["N8__variant-low__select-residual-mv0-ml0-ra1.json", "N8__variant-low__select-residual-mv1-ml0-ra1.json"]
+    assert variants_main(args) == 0  # finished runs are read, not trained again
+    assert json.loads(capsys.readouterr().out)["ns"]["8"]["low"]["settings"] == res["low"]["settings"]

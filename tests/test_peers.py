@@ -13,7 +13,8 @@ import torch
 from bootdiff import experiment
 from bootdiff.config import LossConfig, to_object
 from bootdiff.data.ingest import ingest
-from bootdiff.peers.ambient import AmbientLoss, ambient_training, group_sizes, pick_view
+from bootdiff.config.check import pick_view
+from bootdiff.peers.ambient import AmbientLoss, ambient_training, group_sizes
 from bootdiff.schedules import sample_training_sigma
 from bootdiff.train import train
 from bootdiff.views import DownsampleView
@@ -128,9 +129,29 @@ def test_finetune_peer_pretrains_on_lifted_low_res_then_fine_tunes_and_resumes_e
     manifest = ingest(cfg, progress=False, source=RandomSource(n=60))
     assert "finetune" in available(cfg)
     tcfg = cfg.full_res.train
-    assert pretrain_steps(0.5, tcfg) == 4 and pretrain_steps(0.0, tcfg) == 0  # 8 steps of 8 images
+    f = cfg.peers.finetune
+    assert pretrain_steps(f, tcfg) == 4  # 8 steps of 8 images
+    f.pretrain_share = 0.0
+    assert pretrain_steps(f, tcfg) == 0
+    f.pretrain_share = 1
     with pytest.raises(ValueError, match="pretrain_share=1"):
-        pretrain_steps(1, tcfg)
+        pretrain_steps(f, tcfg)
+    f.pretrain_share = 0.5
+    # fix_schedule: the switch in kimg from the cap, and no patience before it — a model trained
+    # to where its selection run stopped (a shorter total_kimg) switches where that run did
+    import copy
+
+    from bootdiff.config.grid import fix_finetune_schedule as fix_schedule
+    from bootdiff.sweep import trial_config
+
+    fixed = fix_schedule(copy.deepcopy(cfg))
+    assert fixed.peers.finetune.pretrain_kimg == pytest.approx(0.032)
+    assert fixed.full_res.train.patience_from_kimg == pytest.approx(0.032)
+    fixed.full_res.train.total_kimg = 0.048
+    assert pretrain_steps(fixed.peers.finetune, fixed.full_res.train) == 4 and pretrain_steps(f, fixed.full_res.train) == 3
+    swept = trial_config(cfg, {"kind": "finetune", "setting": {}})  # the sweep's finetune trial: the same rule
+    assert swept is not cfg and swept.full_res.train.patience_from_kimg == pytest.approx(0.032)
+    assert cfg.full_res.train.patience_from_kimg == 0 and f.pretrain_kimg == 0  # the user's config untouched
     model, loss, data = peer_training(cfg, manifest, "finetune")
     batches = list(itertools.islice(data(0), 8))
     low_name = pick_view(cfg, "downsample", "", "peers.finetune.low_view")
@@ -214,3 +235,50 @@ def test_patchdiff_peer_batches_are_where_they_say_and_its_stream_resumes_exactl
     assert tuple(model(x, torch.full((4,), 0.5)).shape) == tuple(x.shape)  # D(x, σ): the whole image
     with pytest.raises(ValueError, match="needs its position"):
         model(x[..., :8, :8], torch.full((4,), 0.5))
+
+
+def test_residual_with_sigma_gated_low_res_rows_trains_on_real_shards(tmp_path):
+    """The Ambient gate brought into stage 2 (``residual.low_ratio``): each micro-batch is the
+    full-res rows plus low-res samples lifted by the view's Aᵀ/c, those only at σ ≥ σ_tn; the
+    gradient reaches R_θ alone; the stream resumes exactly; the benchmark's FLOPs count grows by
+    the extra rows; a low_view that is not a downsample view is refused naming the key."""
+    from bootdiff.config import ConfigError
+    from bootdiff.efficiency.compute import residual_step_flops
+    from bootdiff.export import save_view_model
+    from bootdiff.run.layout import RunLayout
+
+    common = ["residual.train.total_kimg=0.032", "residual.train.batch_size=4", "residual.train.checkpoint_every_kimg=0",
+              "residual.net.channels=[8,16]", "residual.net.norm_groups=4", "residual.net.attention=[false,false]",
+              *[f"views.{v}.net.{k}" for v in ("patch", "low")
+                for k in ("channels=[8,16]", "norm_groups=4", "attention=[false,false]")]]
+    cfg = to_object(small_cfg(tmp_path, extra=[*common, "residual.low_ratio=1.5", "residual.sigma_tn=0.8"]))
+    manifest = ingest(cfg, progress=False, source=RandomSource(n=60))
+    for i, (name, vcfg) in enumerate(cfg.views.items()):  # untrained view models stand in for stage 1's
+        info = experiment.view_info(manifest, name)
+        torch.manual_seed(i)
+        save_view_model(experiment.build_view_denoiser(vcfg, info["shape"], info["sigma_data"]).eval(),
+                        RunLayout.of(cfg).model(name), vcfg)
+    model, loss, data = experiment.residual_training(cfg, manifest, cfg.residual)
+    first = list(itertools.islice(data(0), 3))
+    full, low = first[0]
+    assert full.shape == (4, 1, 16, 16) and low.shape == (6, 1, 8, 8)
+    for a, b in zip(first[2], next(iter(data(2)))):  # data(k) starts at micro-batch k
+        assert torch.equal(a, b)
+    seen = []
+    for _ in range(20):
+        out = loss(model, (full, low), torch.Generator().manual_seed(len(seen)))
+        assert out.shape == (10,) and torch.isfinite(out).all()
+        seen.append(loss.last_sigma)
+    s = torch.stack(seen)
+    assert s[:, 4:].min() >= 0.8 and s[:, :4].min() < 0.8  # the lifted rows only at σ ≥ σ_tn; full-res at every σ
+    model.zero_grad()
+    loss(model, (full, low)).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(n.startswith("residual.") for n in grads)  # D_comb frozen: only R_θ learns
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    res = train(model, loss, data, cfg.residual.train)
+    assert res.step == 8 and math.isfinite(res.loss)
+    plain = to_object(small_cfg(tmp_path, extra=common))
+    assert residual_step_flops(cfg, manifest) > 1.5 * residual_step_flops(plain, manifest)  # 10 rows a step, not 4
+    with pytest.raises(ConfigError, match="residual.low_view='?patch'?: must name a downsample view"):
+        small_cfg(tmp_path, extra=["residual.low_ratio=0.5", "residual.low_view=patch"])

@@ -45,6 +45,13 @@ def test_patience_rule_on_a_known_sequence():
     assert not any(_feed(Patience(0, "val_G"), [1.0, 2.0, 3.0, 4.0]))
     with pytest.raises(ValueError, match="patience=-1"):
         Patience(-1, "val_G")
+    # start_kimg (train.patience_from_kimg: a pre-training phase): reports before it do not count,
+    # so a G rising while the network pre-trains on other data never stops the run
+    t = Patience(2, "val_G", start_kimg=3.0)
+    seq = [0.5, 0.9, 1.0, 1.1, 0.8, 0.85, 0.9]
+    assert _feed(t, seq) == [False] * 6 + [True]
+    assert t.best == 0.8 and t.best_kimg == 5.0
+    assert _feed(Patience(2, "val_G"), seq)[2] is True  # without it: stopped while pre-training
 
 
 def test_replay_restores_the_state_of_an_interrupted_run():

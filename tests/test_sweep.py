@@ -44,7 +44,9 @@ def test_peers_as_sweep_baselines_each_grid_setting_its_own_config():
     assert amb["kind"] == "ambient" and amb["setting"] == {"sigma_tn": 2.0} and amb["mu_var"] is None
     tcfg = trial_config(cfg, amb)
     assert tcfg.peers.ambient.sigma_tn == 2.0 and cfg.peers.ambient.sigma_tn != 2.0  # a copy, the config untouched
-    assert trial_config(cfg, trials[3]) is cfg and trial_config(cfg, trials[0]) is cfg
+    assert trial_config(cfg, trials[0]) is cfg
+    ft = trial_config(cfg, trials[3])  # finetune: a copy with its switch fixed, no patience before it
+    assert ft is not cfg and ft.full_res.train.patience_from_kimg == ft.peers.finetune.pretrain_kimg > 0
 
 
 def test_recommended_model_is_the_lowest_validation_G_of_every_kind():

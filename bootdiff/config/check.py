@@ -207,6 +207,15 @@ def _check_residual(p: _Problems, cfg: ExperimentConfig) -> None:
         p.at_least("residual.fusion_sigmas", getattr(r, "fusion_sigmas", 1), 1, "must be an integer >= 1")
     if r.net.kind == NetKind.unet2d and cfg.data.source.kind in VIDEO_SOURCES:
         p.bad("residual.net.kind", r.net.kind, "unet2d cannot model videos; use video or auto")
+    p.at_least("residual.low_ratio", r.low_ratio, 0)
+    if r.low_ratio > 0:  # σ-gated lifted low-res rows in stage 2 (`bootdiff.experiment.residual_loss`)
+        if not r.sigma_tn > 0:
+            p.bad("residual.sigma_tn", r.sigma_tn, "must be > 0 (a noise level)")
+        if r.low_view and (r.low_view not in cfg.views or cfg.views[r.low_view].kind != ViewKind.downsample):
+            p.bad("residual.low_view", r.low_view, f"must name a downsample view (the downsample views: {', '.join(low) or 'none'})")
+        elif not r.low_view and len(low) != 1:
+            p.bad("residual.low_ratio", r.low_ratio, f"needs the low-res view to lift: the config has {len(low)} downsample "
+                  f"views ({', '.join(low) or 'none'}); set residual.low_view")
     _check_train(p, "residual.train", r.train)
 
 
@@ -308,11 +317,27 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     _check_scaling(p, "distill.scaling", d.scaling)
 
 
+def pick_view(cfg, kind: str, name: str, key: str = "") -> str:
+    """The view a peer uses: ``name`` when given (it must be of ``kind``), else the only view of
+    that kind; an error naming the config ``key`` (default ``peers.ambient.low_view`` /
+    ``crop_view``) otherwise."""
+    key = key or ("peers.ambient.low_view" if kind == "downsample" else "peers.ambient.crop_view")
+    found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
+    if name:
+        if name not in cfg.views or str(cfg.views[name].kind) != kind:
+            raise ValueError(f"{key}={name!r}: not a {kind} view (the {kind} views: {found or 'none'})")
+        return name
+    if len(found) != 1:
+        raise ValueError(f"{key} is unset and the config has {len(found)} {kind} views "
+                         f"({found}): name the one to use")
+    return found[0]
+
+
 def peers_available(cfg) -> List[str]:
     """The peers (`bootdiff.peers`) this config's views allow: ``ambient`` needs a downsample and a
     patch view, ``finetune`` a downsample view, ``patchdiff`` a patch view on image data — the
     view its ``peers.<name>.*_view`` key names, else the only view of that kind
-    (`bootdiff.peers.ambient.pick_view` picks them the same way)."""
+    (`pick_view` picks them the same way)."""
     def has(kind, name):
         found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
         return (name in found) if name else len(found) == 1

@@ -76,6 +76,9 @@ class TrainConfig:
     # without a lower held-out G, where the run is evaluated at its checkpoints; 0: train to
     # total_kimg (then the cap).
     patience: int = 0
+    # checkpoints before this kimg do not count for patience: a pre-training phase on other data
+    # (the finetune peer sets it to the end of its pre-training, `bootdiff.config.grid.fix_finetune_schedule`)
+    patience_from_kimg: float = 0.0
     report_every: int = 50  # steps between reports to the hooks (stdout, TensorBoard)
     # Seconds between reports that the Ray hooks pass on to ray.train.report (checkpoint reports
     # always go): a report < ~2 s after the previous one blocks training (docs/RAY.md §3).
@@ -181,6 +184,12 @@ class ResidualConfig:
     # the residual net's output layer starts at zero (`bootdiff.nets.zero_output`): D_boot starts as
     # D_comb instead of D_comb plus r(σ)·(a random net's output)
     zero_init: bool = False
+    # σ-gated partial data in stage 2 (the Ambient-Omni gate, `bootdiff.peers.ambient`): per
+    # micro-batch, low_ratio · batch_size samples of the low-res view lifted to full resolution
+    # (Aᵀ/c) beside the full-res rows, trained only at σ ≥ sigma_tn (0: full-res rows only)
+    low_ratio: float = 0.0
+    sigma_tn: float = 0.5
+    low_view: str = ""  # the downsample view to lift ("": the only one)
 
 
 @dataclass
@@ -313,6 +322,9 @@ class FinetuneConfig:
     fine-tuned on the full-res images. Net and training: ``full_res``'s."""
 
     pretrain_share: float = 0.5  # share of the run's optimizer steps spent pre-training
+    # > 0: the pre-training phase in kimg instead (`bootdiff.config.grid.fix_finetune_schedule` sets it from the cap, so
+    # that a model trained to where its selection run stopped switches where that run did)
+    pretrain_kimg: float = 0.0
     low_view: str = ""  # the downsample view to lift ("": the only one)
     grid: List[float] = field(default_factory=list)  # pretrain_share values tried on validation ([]: pretrain_share)
 

@@ -11,6 +11,7 @@ configured size are counted (no trained model is needed before the benchmark sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -51,7 +52,6 @@ def residual_step_flops(cfg, manifest: dict) -> float:
     view network on its view of the micro-batch, forward only."""
     from bootdiff import experiment
     from bootdiff.fusion import CombinedDenoiser, ViewModel
-    from bootdiff.residual import ResidualLoss
     from bootdiff.views import make_view
 
     shape = experiment.full_shape(manifest)
@@ -63,11 +63,12 @@ def residual_step_flops(cfg, manifest: dict) -> float:
         views.append(ViewModel(name, make_view(vcfg, shape, name=name), denoiser.eval().requires_grad_(False)))
     combined = CombinedDenoiser(views, fusion=rcfg.fusion).eval()
     model = experiment.build_bootstrap(cfg, manifest, rcfg, combined=combined)
-    sigma_data = float(experiment.view_info(manifest, "full")["sigma_data"])
     # the sweep's costliest setting, so a peer is never given less than the bootstrap used
-    loss = ResidualLoss(rcfg.train.loss, sigma_data, mu_var=max(cfg.sweep.mu_var, default=rcfg.mu_var),
-                        mu_l1=max(cfg.sweep.mu_l1, default=rcfg.mu_l1), l1_decay=rcfg.l1_decay)
-    return step_flops(model, loss, _rand(shape, rcfg.train.batch_size)) * rcfg.train.accum_steps
+    costliest = dataclasses.replace(rcfg, mu_var=max(cfg.sweep.mu_var, default=rcfg.mu_var),
+                                    mu_l1=max(cfg.sweep.mu_l1, default=rcfg.mu_l1))
+    loss, groups = experiment.residual_loss(cfg, manifest, costliest)  # with residual.low_ratio's lifted rows
+    batch = tuple(_rand(experiment.view_sample_shape(manifest, split), n) for split, n in groups)
+    return step_flops(model, loss, batch[0] if len(batch) == 1 else batch) * rcfg.train.accum_steps
 
 
 def peer_step_flops(cfg, manifest: dict, name: str) -> float:
@@ -81,7 +82,8 @@ def peer_step_flops(cfg, manifest: dict, name: str) -> float:
     model, loss, _ = peer_training(cfg, manifest, name)
     tcfg = cfg.full_res.train
     if name == "ambient":
-        from bootdiff.peers.ambient import group_sizes, pick_view
+        from bootdiff.config.check import pick_view
+        from bootdiff.peers.ambient import group_sizes
 
         acfg = cfg.peers.ambient
         low, crop = pick_view(cfg, "downsample", acfg.low_view), pick_view(cfg, "patch", acfg.crop_view)
@@ -92,7 +94,7 @@ def peer_step_flops(cfg, manifest: dict, name: str) -> float:
         import torch
 
         from bootdiff.peers.patchdiff import crop_sizes, expected_step_flops
-        from bootdiff.peers.ambient import pick_view
+        from bootdiff.config.check import pick_view
 
         p = cfg.peers.patchdiff
         shape = experiment.full_shape(manifest)

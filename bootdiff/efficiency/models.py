@@ -201,6 +201,10 @@ def job_cfg(job: dict, b: dict):
         return cfg
     if job["kind"] in PEER_NAMES:
         apply_setting(cfg, job["kind"], job.get("peer_setting") or {})
+    if job["kind"] == "finetune":  # the switch from the cap (before budget_kimg), no patience before it
+        from bootdiff.config.grid import fix_finetune_schedule
+
+        fix_finetune_schedule(cfg)
     tcfg = cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train
     tcfg.patience = int(b.get("patience", 0)) if job.get("quick") else 0
     if job.get("budget_kimg") is not None:

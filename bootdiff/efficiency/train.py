@@ -19,13 +19,13 @@ class CurveHooks:
     each checkpoint's kimg, loss and test / train G appended to ``curve_url`` (kept on resume).
     With ``patience`` > 0 (a selection run, whose "test" split is its validation carve-out) the
     run stops when that G has not improved for ``patience`` checkpoints (`bootdiff.stopping.Patience`,
-    its state replayed from the curve on resume)."""
+    its state replayed from the curve on resume); checkpoints before ``start_kimg`` do not count."""
 
-    def __init__(self, curve_url: str, patience: int = 0):
+    def __init__(self, curve_url: str, patience: int = 0, start_kimg: float = 0.0):
         from bootdiff.stopping import Patience
 
         self.url = curve_url
-        self.stopper = Patience(patience, "test_G")
+        self.stopper = Patience(patience, "test_G", start_kimg=start_kimg)
         if util.exists(curve_url):
             self.stopper.replay(json.loads(util.read_bytes(curve_url)))
 
@@ -78,7 +78,7 @@ def train_local(job: dict, b: dict, out: str) -> dict:
 
     extra = g_at_checkpoint if job["kind"] != "view" else None
     hooks = TensorBoardHooks(RunLayout(out, "tb").tb_run(job["id"]), hparams=dict(job.get("trial") or {}),
-                             extra_metrics=extra, hooks=CurveHooks(curve_url, tcfg.patience))
+                             extra_metrics=extra, hooks=CurveHooks(curve_url, tcfg.patience, tcfg.patience_from_kimg))
     res = train(model, loss, data, tcfg, run_dir=run_dir, hooks=hooks, config_yaml=to_yaml(cfg))
     if job["kind"] == "view":
         export_result(cfg, job["view"], res.checkpoint_url)

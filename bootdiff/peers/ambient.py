@@ -19,7 +19,6 @@ weighted per sample by λ(σ) with the full-res σ_data (one network, one precon
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -76,42 +75,13 @@ def group_sizes(acfg, batch_size: int):
 
 def ambient_data(cfg, manifest: dict, tcfg, low_view: str, crop_view: str, rank: int = 0, world_size: int = 1):
     """``data(start_step) -> iterator`` of ``(full, low, crops)`` micro-batches for
-    `bootdiff.train.train`: three `bootdiff.experiment.train_data` streams (the ``full`` split,
-    the low view's and the patch view's shards), each positioned exactly, so a resumed run
-    continues the same streams. A group of zero rows yields empty tensors of its view's shape."""
+    `bootdiff.train.train` (`bootdiff.experiment.mixed_train_data`: the ``full`` split, the low
+    view's and the patch view's shards, each positioned exactly)."""
     from bootdiff import experiment
 
     sizes = group_sizes(cfg.peers.ambient, tcfg.batch_size)
-    parts = []
-    for split, n in zip(("full", low_view, crop_view), sizes):
-        if n > 0:
-            parts.append(experiment.train_data(cfg, manifest, split, dataclasses.replace(tcfg, batch_size=n),
-                                               rank, world_size))
-        else:
-            parts.append(experiment.view_sample_shape(manifest, split))
-
-    def data(start_step: int):
-        streams = [iter(p(start_step)) if callable(p) else None for p in parts]
-        while True:
-            yield tuple(next(s) if s is not None else torch.zeros((0, *p)) for s, p in zip(streams, parts))
-
-    return data
-
-
-def pick_view(cfg, kind: str, name: str, key: str = "") -> str:
-    """The view a peer uses: ``name`` when given (it must be of ``kind``), else the only view of
-    that kind; an error naming the config ``key`` (default ``peers.ambient.low_view`` /
-    ``crop_view``) otherwise."""
-    key = key or ("peers.ambient.low_view" if kind == "downsample" else "peers.ambient.crop_view")
-    found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
-    if name:
-        if name not in cfg.views or str(cfg.views[name].kind) != kind:
-            raise ValueError(f"{key}={name!r}: not a {kind} view (the {kind} views: {found or 'none'})")
-        return name
-    if len(found) != 1:
-        raise ValueError(f"{key} is unset and the config has {len(found)} {kind} views "
-                         f"({found}): name the one to use")
-    return found[0]
+    return experiment.mixed_train_data(cfg, manifest, tcfg, list(zip(("full", low_view, crop_view), sizes)),
+                                       rank, world_size)
 
 
 def ambient_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1):
@@ -119,6 +89,7 @@ def ambient_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1):
     gives a view's: the full-res baseline's network (``full_res.net``, ``full_res.train``) on the
     σ-gated mix of the full-res images, the lifted low-res view and the patch view's crops."""
     from bootdiff import experiment
+    from bootdiff.config.check import pick_view
     from bootdiff.views import make_view
 
     acfg = cfg.peers.ambient

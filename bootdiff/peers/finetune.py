@@ -4,8 +4,8 @@ full-resolution denoiser pre-trained on the low-res view's samples lifted to ful
 scarce full-res images — the plain EDM loss (docs/METHOD.md §2) throughout, one optimizer, one
 EMA, one run.
 
-The first ``round(pretrain_share · S)`` of the run's S optimizer steps see lifted low-res
-batches, the rest the full-res images. Both streams are `bootdiff.experiment.train_data`
+The first ``round(pretrain_share · S)`` of the run's S optimizer steps (or ``pretrain_kimg``,
+`bootdiff.config.grid.fix_finetune_schedule`) see lifted low-res batches, the rest the full-res images. Both streams are `bootdiff.experiment.train_data`
 streams positioned by step, so a resumed run continues exactly (the switch is a function of the
 step alone). The network and its training are ``full_res``'s; its preconditioning uses the
 full-res σ_data, as the fine-tuned model must.
@@ -18,13 +18,16 @@ from typing import Optional
 import torch
 
 
-def pretrain_steps(share: float, tcfg, world_size: int = 1) -> int:
-    """Optimizer steps of the pre-training phase: ``round(share · S)`` of the run's S steps
-    (`bootdiff.train.total_steps`)."""
+def pretrain_steps(fcfg, tcfg, world_size: int = 1) -> int:
+    """Optimizer steps of the pre-training phase: ``peers.finetune.pretrain_kimg`` when set (> 0),
+    else ``round(pretrain_share · S)`` of the run's S steps (`bootdiff.train.total_steps`)."""
+    share = fcfg.pretrain_share
     if not 0 <= share < 1:
         raise ValueError(f"peers.finetune.pretrain_share={share}: must be in [0, 1) (some fine-tuning)")
     from bootdiff.train import total_steps
 
+    if fcfg.pretrain_kimg > 0:
+        return total_steps(fcfg.pretrain_kimg, tcfg.batch_size, tcfg.accum_steps, world_size)
     return int(round(share * total_steps(tcfg.total_kimg, tcfg.batch_size, tcfg.accum_steps, world_size)))
 
 
@@ -33,7 +36,7 @@ def finetune_data(cfg, manifest: dict, tcfg, low_view: str, lift, rank: int = 0,
     resolution for the first `pretrain_steps` steps, then the ``full`` split's."""
     from bootdiff import experiment
 
-    switch = pretrain_steps(cfg.peers.finetune.pretrain_share, tcfg, world_size)
+    switch = pretrain_steps(cfg.peers.finetune, tcfg, world_size)
     low = experiment.train_data(cfg, manifest, low_view, tcfg, rank, world_size)
     full = experiment.train_data(cfg, manifest, "full", tcfg, rank, world_size)
 
@@ -55,7 +58,7 @@ def finetune_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1, l
     training (``full_res.net``, ``full_res.train``) on `finetune_data`."""
     from bootdiff import experiment
     from bootdiff.losses import EDMLoss
-    from bootdiff.peers.ambient import pick_view
+    from bootdiff.config.check import pick_view
     from bootdiff.views import make_view
 
     fcfg = cfg.peers.finetune
