@@ -153,26 +153,58 @@ def view_sample_shape(manifest: dict, view: str) -> Tuple[int, ...]:
     return tuple(view_info(manifest, view)["shape"])
 
 
-def build_view_denoiser(vcfg: ViewConfig, shape: Sequence[int], sigma_data: float):
-    """EDM-preconditioned backbone for samples of ``shape`` ((C,H,W) or (C,T,H,W))."""
+def build_view_denoiser(vcfg: ViewConfig, shape: Sequence[int], sigma_data: float,
+                        image_size: Optional[Sequence[int]] = None):
+    """EDM-preconditioned backbone for samples of ``shape`` ((C,H,W) or (C,T,H,W)); with
+    ``vcfg.coords`` a position-aware one (`bootdiff.precond.CoordPrecond`: two more input
+    channels, where the patch lies in an image of ``image_size``, the full-res (H, W))."""
     from bootdiff.nets import make_net
-    from bootdiff.precond import EDMPrecond
+    from bootdiff.precond import CoordPrecond, EDMPrecond
 
-    net = make_net(vcfg.net, in_channels=shape[0], out_channels=shape[0], resolution=shape[-1],
-                   video=_is_video(shape), seed=vcfg.train.seed)
-    return EDMPrecond(net, sigma_data=sigma_data)
+    coords = bool(getattr(vcfg, "coords", False))
+    net = make_net(vcfg.net, in_channels=shape[0] + (2 if coords else 0), out_channels=shape[0],
+                   resolution=shape[-1], video=_is_video(shape), seed=vcfg.train.seed)
+    if not coords:
+        return EDMPrecond(net, sigma_data=sigma_data)
+    if image_size is None:
+        raise ValueError("build_view_denoiser: a position-aware view (coords: true) needs the full image's size")
+    return CoordPrecond(net, sigma_data, image_size)
+
+
+def view_denoiser(manifest: dict, view: str, vcfg: ViewConfig):
+    """`build_view_denoiser` for split ``view`` of a run: its shape and σ_data from the manifest,
+    the full-res image size for a position-aware view."""
+    info = view_info(manifest, view)
+    return build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]), full_shape(manifest)[-2:])
+
+
+def positioned(data: Callable[[int], Iterator[tuple]]) -> Callable[[int], Iterator[tuple]]:
+    """``(x, metas)`` micro-batches (`train_data(..., with_meta=True)`) as ``(x, pos)``: each
+    sample's recorded ``location`` (row, col), what a position-aware denoiser trains on."""
+    def out(start_step: int):
+        for x, metas in data(start_step):
+            try:
+                pos = torch.tensor([[int(v) for v in m["location"]] for m in metas], dtype=torch.long)
+            except (KeyError, TypeError):
+                raise ValueError("a position-aware view (coords: true) needs each sample's recorded "
+                                 "'location' in its shards; ingest again with this bootdiff") from None
+            yield x, pos
+
+    return out
 
 
 def view_training(cfg, manifest: dict, view: str, vcfg: ViewConfig, rank: int = 0, world_size: int = 1):
     """(model, loss_fn, data) of a view model's training run (stage 1), or of the full-res
-    baseline when ``view == "full"``."""
-    from bootdiff.losses import EDMLoss
+    baseline when ``view == "full"``. A position-aware patch view (``coords``) trains on
+    ``(x, pos)`` batches, each patch at the location ingest recorded (`bootdiff.losses.CoordLoss`)."""
+    from bootdiff.losses import CoordLoss, EDMLoss
 
-    info = view_info(manifest, view)
-    sigma_data = float(info["sigma_data"])
-    model = build_view_denoiser(vcfg, info["shape"], sigma_data)
-    loss = EDMLoss(vcfg.train.loss, sigma_data)
-    return model, loss, train_data(cfg, manifest, view, vcfg.train, rank, world_size)
+    model = view_denoiser(manifest, view, vcfg)
+    sigma_data = float(model.sigma_data)
+    if getattr(vcfg, "coords", False):
+        data = train_data(cfg, manifest, view, vcfg.train, rank, world_size, with_meta=True)
+        return model, CoordLoss(vcfg.train.loss, sigma_data), positioned(data)
+    return model, EDMLoss(vcfg.train.loss, sigma_data), train_data(cfg, manifest, view, vcfg.train, rank, world_size)
 
 
 def load_view_models(cfg, manifest: dict, names: Optional[Sequence[str]] = None):
@@ -360,8 +392,7 @@ def load_run(cfg, manifest: dict, run: str, checkpoint: str):
     from bootdiff.checkpoint import load_checkpoint
 
     vcfg, split = run_split(cfg, run)
-    info = view_info(manifest, split)
-    model = build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
+    model = view_denoiser(manifest, split, vcfg)
     state = load_checkpoint(RunLayout.of(cfg).url(checkpoint))
     return ema_model(model, state), state
 

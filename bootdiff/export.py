@@ -2,7 +2,8 @@
 
 View model (``kind: "view"``)::
 
-    {url}/bootdiff.json    format, format_version, kind, precond "edm", sigma_data, net_class,
+    {url}/bootdiff.json    format, format_version, kind, precond "edm" (or "edm-coords" with
+                           image_size: a position-aware patch model), sigma_data, net_class,
                            time_scale, view (the ViewConfig), extra (caller's JSON dict)
     {url}/net/             diffusers ``save_pretrained`` folder of the backbone
                            (``UNet2DModel`` for images — loadable with plain diffusers —,
@@ -38,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bootdiff.config import ConfigError, ViewConfig, to_object
 from bootdiff.nets import ImageUNet, VideoUNet
-from bootdiff.precond import EDMPrecond
+from bootdiff.precond import CoordPrecond, EDMPrecond
 from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
 from bootdiff.util import _is_local, atomic_dir, url_fs
 from bootdiff.views import View, view_from_json
@@ -189,8 +190,9 @@ def _save_view_dir(folder: str, denoiser: EDMPrecond, view_cfg, extra: Optional[
     if not isinstance(denoiser, EDMPrecond):
         raise TypeError(f"save_view_model: expected an EDMPrecond denoiser, got {type(denoiser).__name__}")
     net_info = _save_net(denoiser.net, os.path.join(folder, "net"), "save_view_model")
+    coords = {"image_size": list(denoiser.image_size)} if isinstance(denoiser, CoordPrecond) else {}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "view",
-                "precond": "edm", "sigma_data": float(denoiser.sigma_data), **net_info,
+                "precond": "edm-coords" if coords else "edm", **coords, "sigma_data": float(denoiser.sigma_data), **net_info,
                 "net_folder": "net",
                 "view": OmegaConf.to_container(OmegaConf.structured(_view_config(view_cfg)),
                                                enum_to_str=True),
@@ -200,10 +202,13 @@ def _save_view_dir(folder: str, denoiser: EDMPrecond, view_cfg, extra: Optional[
 
 def _load_view_dir(folder: str, url: str, device=None) -> Tuple[EDMPrecond, ViewConfig]:
     manifest = _read_manifest(folder, "view", url)
-    if manifest.get("precond") != "edm":
-        raise ValueError(f"{url}/{MANIFEST}: key 'precond' is {manifest.get('precond')!r}, expected 'edm'")
+    if manifest.get("precond") not in ("edm", "edm-coords"):
+        raise ValueError(f"{url}/{MANIFEST}: key 'precond' is {manifest.get('precond')!r}, expected 'edm' or 'edm-coords'")
     net = _load_net(os.path.join(folder, manifest.get("net_folder", "net")), manifest, url)
-    denoiser = EDMPrecond(net, float(manifest["sigma_data"])).eval()
+    if manifest["precond"] == "edm-coords":  # a position-aware patch model (views.<v>.coords)
+        denoiser = CoordPrecond(net, float(manifest["sigma_data"]), manifest["image_size"]).eval()
+    else:
+        denoiser = EDMPrecond(net, float(manifest["sigma_data"])).eval()
     view_cfg = _view_config(manifest.get("view", {}))
     denoiser.view_cfg = view_cfg  # kept so save_bootstrap_model can record it
     return (denoiser.to(device) if device is not None else denoiser), view_cfg

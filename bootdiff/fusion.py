@@ -250,12 +250,17 @@ class CombinedDenoiser(nn.Module):
 
     @torch.no_grad()
     def view_estimates(self, x: torch.Tensor, sigma) -> List[torch.Tensor]:
-        """``ŷ_k = D_k(A_k x, σ_k)`` for every view, one call per view model (view-shaped outputs)."""
+        """``ŷ_k = D_k(A_k x, σ_k)`` for every view, one call per view model (view-shaped outputs);
+        a position-aware patch model (``takes_position``) is told each patch's grid location."""
         sigma = broadcast_sigma(sigma, x)
         out = []
         for vm in self.view_models:
             y = vm.view.project(x)
-            d = self.denoiser(vm)(y, vm.view.sigma_map(sigma).to(y.dtype))
+            D, s = self.denoiser(vm), vm.view.sigma_map(sigma).to(y.dtype)
+            if getattr(D, "takes_position", False):  # position-aware (views.<v>.coords): each patch's location
+                d = D(y, s, vm.view.locations.to(y.device).repeat(x.shape[0], 1))
+            else:
+                d = D(y, s)
             if d.shape != y.shape:
                 raise ValueError(f"CombinedDenoiser: view model '{vm.name}' returned shape "
                                  f"{tuple(d.shape)} for input {tuple(y.shape)}")

@@ -5,7 +5,7 @@
       L(x) = λ(σ) · mean_elements (D(x + σn; σ) − x)²,   σ ~ p_train(σ),  n ~ N(0, I).
 * The pieces every loss shares: ``noisy_batch`` (draw σ, then noise), ``per_sample_mean``,
   ``check_weighting``. The residual loss of stage 2 is `bootdiff.residual.ResidualLoss`
-  (METHOD §4).
+  (METHOD §4); ``CoordLoss`` is EDMLoss for a position-aware denoiser ``D(x, σ, pos)``.
 
 Losses are callables ``loss(model, x, generator) -> [N]`` (per-sample loss, mean over elements),
 the signature `bootdiff.train.train` expects. Random draws per call: σ ``[N]`` first
@@ -69,3 +69,21 @@ class EDMLoss:
         self.last_sigma = sigma.detach()
         lam = weighting(sigma, self.sigma_data, self.weighting)
         return lam * per_sample_mean((D(x_noisy, sigma) - x) ** 2)
+
+
+class CoordLoss:
+    """``loss(D, (x, pos), generator) -> [N]``: the EDM loss (eq. 2) of a micro-batch of crops at
+    ``pos`` (or whole images, ``pos`` of zeros at full size), σ ~ p_train, for a position-aware
+    denoiser ``D(x, σ, pos)`` (`bootdiff.precond.CoordPrecond`)."""
+
+    def __init__(self, loss_cfg, sigma_data: float):
+        self.loss_cfg, self.sigma_data = loss_cfg, float(sigma_data)
+        self.weighting = check_weighting(loss_cfg.weighting)
+        self.last_sigma: Optional[torch.Tensor] = None
+
+    def __call__(self, D, batch, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        x, pos = batch
+        sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator)
+        self.last_sigma = sigma.detach()
+        lam = weighting(sigma, self.sigma_data, self.weighting)
+        return lam * per_sample_mean((D(x_noisy, sigma, pos) - x) ** 2)

@@ -4,6 +4,8 @@
   ``D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ))`` with
   ``c_skip = σd²/(σ²+σd²)``, ``c_out = σ·σd/√(σ²+σd²)``, ``c_in = 1/√(σ²+σd²)``,
   ``c_noise = ln(σ)/4`` (`edm_coefficients`).
+- `CoordPrecond`: the same around a backbone given two coordinate channels, where its input lies
+  in the full image (`coordinate_channels`; Patch Diffusion, Wang et al. 2023).
 - `measure_sigma_data`: σ_data of a view's data (streaming std, float64).
 
 The residual denoiser's preconditioning and the range adapter of stage 2 are in
@@ -13,7 +15,7 @@ The residual denoiser's preconditioning and the range adapter of stage 2 are in
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -54,6 +56,50 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data.float())
         c_skip, c_out, c_in = (broadcast_sigma(c, x, column=True) for c in (c_skip, c_out, c_in))
         F_x = self.net((c_in * x).to(dtype), c_noise)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+def coordinate_channels(pos: torch.Tensor, size: Tuple[int, int], image_size: Tuple[int, int],
+                        device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[N, 2, h, w]``: for crops of ``size`` (h, w) at top-left ``pos`` ``[N, 2]`` (row, col) of an
+    image of ``image_size`` (H, W), each pixel centre's row and column in the full image, in [−1, 1]."""
+    (h, w), (H, W) = size, image_size
+    pos = pos.to(device=device, dtype=dtype)
+    rows = (pos[:, 0, None] + torch.arange(h, device=device, dtype=dtype)[None] + 0.5) * (2 / H) - 1  # [N, h]
+    cols = (pos[:, 1, None] + torch.arange(w, device=device, dtype=dtype)[None] + 0.5) * (2 / W) - 1  # [N, w]
+    u = rows[:, :, None].expand(-1, h, w)
+    v = cols[:, None, :].expand(-1, h, w)
+    return torch.stack([u, v], dim=1)
+
+
+class CoordPrecond(EDMPrecond):
+    """``D(x, σ, pos=None)``: EDM preconditioning (eq. 7) around a backbone with two coordinate
+    input channels ``[c_in·x, u, v]`` (`coordinate_channels`; Patch Diffusion, Wang et al. 2023):
+    the coordinates are conditioning, not signal — not noised or scaled —, and the output has the
+    image's channels only. ``image_size`` (H, W) is the full image's; ``pos`` ``[N, 2]`` the
+    crops' top-left (row, col), None for whole images. The Patch Diffusion peer
+    (`bootdiff.peers.patchdiff`) and position-aware patch views (``views.<v>.coords``) use it;
+    `bootdiff.fusion` passes each grid patch's location (``takes_position``)."""
+
+    takes_position = True
+
+    def __init__(self, net: nn.Module, sigma_data: float, image_size: Sequence[int]):
+        super().__init__(net, sigma_data)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    def forward(self, x: torch.Tensor, sigma, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        if pos is None:
+            if tuple(x.shape[-2:]) != self.image_size:
+                raise ValueError(f"CoordPrecond: a {tuple(x.shape[-2:])} input needs its position "
+                                 f"(pos) in the {self.image_size} image")
+            pos = torch.zeros((x.shape[0], 2), dtype=torch.long)
+        sigma = broadcast_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data.float())
+        c_skip, c_out, c_in = (broadcast_sigma(c, x, column=True) for c in (c_skip, c_out, c_in))
+        coords = coordinate_channels(pos, tuple(x.shape[-2:]), self.image_size, x.device)
+        F_x = self.net(torch.cat([c_in * x, coords], dim=1).to(dtype), c_noise)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 

@@ -174,7 +174,7 @@ def test_finetune_peer_pretrains_on_lifted_low_res_then_fine_tunes_and_resumes_e
 def test_coordinate_channels_match_the_crops_location():
     """A crop's coordinate channels are the whole image's grid cut at the crop's place; the grid
     spans [−1, 1] at pixel centres."""
-    from bootdiff.peers.patchdiff import coordinate_channels
+    from bootdiff.precond import coordinate_channels
 
     H = W = 16
     whole = coordinate_channels(torch.zeros((1, 2), dtype=torch.long), (H, W), (H, W))[0]

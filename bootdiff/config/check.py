@@ -185,6 +185,9 @@ def _check_views(p: _Problems, cfg: ExperimentConfig) -> None:
                 p.items.append((head if head.startswith(key) else key, msg))
         if v.net.kind == NetKind.unet2d and video:
             p.bad(f"{key}.net.kind", v.net.kind, "unet2d cannot model videos; use video or auto")
+        if v.coords and (v.kind != ViewKind.patch or video):
+            p.bad(f"{key}.coords", True, f"position-aware denoisers are for patch views of images (this view: {v.kind}"
+                  f"{', video data' if video else ''})")
         _check_train(p, f"{key}.train", v.train)
         _check_scaling(p, f"{key}.scaling", v.scaling)
     if cfg.full_res.kind != ViewKind.full:

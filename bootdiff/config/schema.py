@@ -113,6 +113,10 @@ class ViewConfig:
     factor: int = 2  # downsample
     clip_len: int = 8  # clip
     clip_stride: Optional[int] = None  # sliding-window stride at evaluation (None: clip_len // 2)
+    # patch: the view's denoiser is told where its patch lies (two coordinate channels,
+    # `bootdiff.precond.CoordPrecond`): trained at each crop's recorded location, evaluated at
+    # the grid's; off, one denoiser serves every location alike
+    coords: bool = False
     net: NetConfig = field(default_factory=NetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)

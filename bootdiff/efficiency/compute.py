@@ -38,12 +38,16 @@ def _rand(shape, n):
 def view_step_flops(cfg, manifest: dict, view: str, vcfg) -> float:
     """A view model's (or, with ``view="full"``, the full-res baseline's) FLOPs per optimizer step."""
     from bootdiff import experiment
-    from bootdiff.losses import EDMLoss
+    from bootdiff.losses import CoordLoss, EDMLoss
 
     info = experiment.view_info(manifest, view)
-    model = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
-    loss = EDMLoss(vcfg.train.loss, float(info["sigma_data"]))
-    return step_flops(model, loss, _rand(info["shape"], vcfg.train.batch_size)) * vcfg.train.accum_steps
+    model = experiment.view_denoiser(manifest, view, vcfg)
+    x = _rand(info["shape"], vcfg.train.batch_size)
+    if getattr(vcfg, "coords", False):  # a position-aware patch view: (x, pos) batches
+        loss, batch = CoordLoss(vcfg.train.loss, float(info["sigma_data"])), (x, torch.zeros((x.shape[0], 2), dtype=torch.long))
+    else:
+        loss, batch = EDMLoss(vcfg.train.loss, float(info["sigma_data"])), x
+    return step_flops(model, loss, batch) * vcfg.train.accum_steps
 
 
 def residual_step_flops(cfg, manifest: dict) -> float:
@@ -58,8 +62,7 @@ def residual_step_flops(cfg, manifest: dict) -> float:
     rcfg = cfg.residual
     views = []
     for name, vcfg in cfg.views.items():
-        info = experiment.view_info(manifest, name)
-        denoiser = experiment.build_view_denoiser(vcfg, info["shape"], float(info["sigma_data"]))
+        denoiser = experiment.view_denoiser(manifest, name, vcfg)
         views.append(ViewModel(name, make_view(vcfg, shape, name=name), denoiser.eval().requires_grad_(False)))
     combined = CombinedDenoiser(views, fusion=rcfg.fusion).eval()
     model = experiment.build_bootstrap(cfg, manifest, rcfg, combined=combined)

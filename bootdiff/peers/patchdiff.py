@@ -2,7 +2,7 @@
 Diffusion Models"): one full-resolution denoiser that is told where its input lies in the image
 by two coordinate channels, trained on crops of several sizes and on whole images.
 
-The denoiser (`CoordPrecond`) is EDM's (eq. 7, Table 1; docs/METHOD.md §2) with the backbone
+The denoiser (`bootdiff.precond.CoordPrecond`) is EDM's (eq. 7, Table 1; docs/METHOD.md §2) with the backbone
 given ``[c_in·x, u, v]``: ``u``, ``v`` the pixel-centre coordinates of each input pixel in the
 full image, scaled to [−1, 1] (``2·(row + ½)/H − 1``, likewise for columns). The coordinates are
 conditioning, not signal: they are not noised or scaled, and the output has the image's
@@ -18,82 +18,20 @@ index (so a resumed run continues exactly):
 * otherwise: random crops of the N images, of a size drawn from ``crop_sizes`` (default half
   the image side), at uniform random locations.
 
-The loss is the EDM loss of that micro-batch (`CoordLoss`). Network and training: ``full_res``'s
+The loss is the EDM loss of that micro-batch (`bootdiff.losses.CoordLoss`). Network and training: ``full_res``'s
 (the backbone built with two more input channels).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
-from torch import nn
 
-from bootdiff.losses import check_weighting, noisy_batch, per_sample_mean
-from bootdiff.precond import edm_coefficients
-from bootdiff.schedules import weighting
-from bootdiff.util import broadcast_sigma
+from bootdiff.losses import CoordLoss
+from bootdiff.precond import CoordPrecond
 
 KINDS = ("full", "patch", "crop")
-
-
-def coordinate_channels(pos: torch.Tensor, size: Tuple[int, int], image_size: Tuple[int, int],
-                        device=None, dtype=torch.float32) -> torch.Tensor:
-    """``[N, 2, h, w]``: for crops of ``size`` (h, w) at top-left ``pos`` ``[N, 2]`` (row, col) of an
-    image of ``image_size`` (H, W), each pixel centre's row and column in the full image, in [−1, 1]."""
-    (h, w), (H, W) = size, image_size
-    pos = pos.to(device=device, dtype=dtype)
-    rows = (pos[:, 0, None] + torch.arange(h, device=device, dtype=dtype)[None] + 0.5) * (2 / H) - 1  # [N, h]
-    cols = (pos[:, 1, None] + torch.arange(w, device=device, dtype=dtype)[None] + 0.5) * (2 / W) - 1  # [N, w]
-    u = rows[:, :, None].expand(-1, h, w)
-    v = cols[:, None, :].expand(-1, h, w)
-    return torch.stack([u, v], dim=1)
-
-
-class CoordPrecond(nn.Module):
-    """``D(x, σ, pos=None)``: EDM preconditioning (eq. 7) around a backbone with two coordinate
-    input channels (module docstring). ``image_size`` (H, W) is the full image's; ``pos`` ``[N, 2]``
-    the crops' top-left (row, col), None for whole images."""
-
-    def __init__(self, net: nn.Module, sigma_data: float, image_size: Sequence[int]):
-        super().__init__()
-        if not float(sigma_data) > 0:
-            raise ValueError(f"CoordPrecond: sigma_data must be > 0, got {sigma_data}")
-        self.net = net
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.register_buffer("sigma_data", torch.tensor(float(sigma_data), dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor, sigma, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        if pos is None:
-            if tuple(x.shape[-2:]) != self.image_size:
-                raise ValueError(f"CoordPrecond: a {tuple(x.shape[-2:])} input needs its position "
-                                 f"(pos) in the {self.image_size} image")
-            pos = torch.zeros((x.shape[0], 2), dtype=torch.long)
-        sigma = broadcast_sigma(sigma, x)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data.float())
-        c_skip, c_out, c_in = (broadcast_sigma(c, x, column=True) for c in (c_skip, c_out, c_in))
-        coords = coordinate_channels(pos, tuple(x.shape[-2:]), self.image_size, x.device)
-        F_x = self.net(torch.cat([c_in * x, coords], dim=1).to(dtype), c_noise)
-        return c_skip * x + c_out * F_x.to(torch.float32)
-
-
-class CoordLoss:
-    """``loss(D, (x, pos), generator) -> [N]``: the EDM loss (eq. 2) of a micro-batch of crops at
-    ``pos`` (or whole images, ``pos`` of zeros at full size), σ ~ p_train."""
-
-    def __init__(self, loss_cfg, sigma_data: float):
-        self.loss_cfg, self.sigma_data = loss_cfg, float(sigma_data)
-        self.weighting = check_weighting(loss_cfg.weighting)
-        self.last_sigma: Optional[torch.Tensor] = None
-
-    def __call__(self, D, batch, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        x, pos = batch
-        sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator)
-        self.last_sigma = sigma.detach()
-        lam = weighting(sigma, self.sigma_data, self.weighting)
-        return lam * per_sample_mean((D(x_noisy, sigma, pos) - x) ** 2)
 
 
 def crop_sizes(pcfg, image_size: Tuple[int, int]) -> List[int]:
