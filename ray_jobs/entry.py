@@ -17,6 +17,11 @@ from bootdiff.run.layout import absolute_url
 
 # Ray Train's dashboard tab needs this before the cluster starts (docs/RAY.md).
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+# Ray Train's controller polls its worker group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), and a run's every change of state — workers up, a report collected, training done —
+# waits for the next poll: ≈ 4 s of each Train run's start and end on the development box
+# (docs/RAY.md §2). A poll is one small remote call per worker; a user's own value is kept.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def parse_args(argv: Optional[List[str]] = None, description: str = "") -> Tuple[ExperimentConfig, str, float]:
@@ -155,7 +160,7 @@ def _main(job: Callable, description: str, argv: Optional[List[str]]) -> int:
 # driver's), an instance profile / IAM role, or a Kubernetes Secret (cluster/README.md).
 SHARED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
               "BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
-              "PYTHONWARNINGS", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+              "PYTHONWARNINGS", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
 # Ray's own console lines that a newcomer takes for failures and that ask nothing of them: Ray
 # Data's deprecation of an option Ray Train itself passes (every Train controller prints it).
