@@ -19,3 +19,27 @@ def s3():
 
     with moto_s3("bootdiff-test") as (bucket, endpoint):
         yield bucket, endpoint
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    """The data-efficiency benchmark's datasets on a tiny random 16×16 source, prepared once for
+    the session (tests/test_efficiency.py, tests/test_variants.py): yields (config, folder, plan,
+    {dataset: manifest}) for N = 8 and 16 (64 does not fit). Tests that change the config copy it."""
+    from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object
+    from bootdiff.data.shards import read_manifest
+    from bootdiff.efficiency.data import prepare
+    from bootdiff.run.layout import RunLayout
+    from tests.datagen import RandomSource
+
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = to_object(load_config(None, [
+        f"storage={tmp}/unused", "name=t", "data.resolution=16", "data.num_test=20",
+        "data.shard_size=24", "views.patch.kind=patch", "views.patch.patch_size=8", "views.patch.per_sample=2",
+        "views.low.kind=downsample", "views.low.factor=2", "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
+        "sweep.range_adapter=[true]", "eval.max_samples=20", "eval.num_sigma=3"]))
+    out = str(tmp / "out")
+    plan = prepare(cfg, out, [8, 16, 64], val_fraction=0.25, source=RandomSource())
+    manifests = {k: read_manifest(RunLayout.of(from_yaml(y, ExperimentConfig)).data)
+                 for k, y in plan["datasets"].items()}
+    return cfg, out, plan, manifests

@@ -1,11 +1,11 @@
 """The data-efficiency benchmark's bookkeeping (`bootdiff.efficiency`), on a tiny random source:
 the fixed partial pool (same view shards for every N, disjoint from every full-res set, the
 test split untouched), the validation carve-out, one G weighting for all datasets, the gap, and
-resuming (finished models are skipped)."""
+resuming (finished models are skipped). The `bench` fixture (tests/conftest.py) prepares the
+datasets once for the session."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -17,30 +17,9 @@ from bootdiff.efficiency.models import gap_closed, jobs, select
 from bootdiff.efficiency.run import run_benchmark
 from bootdiff.evaluation.scores import generalization
 from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object
-from bootdiff.data.shards import read_manifest
-from bootdiff.run.layout import RunLayout
-from test_data import RandomSource  # tiny in-memory source of random 16×16 grey images
+from tests.datagen import RandomSource  # tiny in-memory source of random 16×16 grey images
 
 torch.set_num_threads(1)
-
-
-def _cfg(tmp_path):
-    return to_object(load_config(None, [
-        f"storage={tmp_path}/unused", "name=t", "data.resolution=16", "data.num_test=20",
-        "data.shard_size=24", "views.patch.kind=patch", "views.patch.patch_size=8", "views.patch.per_sample=2",
-        "views.low.kind=downsample", "views.low.factor=2", "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
-        "sweep.range_adapter=[true]", "eval.max_samples=20", "eval.num_sigma=3"]))
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench")
-    cfg = _cfg(tmp)
-    out = str(tmp / "out")
-    plan = prepare(cfg, out, [8, 16, 64], val_fraction=0.25, source=RandomSource())
-    manifests = {k: read_manifest(RunLayout.of(from_yaml(y, ExperimentConfig)).data)
-                 for k, y in plan["datasets"].items()}
-    return cfg, out, plan, manifests
 
 
 def test_fixed_partial_pool_and_untouched_test(bench):
@@ -411,65 +390,3 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     assert "oracle, stopped at 0.2 kimg" in md and "A row that beats the oracle means the oracle was cut short" in md
     assert "finetune, stopped at" in md and "still improving at its cap" in md
     assert f"not improved for 2 checkpoints, up to a cap: baselines {b['full_res_kimg']:g} kimg" in md
-
-
-def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path, capsys):
-    """`benchmarks/variants.py`: each variant's overrides applied, the view models it changes
-    trained again on the same partial pool (here a position-aware patch view), the combined
-    denoiser scored and each residual setting's selection run trained again on the same carve-out
-    (here also the σ-gated low-res rows of stage 2), at the benchmark's budgets and patience;
-    "before" is the benchmark's own run; a re-run reads the finished runs instead of training them."""
-    import json
-    import shutil
-
-    from bootdiff import experiment, util
-    from bootdiff.config import to_yaml
-    from bootdiff.efficiency.models import share_view_models
-    from bootdiff.export import load_view_model, save_view_model
-    from bootdiff.precond import CoordPrecond
-    from benchmarks.variants import main as variants_main
-
-    cfg, out0, plan, manifests = bench
-    out = str(tmp_path / "bench")
-    shutil.copytree(out0, out)  # the fixture's datasets, moved: their configs name the old folder
-    cfg.views["patch"].train.total_kimg = 0.032  # a view trained again: a few steps
-    datasets = {k: y.replace(out0, out) for k, y in plan["datasets"].items()}
-    budgets = {"residual_kimg": 0.032, "full_res_kimg": 0.032, "view_kimg": 0.032, "oracle_kimg": 0.032, "patience": 2}
-    base = from_yaml(datasets["base"], ExperimentConfig)
-    for i, (name, vcfg) in enumerate(base.views.items()):  # untrained view models stand in for stage 1's
-        info = experiment.view_info(manifests["base"], name)
-        torch.manual_seed(i)
-        save_view_model(experiment.build_view_denoiser(vcfg, info["shape"], info["sigma_data"]).eval(),
-                        RunLayout.of(base).model(name), vcfg)
-    share_view_models({**plan, "datasets": datasets}, out)
-    util.atomic_write_bytes(os.path.join(out, "plan.json"), json.dumps(  # as run_benchmark writes it
-        {"ns": plan["ns"], "views": plan["views"], "budgets": budgets, "config": to_yaml(cfg)}).encode())
-    for mv, g in ((0.0, 0.9), (1.0, 0.8)):  # the benchmark's own selection runs (their rows)
-        label = f"residual-mv{mv:g}-ml0-ra1"
-        row = {"trial": {"kind": "residual", "mu_var": mv, "mu_l1": 0.0, "range_adapter": True, "label": label},
-               "curve": [{"kimg": 0.016, "test_G": g}], "test_G": g, "kimg": 0.016}
-        util.atomic_write_bytes(os.path.join(out, "results", f"N8__select-{label}.json"), json.dumps(row).encode())
-    args = ["--bench", out, "--ns", "8",
-            "--variant", "low", "residual.low_ratio=1", "residual.sigma_tn=0.5", "residual.train.checkpoint_every_kimg=0.016",
-            "--variant", "coords", "views.patch.coords=true"]
-    assert variants_main(args) == 0
-    res = json.loads(capsys.readouterr().out)["ns"]["8"]
-    assert res["before"]["best_val_G"] == 0.8 and math.isfinite(res["before"]["combined_val_G"])
-    assert res["low"]["views_retrained"] == [] and res["coords"]["views_retrained"] == ["patch"]
-    for v in ("low", "coords"):
-        assert set(res[v]["settings"]) == set(res["before"]["settings"]) and math.isfinite(res[v]["combined_val_G"])
-        for s in res[v]["settings"].values():  # real runs: G on the carve-out at each checkpoint
-            assert math.isfinite(s["val_G"]) and 0 < s["kimg_at_best"] <= 0.032
-        assert res[v]["vs_before"] == pytest.approx(res[v]["best_val_G"] / 0.8 - 1)
-    assert res["low"]["combined_val_G"] == res["before"]["combined_val_G"]  # the same D_comb
-    assert res["coords"]["combined_val_G"] != res["before"]["combined_val_G"]  # its own patch model
-    assert res["low"]["flops_per_step"]["residual"] > 1.5 * res["before"]["flops_per_step"]["residual"]  # twice the rows
-    assert res["coords"]["flops_per_step"]["view-patch"] > res["before"]["flops_per_step"]["view-patch"]  # 2 more inputs
-    model, _ = load_view_model(os.path.join(out, "N8-select~coords", "models", "patch"))
-    assert isinstance(model, CoordPrecond)  # the variant's D_comb used the position-aware patch model
-    assert not isinstance(load_view_model(os.path.join(out, "base", "models", "patch"))[0], CoordPrecond)  # untouched
-    ran = sorted(os.listdir(os.path.join(out, "variants")))
-    assert len(ran) == 8 and "variant-coords__view-patch.json" in ran  # 3 combined, 4 selection runs, 1 view
-    assert variants_main(args) == 0  # finished runs are read, not trained again
-    again = json.loads(capsys.readouterr().out)["ns"]["8"]
-    assert again["low"]["settings"] == res["low"]["settings"] and again["coords"]["settings"] == res["coords"]["settings"]

@@ -1,0 +1,75 @@
+"""`benchmarks/variants.py` on the data-efficiency benchmark's tiny random datasets (the `bench`
+fixture, tests/conftest.py): a variant of the bootstrap measured on the validation carve-out
+beside the benchmark's own runs."""
+
+import copy
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from benchmarks.variants import main as variants_main
+from bootdiff import experiment, util
+from bootdiff.config import ExperimentConfig, from_yaml, to_yaml
+from bootdiff.efficiency.models import share_view_models
+from bootdiff.export import load_view_model, save_view_model
+from bootdiff.precond import CoordPrecond
+from bootdiff.run.layout import RunLayout
+
+torch.set_num_threads(1)
+
+
+def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path, capsys):
+    """`benchmarks/variants.py`: each variant's overrides applied, the view models it changes
+    trained again on the same partial pool (here a position-aware patch view), the combined
+    denoiser scored and each residual setting's selection run trained again on the same carve-out
+    (here also the σ-gated low-res rows of stage 2), at the benchmark's budgets and patience;
+    "before" is the benchmark's own run; a re-run reads the finished runs instead of training them."""
+    cfg, out0, plan, manifests = bench
+    cfg = copy.deepcopy(cfg)
+    out = str(tmp_path / "bench")
+    shutil.copytree(out0, out)  # the fixture's datasets, moved: their configs name the old folder
+    cfg.views["patch"].train.total_kimg = 0.032  # a view trained again: a few steps
+    datasets = {k: y.replace(out0, out) for k, y in plan["datasets"].items()}
+    budgets = {"residual_kimg": 0.032, "full_res_kimg": 0.032, "view_kimg": 0.032, "oracle_kimg": 0.032, "patience": 2}
+    base = from_yaml(datasets["base"], ExperimentConfig)
+    for i, (name, vcfg) in enumerate(base.views.items()):  # untrained view models stand in for stage 1's
+        info = experiment.view_info(manifests["base"], name)
+        torch.manual_seed(i)
+        save_view_model(experiment.build_view_denoiser(vcfg, info["shape"], info["sigma_data"]).eval(),
+                        RunLayout.of(base).model(name), vcfg)
+    share_view_models({**plan, "datasets": datasets}, out)
+    util.atomic_write_bytes(os.path.join(out, "plan.json"), json.dumps(  # as run_benchmark writes it
+        {"ns": plan["ns"], "views": plan["views"], "budgets": budgets, "config": to_yaml(cfg)}).encode())
+    for mv, g in ((0.0, 0.9), (1.0, 0.8)):  # the benchmark's own selection runs (their rows)
+        label = f"residual-mv{mv:g}-ml0-ra1"
+        row = {"trial": {"kind": "residual", "mu_var": mv, "mu_l1": 0.0, "range_adapter": True, "label": label},
+               "curve": [{"kimg": 0.016, "test_G": g}], "test_G": g, "kimg": 0.016}
+        util.atomic_write_bytes(os.path.join(out, "results", f"N8__select-{label}.json"), json.dumps(row).encode())
+    args = ["--bench", out, "--ns", "8",
+            "--variant", "low", "residual.low_ratio=1", "residual.sigma_tn=0.5", "residual.train.checkpoint_every_kimg=0.016",
+            "--variant", "coords", "views.patch.coords=true"]
+    assert variants_main(args) == 0
+    res = json.loads(capsys.readouterr().out)["ns"]["8"]
+    assert res["before"]["best_val_G"] == 0.8 and math.isfinite(res["before"]["combined_val_G"])
+    assert res["low"]["views_retrained"] == [] and res["coords"]["views_retrained"] == ["patch"]
+    for v in ("low", "coords"):
+        assert set(res[v]["settings"]) == set(res["before"]["settings"]) and math.isfinite(res[v]["combined_val_G"])
+        for s in res[v]["settings"].values():  # real runs: G on the carve-out at each checkpoint
+            assert math.isfinite(s["val_G"]) and 0 < s["kimg_at_best"] <= 0.032
+        assert res[v]["vs_before"] == pytest.approx(res[v]["best_val_G"] / 0.8 - 1)
+    assert res["low"]["combined_val_G"] == res["before"]["combined_val_G"]  # the same D_comb
+    assert res["coords"]["combined_val_G"] != res["before"]["combined_val_G"]  # its own patch model
+    assert res["low"]["flops_per_step"]["residual"] > 1.5 * res["before"]["flops_per_step"]["residual"]  # twice the rows
+    assert res["coords"]["flops_per_step"]["view-patch"] > res["before"]["flops_per_step"]["view-patch"]  # 2 more inputs
+    model, _ = load_view_model(os.path.join(out, "N8-select~coords", "models", "patch"))
+    assert isinstance(model, CoordPrecond)  # the variant's D_comb used the position-aware patch model
+    assert not isinstance(load_view_model(os.path.join(out, "base", "models", "patch"))[0], CoordPrecond)  # untouched
+    ran = sorted(os.listdir(os.path.join(out, "variants")))
+    assert len(ran) == 8 and "variant-coords__view-patch.json" in ran  # 3 combined, 4 selection runs, 1 view
+    assert variants_main(args) == 0  # finished runs are read, not trained again
+    again = json.loads(capsys.readouterr().out)["ns"]["8"]
+    assert again["low"]["settings"] == res["low"]["settings"] and again["coords"]["settings"] == res["coords"]["settings"]
