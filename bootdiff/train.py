@@ -127,6 +127,8 @@ def _check_config(cfg: TrainConfig) -> None:
         bad("batch_size", cfg.batch_size, "a positive integer")
     if cfg.accum_steps < 1:
         bad("accum_steps", cfg.accum_steps, "a positive integer")
+    if not isinstance(cfg.seed, int):
+        bad("seed", cfg.seed, "an integer (load_config fills an unset one with the experiment's seed)")
     if cfg.total_kimg < 0 or cfg.lr < 0 or cfg.grad_clip < 0:
         bad("total_kimg/lr/grad_clip", (cfg.total_kimg, cfg.lr, cfg.grad_clip), "non-negative values")
 

@@ -30,14 +30,10 @@ def bench(tmp_path_factory):
     from bootdiff.data.shards import read_manifest
     from bootdiff.efficiency.data import prepare
     from bootdiff.run.layout import RunLayout
-    from tests.datagen import RandomSource
+    from tests.datagen import RandomSource, bench_overrides
 
     tmp = tmp_path_factory.mktemp("bench")
-    cfg = to_object(load_config(None, [
-        f"storage={tmp}/unused", "name=t", "data.resolution=16", "data.num_test=20",
-        "data.shard_size=24", "views.patch.kind=patch", "views.patch.patch_size=8", "views.patch.per_sample=2",
-        "views.low.kind=downsample", "views.low.factor=2", "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
-        "sweep.range_adapter=[true]", "eval.max_samples=20", "eval.num_sigma=3"]))
+    cfg = to_object(load_config(None, bench_overrides(tmp)))
     out = str(tmp / "out")
     plan = prepare(cfg, out, [8, 16, 64], val_fraction=0.25, source=RandomSource())
     manifests = {k: read_manifest(RunLayout.of(from_yaml(y, ExperimentConfig)).data)

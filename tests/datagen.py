@@ -89,3 +89,12 @@ def image_folder(folder, seed: int, n: int = 40):
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
     return folder
+
+
+def bench_overrides(tmp) -> list:
+    """The data-efficiency benchmark's tiny config (the `bench` fixture, tests/conftest.py): 16×16,
+    a patch and a low-res view, two residual settings."""
+    return [f"storage={tmp}/unused", "name=t", "data.resolution=16", "data.num_test=20",
+            "data.shard_size=24", "views.patch.kind=patch", "views.patch.patch_size=8", "views.patch.per_sample=2",
+            "views.low.kind=downsample", "views.low.factor=2", "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
+            "sweep.range_adapter=[true]", "eval.max_samples=20", "eval.num_sigma=3"]

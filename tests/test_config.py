@@ -340,3 +340,16 @@ def test_a_users_mistake_is_one_paragraph_and_exit_2_a_bug_keeps_its_traceback(t
     # And a good config runs, its result one JSON line.
     assert entry.main(job, "", ["--config", quick, f"storage={tmp_path}/s"]) == 0 and len(ran) == 1
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 1}
+
+
+def test_the_experiment_seed_fills_every_unset_train_seed():
+    """Top-level ``seed``: every model's ``train.seed`` left unset (views, full_res, residual,
+    distill) takes it at load; one set explicitly is kept; the data split and G's fixed noise do not
+    follow it."""
+    views = ["views.p.kind=patch", "views.p.patch_size=8", "views.low.kind=downsample", "views.low.factor=2"]
+    c = load_config(None, views + ["seed=3", "views.low.train.seed=5"])
+    assert (c.full_res.train.seed, c.residual.train.seed, c.distill.train.seed, c.views.p.train.seed) == (3, 3, 3, 3)
+    assert c.views.low.train.seed == 5 and c.eval.seed == 0 and c.data.split_seed == 0
+    d = load_config(None, views)
+    assert {d.full_res.train.seed, d.residual.train.seed, d.distill.train.seed, d.views.p.train.seed} == {0}
+    assert from_yaml(to_yaml(c), ExperimentConfig).residual.train.seed == 3  # a run's saved config keeps it

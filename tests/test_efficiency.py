@@ -4,6 +4,7 @@ test split untouched), the validation carve-out, one G weighting for all dataset
 resuming (finished models are skipped). The `bench` fixture (tests/conftest.py) prepares the
 datasets once for the session."""
 
+import copy
 import json
 import math
 
@@ -13,11 +14,11 @@ import torch
 from bootdiff import experiment, util
 from bootdiff.efficiency import report as efficiency_report
 from bootdiff.efficiency.data import prepare, source_indices, val_count
-from bootdiff.efficiency.models import gap_closed, jobs, select
+from bootdiff.efficiency.models import gap_closed, job_cfg, jobs, select
 from bootdiff.efficiency.run import run_benchmark
 from bootdiff.evaluation.scores import generalization
 from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object
-from tests.datagen import RandomSource  # tiny in-memory source of random 16×16 grey images
+from tests.datagen import RandomSource, bench_overrides  # tiny in-memory source of random 16×16 grey images
 
 torch.set_num_threads(1)
 
@@ -172,6 +173,43 @@ def test_resume_skips_finished_models(bench):
     assert summary["budgets"]["full_res_kimg"] == summary["budgets"]["residual_kimg"] == 1
     for f in ("efficiency.json", "g_vs_n.png", "swd_vs_n.png", "summary.md"):
         assert util.exists(f"{out}/{f}")
+    other = copy.deepcopy(cfg)
+    other.seed = 1  # another seed on the same folder would mix its models with these: refused
+    before = util.read_bytes(f"{out}/plan.json")
+    with pytest.raises(ValueError, match=r"seed=0; this run has seed=1 — use a new --out"):
+        run_benchmark(other, out, [8, 16], kimg=1, source=RandomSource(), runner=runner)
+    assert util.read_bytes(f"{out}/plan.json") == before
+
+
+def test_the_experiment_seed_trains_every_model_with_other_random_numbers(tmp_path):
+    """``seed=1`` reaches every model the benchmark trains (views, baselines, peers, oracle,
+    residuals): their `train.seed` is filled from it at load, and a baseline trained at another
+    seed is another model. The data and G's noise stay the same."""
+    from bootdiff.efficiency.models import budgets, peer_budgets
+    from bootdiff.efficiency.data import dataset_cfg
+    from bootdiff.efficiency.train import train_local
+    from bootdiff.config import to_yaml
+
+    cfg = to_object(load_config(None, bench_overrides(tmp_path) + ["seed=1"]))
+    out = str(tmp_path / "s1")
+    plan = prepare(cfg, out, [8], source=RandomSource())
+    b = budgets(cfg, 0.032)
+    b.update(peer_budgets(cfg, experiment.read_manifest(dataset_cfg(cfg, out, "base")), b))
+    kinds = set()
+    for job in jobs(plan, cfg):
+        c = job_cfg(job, b)
+        kinds.add(job["kind"])
+        assert {c.full_res.train.seed, c.residual.train.seed, c.distill.train.seed} == {1}, job["id"]
+        assert {v.train.seed for v in c.views.values()} == {1} and c.eval.seed == 0 and c.data.split_seed == 0
+    assert {"view", "full_res", "residual", "ambient", "finetune", "patchdiff"} <= kinds
+    curves = []
+    for seed in (1, 0):
+        c = from_yaml(plan["datasets"]["N8-select"], ExperimentConfig)
+        c.full_res.train.seed = seed
+        job = {"id": f"N8/select-baseline-s{seed}", "kind": "full_res", "data": "N8-select", "N": 8,
+               "quick": True, "cfg_yaml": to_yaml(c)}
+        curves.append([p["test_G"] for p in train_local(job, b, out)["curve"]])
+    assert len(curves[0]) == len(curves[1]) >= 1 and curves[0] != curves[1]  # one step: G at its checkpoint
 
 
 def test_pipeline_report_quotes_a_benchmark_of_the_same_data(bench, tmp_path):
@@ -325,9 +363,6 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     its carve-out and the model it selects for trains exactly as long as it ran, without it; the
     caps of the baselines and the oracle are the bootstrap's compute (the oracle's at least every
     row's); the oracle is taken at its validation minimum, and a row near or below it is named."""
-    from bootdiff.efficiency.models import job_cfg
-
-    import copy
 
     cfg = copy.deepcopy(bench[0])
     cfg.peers.ambient.grid = [0.2, 1.0]  # two σ_tn tried on validation: 1.0 wins below

@@ -241,7 +241,7 @@ def test_resumed_residual_run_takes_its_constants_from_the_checkpoint(tmp_path, 
     cfg, manifest, full, data = _residual_experiment(tmp_path, monkeypatch)
     rcfg = cfg.residual
     run_dir = str(tmp_path / "run")
-    tcfg = TrainConfig(total_kimg=0.008, batch_size=4, checkpoint_every_kimg=0.004, report_every=0)
+    tcfg = TrainConfig(total_kimg=0.008, batch_size=4, checkpoint_every_kimg=0.004, report_every=0, seed=0)
     batches = lambda step: iter(full.roll(i, 0) for i in range(step, 10 ** 6))  # noqa: E731
 
     model, loss, _ = experiment.residual_training(cfg, manifest, rcfg, run_dir=run_dir)

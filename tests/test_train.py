@@ -83,7 +83,7 @@ def make_cfg(steps, batch_size=8, accum_steps=1, ckpt_every=None, **kw):
     nimg = batch_size * accum_steps
     base = dict(total_kimg=steps * nimg / 1000, batch_size=batch_size, accum_steps=accum_steps, lr=2e-3,
                 warmup_kimg=3 * nimg / 1000, grad_clip=1.0, ema_halflife_kimg=0.05, report_every=1,
-                checkpoint_every_kimg=(ckpt_every or 0) * nimg / 1000, keep_checkpoints=3)
+                checkpoint_every_kimg=(ckpt_every or 0) * nimg / 1000, keep_checkpoints=3, seed=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -226,7 +226,7 @@ def test_learns_exact_gmm_posterior_mean():
     model = TinyEDM(hidden=128, sigma_data=sd)
     untrained = copy.deepcopy(model).eval()
     cfg = TrainConfig(total_kimg=1500 * 256 / 1000, batch_size=256, lr=5e-3, warmup_kimg=10.0, grad_clip=0.0,
-                      ema_halflife_kimg=30.0, report_every=0, checkpoint_every_kimg=0.0)
+                      ema_halflife_kimg=30.0, report_every=0, checkpoint_every_kimg=0.0, seed=0)
     res = train(model, RecordingLoss(sigma_data=sd, P_mean=-0.4, P_std=1.0), gmm_data(256, 1), cfg)
     assert res.step == 1500
     g = torch.Generator().manual_seed(999)

@@ -61,10 +61,22 @@ def _fill_full_res_budget(cfg: DictConfig) -> None:
             raise _error(exc, "full_res.train.total_kimg (unset: the views' total_kimg + the residual's)") from None
 
 
+def _fill_seeds(cfg: DictConfig) -> None:
+    """Every model's ``train.seed`` left unset -> the top-level ``seed`` (set explicitly, it is kept)."""
+    if "seed" not in cfg:
+        return
+    trains = [cfg[k].train for k in ("full_res", "residual", "distill") if k in cfg]
+    trains += [v.train for v in cfg.get("views", {}).values() if "train" in v]
+    for t in trains:
+        if t.get("seed") is None:
+            t.seed = cfg.seed
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 schema: type = ExperimentConfig, check: bool = True) -> DictConfig:
     """Load ``path`` (YAML, any fsspec URL) over the schema's defaults, then apply ``overrides``,
-    then fill an unset ``full_res.train.total_kimg`` (`full_res_budget`), then (for an
+    then fill an unset ``full_res.train.total_kimg`` (`full_res_budget`) and every unset
+    ``train.seed`` (the top-level ``seed``), then (for an
     `ExperimentConfig`, unless ``check=False``) run `bootdiff.config.check.check`.
 
     Raises ``ConfigError`` naming the key and the file (or the command line) for an unknown key,
@@ -99,6 +111,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         _check_new_views(cfg, dot, overrides)
         cfg = _merge(cfg, dot, "command line")
     _fill_full_res_budget(cfg)
+    _fill_seeds(cfg)
     if check and issubclass(schema, ExperimentConfig):
         check_config(cfg, path or "defaults", overrides)
     return cfg

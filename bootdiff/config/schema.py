@@ -83,7 +83,9 @@ class TrainConfig:
     # Seconds between reports that the Ray hooks pass on to ray.train.report (checkpoint reports
     # always go): a report < ~2 s after the previous one blocks training (docs/RAY.md §3).
     report_every_s: float = 5.0
-    seed: int = 0
+    # Initialisation, σ and noise draws, data order. Unset: the experiment's top-level `seed`
+    # (filled by `load_config`), so ``seed=1`` re-runs every model with other random numbers.
+    seed: Optional[int] = None
     num_workers: int = 0  # DataLoader workers per training process
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -360,6 +362,8 @@ class PeersConfig:
 class ExperimentConfig:
     name: str = "bootdiff"
     storage: str = "./bootdiff_runs"  # URL root: shards, checkpoints, sweep results, report
+    # Every model's `train.seed` left unset (views, full_res, residual, distill) and the random
+    # search's draws. Not the data split (`data.split_seed`) nor G's fixed noise (`eval.seed`).
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     views: Dict[str, ViewConfig] = field(default_factory=dict)

@@ -70,6 +70,20 @@ def process_runner(workers: int):
     return run
 
 
+def _check_same_seed(cfg, out: str) -> None:
+    """A re-run on a folder whose models were trained with another ``seed`` would mix the two
+    (finished models are skipped): an error naming the folder, before anything is written."""
+    url = util.join(out, "plan.json")
+    if not util.exists(url):
+        return
+    from bootdiff.config import ExperimentConfig, from_yaml
+
+    done = from_yaml(json.loads(util.read_bytes(url))["config"], ExperimentConfig)
+    if int(done.seed) != int(cfg.seed):
+        raise ValueError(f"data-efficiency: {out} holds models trained with seed={done.seed}; this run has "
+                         f"seed={cfg.seed} — use a new --out for another seed")
+
+
 def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, num_samples: int = 128,
                   val_fraction: float = 0.25, runner: Callable = local_runner, source=None,
                   ingest_fn=None, patience: int = 0) -> dict:
@@ -79,6 +93,7 @@ def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, nu
     many checkpoints, and trains the model it selects for as long (`bootdiff.efficiency.models.main_budget`)."""
     cfg = to_object(cfg)
     out = util.join(out, "") .rstrip("/")
+    _check_same_seed(cfg, out)
     plan = prepare(cfg, out, ns, val_fraction, source=source, ingest_fn=ingest_fn)
     b = budgets(cfg, kimg, patience)
     b.update(peer_budgets(cfg, experiment.read_manifest(dataset_cfg(cfg, out, "base")), b))
