@@ -401,4 +401,16 @@ def test_report_recommends_the_lowest_validation_G_a_peer_included(tmp_path):
     assert "- Recommended model: res_00001 — μ_var = 0, μ_L1 = 0, range adapter on — the lowest validation G of " \
            "all 5 trials (validation G 0.2; test G 0.1875); next: res_00002" in md
     assert "best trial — recommended" in md
+    assert "classifier FD ranks" not in md  # no labelled metrics: nothing to disagree
+    # the samples' classifier FD ranks another model clearly better: said beside the recommendation
+    from bootdiff.evaluation.summary import _recommendation
+    rec = {**peer, "classifier_fd": 230.0}
+    others = [{**t, "classifier_fd": 200.0 if t["trial_id"] == "res_00001" else 300.0} for t in trials]
+    said, _ = _recommendation(others + [rec], others[0], rec)
+    assert said[1] == ("The samples' classifier FD ranks them the other way: res_00001 (bootstrapped (residual)) has "
+                       "FD 200 against the recommended model's 230 (13.0% lower). G, measured on validation, chose; "
+                       "FD, measured against the test split, is never used to choose — compare their sample grids "
+                       "below."), said
+    others[0]["classifier_fd"] = 220.0  # within 5 %: noise, not a disagreement
+    assert len(_recommendation(others + [rec], others[0], rec)[0]) == 1
     assert _model("ambient") == "Ambient Omni" and _model("patchdiff-full_share0.5") == "Patch Diffusion full_share0.5"

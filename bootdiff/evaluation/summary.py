@@ -66,7 +66,29 @@ def _recommendation(trials, best, rec):
                  f", test G {_fmt(_num(nxt['test_G']))}.")
     else:
         line += "."
-    return [line], [("recommended model", rec["trial_id"], f"validation G {_fmt(v)}, test G {_fmt(g)}")]
+    return [line] + _fd_disagrees(trials, rec), \
+        [("recommended model", rec["trial_id"], f"validation G {_fmt(v)}, test G {_fmt(g)}")]
+
+
+# FD of 256 samples moves by a few % between seeds (benchmarks/RESULTS.md): a smaller lead is not a disagreement
+FD_MARGIN = 0.05
+
+
+def _fd_disagrees(trials, rec) -> list:
+    """A sentence when the samples' classifier FD (labelled sources) ranks another model clearly
+    (> `FD_MARGIN`) better than the recommended one: G chose, on validation; FD is measured against
+    the test split, so it is reported, never used to choose — the reader compares the grids."""
+    fd = _num(rec.get("classifier_fd"))
+    if not math.isfinite(fd):
+        return []
+    other = min((t for t in trials if t is not rec and math.isfinite(_num(t.get("classifier_fd")))),
+                key=lambda t: _num(t["classifier_fd"]), default=None)
+    if other is None or _num(other["classifier_fd"]) >= (1 - FD_MARGIN) * fd:
+        return []
+    return [f"The samples' classifier FD ranks them the other way: {other['trial_id']} ({KIND_LABEL[other['kind']]}) "
+            f"has FD {_fmt(_num(other['classifier_fd']))} against the recommended model's {_fmt(fd)} "
+            f"({_change(_num(other['classifier_fd']), fd)}). G, measured on validation, chose; FD, measured "
+            f"against the test split, is never used to choose — compare their sample grids below."]
 
 
 def _baseline_stop(fr, b) -> tuple:
