@@ -9,11 +9,10 @@ import math
 
 import pytest
 
-from bootdiff.config import ExperimentConfig, from_yaml, to_yaml
+from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object, to_yaml
 from bootdiff.efficiency.data import prepare
 from bootdiff.efficiency.models import budgets
-from test_data import RandomSource
-from test_efficiency import _cfg
+from tests.datagen import RandomSource, bench_overrides
 from test_ray_loader import local_ray  # noqa: F401  (the fixture: one local Ray cluster)
 
 pytestmark = pytest.mark.ray
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.ray
 def test_ambient_peer_trains_as_a_ray_train_run(local_ray, tmp_path):
     from ray_jobs.efficiency import ray_runner
 
-    cfg = _cfg(tmp_path)
+    cfg = to_object(load_config(None, bench_overrides(tmp_path)))
     out = str(tmp_path / "out")
     plan = prepare(cfg, out, [8], val_fraction=0.25, source=RandomSource())
     b = {**budgets(cfg, 0.05, patience=1), "ambient_kimg": 0.128, "patchdiff_kimg": 0.128}
