@@ -54,33 +54,6 @@ NET_CLASSES = {"ImageUNet": ImageUNet, "VideoUNet": VideoUNet}
 
 
 @contextlib.contextmanager
-def _write_folder(url: str) -> Iterator[str]:
-    """A local staging directory whose contents appear at ``url`` as a whole on success."""
-    fs, path = url_fs(url)
-    if _is_local(fs):
-        with atomic_dir(url) as stage:
-            yield stage
-        return
-    stage = tempfile.mkdtemp(prefix="bootdiff-export-")
-    try:
-        yield stage
-        path = path.rstrip("/")
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        for root, _, files in os.walk(stage):
-            for name in sorted(files):
-                local = os.path.join(root, name)
-                rel = os.path.relpath(local, stage).replace(os.sep, "/")
-                with contextlib.suppress(Exception):
-                    fs.makedirs(f"{path}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-                fs.put_file(local, f"{path}/{rel}")
-        with fs.open(f"{path}/COMPLETE", "wb") as f:
-            f.write(b"ok\n")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def _read_folder(url: str) -> Iterator[str]:
     """A local directory holding the complete folder at ``url`` (downloaded if remote)."""
     fs, path = url_fs(url)
@@ -223,7 +196,7 @@ def save_view_model(denoiser: EDMPrecond, url: str, view_cfg, extra: Optional[di
     """
     if isinstance(url, (ViewConfig, dict, DictConfig)) and isinstance(view_cfg, (str, os.PathLike)):
         url, view_cfg = view_cfg, url
-    with _write_folder(str(url)) as stage:
+    with atomic_dir(str(url)) as stage:
         _save_view_dir(stage, denoiser, view_cfg, extra)
 
 
@@ -248,7 +221,7 @@ def save_bootstrap_model(model, url: str, extra: Optional[dict] = None) -> None:
     if model.range_adapter is not None and not isinstance(model.range_adapter, RangeAdapter):
         raise TypeError(f"save_bootstrap_model: range_adapter must be a RangeAdapter or None, got "
                         f"{type(model.range_adapter).__name__}")
-    with _write_folder(str(url)) as stage:
+    with atomic_dir(str(url)) as stage:
         views = []
         for i, vm in enumerate(combined.view_models):
             folder = f"views/{i:02d}"

@@ -145,7 +145,9 @@ def atomic_dir(url: str) -> Iterator[str]:
 
     The directory is committed by writing every file, then a ``COMPLETE`` marker last: readers
     treat a directory without the marker as absent (`is_complete`). Locally the staging
-    directory is renamed into place, so a crash never leaves a partial directory at ``url``.
+    directory is renamed into place, so a crash never leaves a partial directory at ``url``;
+    elsewhere (``s3://``) what was at ``url`` is removed first and every file of the staging
+    tree, subfolders included (a diffusers folder's ``unet/``), is uploaded before the marker.
     """
     import shutil
     import tempfile
@@ -169,8 +171,15 @@ def atomic_dir(url: str) -> Iterator[str]:
         stage = tempfile.mkdtemp(prefix="bootdiff-stage-")
         try:
             yield stage
-            for name in sorted(os.listdir(stage)):
-                fs.put_file(os.path.join(stage, name), f"{path}/{name}")
+            path = path.rstrip("/")
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            for root, _, files in os.walk(stage):
+                for name in sorted(files):
+                    local = os.path.join(root, name)
+                    rel = os.path.relpath(local, stage).replace(os.sep, "/")
+                    fs.makedirs(f"{path}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+                    fs.put_file(local, f"{path}/{rel}")
             with fs.open(f"{path}/COMPLETE", "wb") as f:
                 f.write(b"ok\n")
         finally:

@@ -81,3 +81,27 @@ def test_export_refuses_what_diffusers_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="schedule"):
         save_pipeline(_student(), str(tmp_path / "s"), SamplerConfig(schedule="ve"))
     assert not os.path.exists(tmp_path / "v") and not os.path.exists(tmp_path / "s")
+
+
+def test_pipeline_on_s3_is_the_whole_folder(s3, tmp_path):
+    """On ``s3://`` the folder arrives whole — its ``unet/`` and ``scheduler/`` subfolders too
+    (`util.atomic_dir` once uploaded only the top-level files: a pipeline that did not load) —
+    and a second export replaces the first rather than mixing with it."""
+    from bootdiff.util import url_fs
+
+    bucket, _ = s3
+    url = f"{bucket}/export-{os.getpid()}/diffusers"
+    fs, path = url_fs(url)
+    fs.makedirs(f"{path}/unet", exist_ok=True)
+    with fs.open(f"{path}/unet/stale.bin", "wb") as f:  # left by an earlier export
+        f.write(b"old")
+    save_pipeline(_student(), url, SamplerConfig(steps=3))
+    fs.invalidate_cache()
+    rel = sorted(p[len(path) + 1:] for p in fs.find(path))
+    assert {"COMPLETE", "model_index.json", PIPELINE_FILE, "unet/config.json",
+            "scheduler/scheduler_config.json"} <= set(rel) and "unet/stale.bin" not in rel, rel
+    local = tmp_path / "copy"
+    fs.get(path, str(local), recursive=True)
+    pipe = DiffusionPipeline.from_pretrained(str(local), trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 1)
