@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -165,6 +166,28 @@ SHARED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "
 # Ray's own console lines that a newcomer takes for failures and that ask nothing of them: Ray
 # Data's deprecation of an option Ray Train itself passes (every Train controller prints it).
 RAY_WARNINGS_IGNORED = ("ignore:`ExecutionOptions.exclude_resources` is deprecated",)
+# ... and two that reach the driver as log lines, which the driver drops (`quiet_ray`); both stay
+# in Ray's log folder (raylet.out, the cleaner actor's worker log): the raylet's worker-pool
+# warning, whose threshold is 4 × min(cores, num_cpus) Python processes, which every Train run
+# passes on a small machine (a controller, its workers, Tune's trial actors), and the line each
+# Train run's placement-group cleaner logs when the run's controller has ended, as it should.
+RAY_LINES_DROPPED = (
+    re.compile(r"PYTHON worker processes have been started on node: .*maximum expected startup concurrency"),
+    re.compile(r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
+)
+
+
+def drop_ray_lines(print_to_stdstream: Callable) -> Callable:
+    """``print_to_stdstream`` (Ray's driver-side printer of worker, actor and raylet lines) without
+    the lines `RAY_LINES_DROPPED` matches."""
+
+    def printer(data: dict, ignore_prefix: bool):
+        lines = [line for line in data.get("lines", ()) if not any(p.search(line) for p in RAY_LINES_DROPPED)]
+        if lines:
+            print_to_stdstream({**data, "lines": lines}, ignore_prefix)
+
+    printer.bootdiff_filtered = True
+    return printer
 
 
 def quiet_ray(local: bool) -> None:
@@ -173,7 +196,14 @@ def quiet_ray(local: bool) -> None:
     beside any the user set) and, on a cluster this process starts on its own machine, Train's
     preemption watcher — it watches for cloud nodes being preempted, which a local machine never
     is, and its actor logs a C++ error line (``PreemptionWatcher … max_restarts > 0``) on every
-    Train run. A user's own ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` is kept."""
+    Train run. A user's own ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` is kept. The lines of
+    `RAY_LINES_DROPPED` are dropped by this driver: Ray prints what workers, actors and the raylet
+    send it through ``ray._private.worker.print_to_stdstream`` (its log thread and its error
+    listener both look it up there when ``ray.init`` connects), and offers no filter of its own."""
+    import ray._private.worker as ray_worker
+
+    if not getattr(ray_worker.print_to_stdstream, "bootdiff_filtered", False):
+        ray_worker.print_to_stdstream = drop_ray_lines(ray_worker.print_to_stdstream)
     have = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
     os.environ["PYTHONWARNINGS"] = ",".join(have + [w for w in RAY_WARNINGS_IGNORED if w not in have])
     if local:

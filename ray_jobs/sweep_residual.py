@@ -29,6 +29,7 @@ import os
 import sys
 import time
 
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from bootdiff import experiment, util
@@ -243,6 +244,10 @@ def run(cfg, cfg_yaml: str) -> dict:
     # progress. ASHA acts on the reports that carry its metric, val_G, and skips the rest; the
     # test split's G is reported beside it and never chooses anything.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's own result files (result.json, progress.csv: the sweep's records read them), without
+    # its TensorBoard logger: the runs' curves are bootdiff's (tb/), and that logger makes Tune print
+    # a `tensorboard --logdir <Ray session folder>` line that points a newcomer at the wrong place.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # A token share per trial: the trial's own Train workers hold the real resources (docs/RAY.md).
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml, session=str(time.time_ns())),
                                     {"CPU": TRIAL_TOKEN_CPU})
@@ -270,7 +275,7 @@ def run(cfg, cfg_yaml: str) -> dict:
             # A crashed trial driver (the trial's own process) is retried from its Train checkpoint.
             run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
                                       failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                                      verbose=1),
+                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback()], verbose=1),
         )
     print(f"[bootdiff] sweep of {len(trials)} trials ({', '.join(t['label'] for t in trials)})", flush=True)
     grid = tuner.fit()  # returns normally on Ctrl-C / SIGTERM, after saving its state (docs/RAY.md §7)

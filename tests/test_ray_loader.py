@@ -123,6 +123,33 @@ def test_ray_report_due_by_time_or_checkpoint(monkeypatch):
     assert hooks.ray_report_due(None)
 
 
+def test_drivers_printer_drops_rays_worker_pool_and_cleaner_lines_and_keeps_the_rest(capsys):
+    """Ray's driver-side printer, as `entry.quiet_ray` wraps it: the raylet's worker-pool warning
+    and the placement-group cleaner's line are dropped; a worker's own lines, its errors and
+    Ray's other warnings are printed as before (here through Ray's real printer)."""
+    import ray._private.worker as ray_worker
+
+    from ray_jobs.entry import drop_ray_lines
+
+    printer = drop_ray_lines(ray_worker.print_to_stdstream)
+    pool = ("WARNING: 8 PYTHON worker processes have been started on node: 876ab9 with address: 192.0.2.2, which "
+            "is 4x the maximum expected startup concurrency (2). This could be a result of using a large number "
+            "of actors, tasks blocked in ray.get() calls, or tasks with fractional CPU requests.")
+    cleaner = ("Detected that the Ray Train controller actor (f33cafae8249d5a72a329e5701000000) is dead. Cleaning up "
+               "placement group = [PlacementGroupID(a6401b250c8e1bbdc1fb69c62c8a01000000)] created by this run.")
+    printer({"lines": [pool], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    printer({"lines": [cleaner, "[bootdiff] step 4 kimg 0.256"], "pid": 31827, "actor_name": "PlacementGroupCleaner",
+             "is_err": False, "ip": "192.0.2.2"}, ignore_prefix=False)
+    printer({"lines": ["RuntimeError: injected failure at step 4"], "pid": 9, "is_err": True, "ip": "192.0.2.2",
+             "task_name": "fit_view"}, ignore_prefix=False)
+    printer({"lines": ["WARNING: the object store is full"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr()
+    assert "worker processes have been started" not in out.out + out.err
+    assert "Detected that the Ray Train controller" not in out.out + out.err
+    assert "[bootdiff] step 4 kimg 0.256" in out.out and "injected failure at step 4" in out.err
+    assert "the object store is full" in out.out
+
+
 def test_time_breakdown_reads_the_stage_records(tmp_path, capsys):
     from bootdiff.run.layout import RunLayout
     from ray_jobs import common
