@@ -3,7 +3,7 @@ result is still that of an uninterrupted run. Prints one JSON object.
 
     python benchmarks/faults.py [--views low] [--out /tmp/faults]
 
-It runs the tiny quickstart (tests/test_ray_pipeline.py's overrides, every Train report printed)
+It runs the tiny quickstart (tests/rayhead.py's overrides, every Train report printed)
 twice on one local Ray cluster it starts and stops itself:
 
 * uninterrupted, into ``{out}/clean``;
@@ -35,8 +35,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from test_ray_faults import start_head  # noqa: E402
-from test_ray_pipeline import PY, TINY, _stop, _terminated_trial  # noqa: E402
+from test_ray_faults import _terminated_trial, start_head  # noqa: E402
+from rayhead import PY, TINY, _stop  # noqa: E402
 
 STEP_LINE = re.compile(r"\bstep (\d+)\s+kimg ")
 

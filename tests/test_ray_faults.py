@@ -2,7 +2,7 @@
 finishes only its unfinished trials; one submission of a run at a time (the run lease); the
 sweep's statuses are distinct, and ASHA never stops a trial restored on partial rung data.
 
-The Ray tests share one head (`head`, from tests/test_ray_pipeline.py) and one run's storage:
+The Ray tests share one head (`head`, below) and one run's storage:
 data ingested by the lease test, one view model (the quickstart without its patch view)."""
 
 import glob
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from test_ray_pipeline import PY, RAY, REPO, TINY, _env, _free_port, _ray_tmp, _stop
+from rayhead import PY, RAY, REPO, TINY, _env, _free_port, _ray_tmp, _stop
 
 OVERRIDES = [o for o in TINY if not o.startswith("views.patch")]
 

@@ -1,33 +1,42 @@
-"""Past one machine: the job-submitted pipeline on a three-node Ray cluster simulated on this
-machine (tests/multinode.py: a head that takes no work and worker nodes ``a`` and ``b``, each its own
-``ray start`` with its own temp dir and working directory), with moto's S3 server as the only
-storage. Each view's Train run lands on the node its label selector names and the sweep's trials
-use both nodes (Ray Train's state API); a local storage path and a placement no node can take fail
-at load, naming the key, before anything is written; a worker node lost mid-stage-1 costs at most
-one checkpoint interval and the run finishes on the node left."""
+"""Past one machine, and the whole pipeline as users run it: `ray job submit` on a three-node Ray
+cluster simulated on this machine (tests/multinode.py: a head that takes no work and worker nodes
+``a`` and ``b``, each its own ``ray start`` with its own temp dir and working directory), with
+moto's S3 server as the only storage. The job-submitted pipeline runs end to end with every stage
+on (the Ambient peer, the early-stopped baseline, distillation) and every Train worker failing once
+(FailureConfig resumes it from its checkpoint); each view lands on the node its label selector
+names and the sweep's trials use both nodes (Ray Train's state API); the report, TensorBoard runs
+and exported models are checked, and a re-submission skips every finished stage. A local storage
+path and a placement no node can take fail at load, naming the key, before anything is written; a
+worker node lost mid-stage-1 or mid-sweep costs at most one checkpoint interval and the run
+finishes on the nodes left; a run with no node left for it fails naming what is missing."""
 
 import json
 import os
 import re
 import subprocess
 import time
+import urllib.request
 import uuid
 
+import numpy as np
 import pytest
 
 from multinode import RAY, PY, LocalCluster
-from test_ray_pipeline import REPO, TINY
+from rayhead import DISTILL, PATIENT, REPO, TINY, tb_raw_steps
 
 pytestmark = pytest.mark.ray
 
-# The tiny quickstart without its peer, distillation or combined baseline: this file is about nodes.
+# The tiny quickstart without its peer, distillation or combined baseline, for the node tests.
 OVERRIDES = [*TINY, "sweep.baseline_combined=false", "ray.max_failures=2"]
 
 
 @pytest.fixture(scope="module")
 def cluster(s3, mnist_wheel):
-    """Head (0 CPUs) + nodes a and b (2 CPUs each); they inherit the moto endpoint and test keys."""
-    c = LocalCluster({"a": {"cpus": 2}, "b": {"cpus": 2}}).start()
+    """Head (0 CPUs) + nodes a and b (2 CPUs each); they inherit the moto endpoint and test keys.
+    The GCS checks each node's health every second instead of every 3 s, so a killed raylet is
+    marked dead after its 5 failed checks in ≈ 5 s instead of ≈ 15 s (a slow but live node still
+    needs 5 checks of 10 s each unanswered): the tests wait less for each lost node."""
+    c = LocalCluster({"a": {"cpus": 2}, "b": {"cpus": 2}}, env=dict(os.environ, RAY_health_check_period_ms="1000")).start()
     try:
         yield c
     finally:
@@ -57,34 +66,225 @@ def _fs():
     return fs
 
 
-def test_pipeline_on_three_nodes_with_views_placed_and_storage_on_s3(cluster, s3):
+def _jobs(cluster) -> list:
+    """The dashboard's job API: every job the cluster ran."""
+    req = urllib.request.Request(cluster.address + "/api/jobs/",
+                                 headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+# The pipeline test's run: the quickstart shrunk (TINY) with every stage on — the Ambient peer, the
+# early-stopped baseline (PATIENT), distillation (DISTILL), the combined baseline — each Train
+# worker failing once at step >= 3 (FailureConfig restarts it from its checkpoint), the patch view
+# on node a, the low-res view data-parallel (DDP, 2 workers) on node b, storage on S3 only.
+PIPELINE = ["sweep.baseline_combined=true", "ray.inject_failure_step=3", "sweep.peers=[ambient]", *DISTILL, *PATIENT,
+            "views.patch.scaling.label_selector={node: a}", "views.low.scaling.label_selector={node: b}",
+            "views.low.scaling.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def submitted(cluster, s3, tmp_path_factory):
+    """The job-submitted pipeline on the three nodes, its files on S3 (and, for reading, a local copy
+    of what a user opens: run records, report, TensorBoard runs, exported models)."""
     storage = f"{s3[0]}/multinode"
-    proc = _submit(cluster, f"storage={storage}", "views.patch.scaling.label_selector={node: a}",
-                   "views.low.scaling.label_selector={node: b}", "views.low.scaling.num_workers=2")
+    since = time.time_ns()
+    t0 = time.time()
+    proc = _submit(cluster, f"storage={storage}", *PIPELINE)
+    seconds = time.time() - t0
+    fs, key = _fs(), storage[len("s3://"):] + "/quickstart"
+    local = tmp_path_factory.mktemp("copy") / "quickstart"
+    if proc.returncode == 0:
+        for f in fs.find(key):
+            rel = f[len(key) + 1:]
+            if not rel.startswith(("data/", "sweep/runs/", "sweep/tune/", "sweep/cache/")):
+                os.makedirs(os.path.dirname(local / rel), exist_ok=True)
+                fs.get(f, str(local / rel))
+    return {"proc": proc, "storage": storage, "key": key, "root": str(local), "seconds": seconds, "since": since}
+
+
+def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
+    proc, root, fs, key = submitted["proc"], submitted["root"], _fs(), submitted["key"]
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "succeeded" in out, out[-6000:]
+
+    # Progress in the job's logs; the dashboard's job API lists the job as SUCCEEDED.
+    for line in ("=== stage ingest", "=== stage train_views", "=== stage sweep_residual", "=== stage distill",
+                 "=== stage evaluate", "kimg", "sweep report:"):
+        assert line in out, f"job log lacks {line!r}"
+    # Train's per-report / per-checkpoint INFO lines stay off the console (ray.train_log_level)
+    assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
+    assert "RayDeprecationWarning" not in out  # Ray's own deprecation noise (entry.quiet_ray)
+    # the raylet's worker-pool warning and each Train run's placement-group cleaner line: dropped by the driver
+    assert "worker processes have been started" not in out and "Cleaning up placement group" not in out, out[-6000:]
+    assert "tensorboard --logdir" not in out  # Tune's own TensorBoard logger is off: the runs' curves are tb/'s
+    assert "chosen on validation G" in out  # the sweep says what it chose on
+    sub_id = out.split("Job '")[1].split("'")[0]
+    job = next(j for j in _jobs(cluster) if j["submission_id"] == sub_id)
+    assert job["status"] == "SUCCEEDED"
+
+    # Placement, from Ray Train's state API: each view's workers on the node its label selector
+    # names, the low-res view data-parallel over node b, the sweep's Train trials on both nodes.
     runs = cluster.train_runs()
-    # each view's workers on the node its label selector names, from Ray Train's state API
-    assert cluster.nodes_of(runs, "view-patch") == {"a"}, runs
-    assert cluster.nodes_of(runs, "view-low") == {"b"}, runs
+    assert cluster.nodes_of(runs, "view-patch", submitted["since"]) == {"a"}, runs
+    assert cluster.nodes_of(runs, "view-low", submitted["since"]) == {"b"}, runs
     low = [r for r in runs if r["name"] == "view-low"][-1]
-    assert len(low["attempts"][-1]["workers"]) == 2  # the low-res view data-parallel (DDP) over node b
-    # the sweep's three Train trials (full-res baseline, two residual settings) used both nodes
+    assert len(low["attempts"][-1]["workers"]) == 2
     trial_nodes = set().union(*[cluster.nodes_of(runs, r["name"]) for r in runs if r["name"].startswith("trial-")])
     assert trial_nodes == {"a", "b"}, [(r["name"], cluster.nodes_of(runs, r["name"])) for r in runs]
-    # everything on S3: the nodes' own working directories hold nothing of the run
-    fs, root = _fs(), storage[len("s3://"):] + "/quickstart"
-    sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
-    assert {t["kind"] for t in sweep["trials"]} == {"full_res", "residual"} and sweep["best"]
-    assert "data:image/png;base64," in fs.cat(f"{root}/sweep/report/report.html").decode()
-    run = json.loads(fs.cat(f"{root}/views/view-low.json"))  # 2 ranks × 64 per step: 0.32 kimg = 3 steps
-    assert run["metrics"]["step"] == 3 and abs(run["metrics"]["kimg"] - 0.384) < 1e-6
-    files = fs.find(root)
-    assert f"{root}/data/manifest.json" in files and any(f.startswith(f"{root}/data/low/") for f in files)
-    assert any("/views/view-low/" in f and f.endswith("state.pt") for f in files)  # Train's checkpoints
+
+    # Everything on S3: data, Train's and Tune's checkpoints, the report; the nodes' own working
+    # directories hold nothing of the run.
+    files = fs.find(key)
+    assert f"{key}/data/manifest.json" in files and any(f.startswith(f"{key}/data/low/") for f in files)
+    assert any("/views/view-low/" in f and f.endswith("state.pt") for f in files)
     assert any("/sweep/runs/" in f and f.endswith("state.pt") for f in files)
     for name in ("head", "a", "b"):
         assert not os.listdir(os.path.join(cluster.root, name, "work")), name
+
+    # Two views trained concurrently: their run intervals overlap.
+    views = {v: json.load(open(os.path.join(root, "views", f"view-{v}.json"))) for v in ("patch", "low")}
+    assert max(r["start"] for r in views.values()) < min(r["end"] for r in views.values())
+
+    # Fault injection: each view's worker raised once at step >= 3; FailureConfig restarted it from
+    # its last checkpoint and the step count carried on to the end. Patch: 0.32 kimg / 64 per step
+    # = 5 steps, checkpoints at 2 and 4, failed at 4. Low-res: 2 ranks x 64 per step, 3 steps
+    # (0.384 kimg), a checkpoint every step, failed at 3 (its last).
+    for v in ("patch", "low"):
+        assert os.path.exists(os.path.join(root, "views", f"injected-failure-{v}"))
+    assert views["patch"]["metrics"]["step"] == 5
+    assert views["low"]["metrics"]["step"] == 3 and abs(views["low"]["metrics"]["kimg"] - 0.384) < 1e-6
+    assert "injected failure at step 4" in out and "injected failure at step 3" in out
+    resumed = {}  # run -> steps it resumed from ("[bootdiff] resuming from step N (<checkpoint URL>)")
+    for line in out.splitlines():
+        if "resuming from step" in line:
+            step, path = line.split("resuming from step ")[1].split(" ", 1)
+            run = next(r for r in ("view-patch", "view-low", "trial-full_res", "trial-ambient", "trial-residual",
+                                   "distill") if r in path)
+            resumed.setdefault(run, set()).add(int(step))
+    assert resumed["view-patch"] == {4} and resumed["view-low"] == {3}, resumed
+    # The full-res baseline runs the same Train worker, so it fails once too (checkpoint every
+    # 0.08 kimg / 32 per step: steps 3, 5, 8, 10); residual trials inject nothing.
+    assert resumed.get("trial-full_res") == {3} and "trial-residual" not in resumed, resumed
+    assert resumed.get("trial-ambient") == {3}, resumed  # a peer (sweep.peers) runs that worker too
+
+    # The quickstart's 2-setting sweep plus both baselines and the peer finished; the best residual is a real trial.
+    sweep = json.load(open(os.path.join(root, "sweep", "sweep.json")))
+    kinds = [t["kind"] for t in sweep["trials"]]
+    assert kinds.count("residual") == 2 and "combined" in kinds and "full_res" in kinds and "ambient" in kinds
+    assert {(t["mu_var"], t["mu_l1"]) for t in sweep["trials"] if t["kind"] == "residual"} == {(0.0, 0.0), (1.0, 0.0)}
+    best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
+    assert best["kind"] == "residual" and best["test_G"] > 0
+    assert all(t["test_G"] > 0 and t["val_G"] > 0 for t in sweep["trials"])
+    # chosen on the validation split: the lowest val G among residual trials with a checkpoint
+    chosen = [t for t in sweep["trials"] if t["kind"] == "residual" and t["checkpoint"]]
+    assert best["val_G"] == min(t["val_G"] for t in chosen)
+    # the recommended model: the lowest validation G of every model, the peer and the baselines included
+    rec = next(t for t in sweep["trials"] if t["trial_id"] == sweep["recommended"])
+    assert rec["val_G"] == min(t["val_G"] for t in sweep["trials"] if t["checkpoint"] or t["kind"] == "combined")
+
+    # The report: HTML with embedded plots, Markdown twin, CSV of all trials.
+    rep = os.path.join(root, "sweep", "report")
+    html = open(os.path.join(rep, "report.html")).read()
+    assert html.count("data:image/png;base64,") >= 6 and sweep["best"] in html
+    assert sweep["best"] in open(os.path.join(rep, "report.md")).read()
+    assert len(open(os.path.join(rep, "trials.csv")).read().strip().splitlines()) == 1 + len(sweep["trials"])
+    summary = json.load(open(os.path.join(rep, "summary.json")))
+    assert {"bootstrapped", "combined", "full_res", "ambient", "patch only", "low only"} <= set(summary["quality"])
+    assert summary["recommended"]["trial_id"] == rec["trial_id"] and "Recommended model: " + rec["trial_id"] in html
+    assert "Ambient Omni" in html  # the peer's row in Figure 1's table
+
+    # TensorBoard (uploaded to S3 with each checkpoint): one run per view model and trained trial,
+    # with its curves, G at checkpoints, and each step once although views, the full-res baseline
+    # and the peer were resumed.
+    from bootdiff.run.tb import read_runs
+
+    tb = read_runs(os.path.join(root, "tb"))
+    assert set(tb) == {"view-patch", "view-low", "distill"} | {f"trial-{t['trial_id']}" for t in sweep["trials"]
+                                                    if t["kind"] != "combined"}, sorted(tb)
+    for name, tags in tb.items():
+        assert {"loss", "lr", "grad_norm_max", "img_per_s", "kimg"} <= set(tags), (name, sorted(tags))
+        assert name.startswith("view-") or {"val_G", "test_G", "train_G"} <= set(tags), (name, sorted(tags))
+        raw = tb_raw_steps(os.path.join(root, "tb", name), "loss")
+        assert raw == sorted(set(raw)) and raw == list(tags["loss"]["step"]), (name, raw)
+    for v in ("patch", "low"):
+        assert tb[f"view-{v}"]["loss"]["step"][-1] == round(views[v]["metrics"]["kimg"] * 1000)
+    # Early stopping on validation: each trained trial (the baseline too) is taken at the checkpoint
+    # with its lowest val G over the whole run (its curve), and that checkpoint was kept.
+    for t in sweep["trials"]:
+        if t["kind"] == "combined":
+            continue
+        curve = tb[f"trial-{t['trial_id']}"]["val_G"]
+        k = int(np.argmin(curve["value"]))
+        assert t["val_G"] == pytest.approx(curve["value"][k], rel=1e-5), t
+        assert t["chosen_kimg"] == pytest.approx(curve["kimg"][k], abs=1e-3) and t["chosen_kimg"] <= t["kimg"]
+        assert fs.exists(t["checkpoint"]), t  # on S3 (Ray names it without the s3:// scheme)
+    assert "<h2>Training curves</h2>" in html and "report_files/training_G.png" in open(
+        os.path.join(rep, "report.md")).read()
+    # The report's answer comes first and stands on the early-stopped baseline: stopped by patience 1
+    # (its last checkpoint no better than its best before it; a resume counts patience afresh from
+    # the resumed checkpoint, docs/RAY.md), or at its cap, "still improving" when the cap was its best.
+    from bootdiff.evaluation.plots import _fmt
+
+    fr = next(t for t in sweep["trials"] if t["kind"] == "full_res")
+    vals = tb["trial-full_res"]["val_G"]["value"]
+    said = [line for line in open(os.path.join(rep, "report.md")).read().splitlines() if line.startswith("- ")][1]
+    assert said.startswith("- At N = 16 full-res samples the partial data "), said
+    assert "[bootdiff] " + said[2:] in out  # the answer on the console too, before the report's path
+    assert summary["verdict"][0] == said[2:]
+    if fr["status"] == "stopped_early":
+        assert len(vals) >= 3 and vals[-1] >= min(vals[:-1]) and fr["kimg"] < 0.32, (fr, vals)
+        assert f"had not improved for 1 checkpoint, at {_fmt(fr['kimg'])} of its 0.32-kimg cap" in said, said
+    else:
+        assert fr["status"] == "complete" and fr["kimg"] >= 0.32, fr
+        capped = fr["chosen_kimg"] >= fr["kimg"] - 1e-6
+        assert ("reached its 0.32-kimg cap still improving" in said) == capped, (fr, said)
+
+    # Exported models load with plain diffusers, and the bootstrapped model with bootdiff.
+    import torch
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    from bootdiff.export import load_bootstrap_model
+
+    for v in ("patch", "low", "full_res", "ambient"):
+        assert isinstance(UNet2DModel.from_pretrained(os.path.join(root, "models", v, "net")), UNet2DModel)
+    model = load_bootstrap_model(os.path.join(root, "models", "bootstrap"))
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x, torch.tensor([0.5, 2.0])).shape == x.shape
+
+    # Distillation: teacher samples written by Ray tasks as shards, the student trained as a Ray
+    # Train run (its worker failed once too), scored in the report, exported as a diffusers pipeline.
+    for done in ("distill/COMPLETE", "models/student/COMPLETE", "export/diffusers/COMPLETE"):
+        assert os.path.exists(os.path.join(root, done)), done
+    teacher = json.load(open(os.path.join(root, "distill", "teacher", "manifest.json")))
+    assert teacher["splits"]["teacher"]["count"] == 8
+    assert os.path.exists(os.path.join(root, "views", "injected-failure-distill"))
+    assert resumed.get("distill") and resumed["distill"] <= {2, 4}, resumed  # 4 steps, checkpoints at 2 and 4
+    assert "student" in summary["quality"] and "student" in summary["total_G"]
+    assert summary["distill_step_time"]["ratio"] > 0 and "student" in open(os.path.join(rep, "report.md")).read()
+    assert "distill" in json.load(open(os.path.join(root, "timings.json")))["stages"]
+    assert "distill" in tb and {"test_G", "train_G"} <= set(tb["distill"])
+    folder = os.path.join(root, "export", "diffusers")
+    assert json.load(open(os.path.join(folder, "model_index.json")))["_class_name"] == \
+        ["bootdiff_pipeline", "BootdiffEDMPipeline"]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="np").images.shape == (2, 32, 32, 1)
+
+
+def test_resubmit_skips_finished_stages(cluster, submitted):
+    """Re-submitting the same run finds every stage complete and carries on in seconds."""
+    assert submitted["proc"].returncode == 0
+    fs, marker = _fs(), f"{submitted['key']}/distill/COMPLETE"
+    before = fs.info(marker)["LastModified"]
+    t0 = time.time()
+    proc = _submit(cluster, f"storage={submitted['storage']}", *PIPELINE)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for msg in ("data already ingested", "already exported", "sweep already complete", "distill: already done",
+                "report already written"):
+        assert msg in out
+    assert _fs().info(marker)["LastModified"] == before
+    assert time.time() - t0 < submitted["seconds"] / 2
 
 
 def test_local_storage_and_unplaceable_runs_fail_at_load_naming_the_key(cluster, s3, tmp_path):

@@ -22,7 +22,7 @@ from bootdiff import util
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
 from test_resume import Source  # random 16² images, in memory
-from test_ray_pipeline import PY, RAY, REPO, _env, _free_port, _ray_tmp, _stop, _submit
+from rayhead import PY, RAY, REPO, _env, _free_port, _ray_tmp, _stop, _submit
 
 KEY_ID = "AKIAFAKE" + uuid.uuid4().hex[:12].upper()
 SECRET = "fakeSecret" + uuid.uuid4().hex

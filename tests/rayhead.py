@@ -1,0 +1,97 @@
+"""What the Ray integration tests share: the tiny quickstart's overrides (`TINY`, and the
+`PATIENT` baseline and `DISTILL` stage the job-submitted pipeline adds), Ray's temp dir and
+environment for a head of a test's own (token auth with a fresh token), stopping only that head's
+processes, `ray job submit` retried while a new head's job agent comes up, and TensorBoard's raw
+steps. The job-submitted pipeline itself runs on the simulated multi-node cluster
+(tests/test_ray_multinode.py); a sweep interrupted and restored is tests/test_ray_faults.py's."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+RAY = os.path.join(os.path.dirname(PY), "ray")
+
+# The quickstart, shrunk to seconds per stage (MNIST digits, 32², patch + low-res views).
+TINY = [
+    "data.source.limit=1500", "data.num_test=64", "data.num_val=16", "data.shard_size=1000",
+    "views.patch.train.total_kimg=0.32", "views.low.train.total_kimg=0.32",
+    "views.patch.train.checkpoint_every_kimg=0.12", "views.low.train.checkpoint_every_kimg=0.12",
+    "views.patch.train.report_every=2", "views.low.train.report_every=2",
+    "residual.train.total_kimg=0.16", "residual.train.checkpoint_every_kimg=0.08",
+    "residual.train.report_every=2",  # reports between checkpoints carry no G
+    "full_res.train.total_kimg=0.16", "full_res.train.checkpoint_every_kimg=0.08",
+    "eval.max_samples=64", "eval.num_images=4", "eval.sampler.steps=6", "eval.num_sigma=6",
+    "sweep.peers=[]",  # the quickstart's Ambient peer: in the job-submitted pipeline only
+]
+
+# The strongest baseline: the full-res baseline (and the peer, which trains like it) early-stopped on
+# validation G with patience 1, up to a cap with room for four checkpoints (steps 3, 5, 8, 10).
+PATIENT = ["full_res.train.patience=1", "full_res.train.total_kimg=0.32"]
+
+# The optional distillation stage (bootdiff.distill), on in the job-submitted pipeline only.
+DISTILL = [
+    "distill.enabled=true", "distill.num_teacher_samples=8", "distill.shard_size=4", "distill.sampler_steps=2",
+    "distill.teacher_fraction=0.5", "distill.real_weight=0.5", "distill.net.channels=[8,16]",
+    "distill.net.attention=[false,false]", "distill.net.norm_groups=4", "distill.train.total_kimg=0.032",
+    "distill.train.batch_size=8", "distill.train.checkpoint_every_kimg=0.016", "distill.train.warmup_kimg=0",
+    "distill.train.report_every=1",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+AUTH_TOKEN = uuid.uuid4().hex
+
+
+def _ray_tmp() -> str:
+    """A short temp dir for Ray (its socket paths must stay under 107 bytes)."""
+    return tempfile.mkdtemp(prefix="bdray-", dir="/tmp")
+
+
+def _env(tmp: str, **extra) -> dict:
+    # Token auth (new local heads use it): one fresh token for the head, the CLI and the drivers, so
+    # the test does not depend on a ~/.ray/auth_token left on the machine.
+    env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=AUTH_TOKEN,
+               PATH=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""),
+               RAY_TRAIN_ENABLE_STATE_TRACKING="1", RAY_DEDUP_LOGS="0")
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def _stop(tmp: str, env: dict) -> None:
+    """Stop this test's cluster only: its processes carry its temp dir on their command lines
+    (`ray stop` would stop every Ray cluster on the machine). TERM first, then KILL what is left."""
+    subprocess.run(["pkill", "-TERM", "-f", tmp], capture_output=True)
+    deadline = time.time() + 5
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", tmp], capture_output=True).returncode == 0:
+        time.sleep(0.5)
+    subprocess.run(["pkill", "-KILL", "-f", tmp], capture_output=True)
+
+
+def _submit(cmd, env, timeout):
+    """`ray job submit`, retried while a just-started head's job agent is not up yet."""
+    for _ in range(30):
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(3)
+    return proc
+
+
+def tb_raw_steps(folder, tag):
+    """Every step of ``tag`` in a TensorBoard run folder's event files, read raw (no purge)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [e.step for f in sorted(os.listdir(folder)) if "tfevents" in f
+            for e in EventFileLoader(os.path.join(folder, f)).Load() for v in e.summary.value if v.tag == tag]
