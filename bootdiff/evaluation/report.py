@@ -194,7 +194,8 @@ figcaption b{display:block;font-size:15px;color:#1d2330}img.px{image-rendering:p
 .tbl.kv{width:fit-content;min-width:min(420px,100%);max-width:100%}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right;white-space:nowrap}
-th{background:#eef1f6;position:sticky;top:0}td.t,th.t{text-align:left}
+th{background:#eef1f6;position:sticky;top:0;white-space:normal}td.t,th.t{text-align:left}
+td.t{white-space:normal;min-width:6em}
 td.path{white-space:normal;word-break:break-all;min-width:180px;text-align:left;
  font-family:monospace;font-size:12px}
 tr.best td{background:#fff4c2;font-weight:600}tr:nth-child(even) td{background:#fafbfc}
