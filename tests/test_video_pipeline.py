@@ -5,7 +5,7 @@ one Ray job, and the report shows the sampled long videos as frame strips and an
 The job is ``python -m ray_jobs.pipeline`` with Ray started locally by the script itself
 (`ray.init()` without an address), not ``ray job submit`` against a ``ray start --head``
 cluster: the job code is the same, and the head, its dashboard, job agent and working-dir upload
-(tests/test_ray_pipeline.py covers those) would cost more than the pipeline on this config."""
+(tests/test_ray_multinode.py covers those) would cost more than the pipeline on this config."""
 
 import base64
 import io
