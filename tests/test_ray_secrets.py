@@ -76,20 +76,21 @@ def head(s3):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_job(head, cmd, env=None, timeout=600, while_running=None) -> tuple:
-    """Submit with ``--no-wait``, poll the Jobs API until the job ends (the CLI's log tail can
-    drop under load), calling ``while_running()`` between polls; (status, logs)."""
+def _start_job(head, cmd, env=None) -> str:
+    """Submit with ``--no-wait``; the job's submission id."""
     proc = _submit(cmd[:3] + ["--no-wait"] + cmd[3:], env or head["env"], timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Job '" in out, out[-4000:]
-    sub_id = out.split("Job '")[1].split("'")[0]
+    return out.split("Job '")[1].split("'")[0]
+
+
+def _wait_job(head, sub_id: str, timeout=600) -> tuple:
+    """Poll the Jobs API until the job ends (the CLI's log tail can drop under load); (status, logs)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = json.loads(_jobs_api(head, f"/{sub_id}"))["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
-        if while_running is not None:
-            while_running()
         time.sleep(1)
     return status, json.loads(_jobs_api(head, f"/{sub_id}/logs"))["logs"]
 
@@ -120,7 +121,8 @@ def test_credentials_stay_out_of_job_records_and_workers_reach_s3(head, s3, tmp_
     bucket, endpoint = s3
     storage = f"{bucket}/secrets"
     cfg, path = _config(tmp_path, storage, "sec")
-    status, out = _run_job(head, _cmd(head, path, f"storage={storage}"), dict(head["env"], AWS_ENDPOINT_URL=endpoint))
+    status, out = _wait_job(head, _start_job(head, _cmd(head, path, f"storage={storage}"),
+                                             dict(head["env"], AWS_ENDPOINT_URL=endpoint)))
     assert status == "SUCCEEDED", out[-6000:]
 
     # The workers reached S3 with the head's keys: the view's checkpoints and export are there.
@@ -139,30 +141,27 @@ def test_credentials_stay_out_of_job_records_and_workers_reach_s3(head, s3, tmp_
 
 
 @pytest.mark.ray
-def test_nonfinite_loss_fails_at_once_with_its_message(head, tmp_path):
-    cfg, path = _config(tmp_path, str(tmp_path / "store"), "nan", ["views.low.train.lr=1e6"])
-    t0 = time.time()
-    status, out = _run_job(head, _cmd(head, path))
+def test_deterministic_failures_fail_at_once_naming_their_cause(head, tmp_path):
+    """Two jobs at once (the head has a CPU for each): a non-finite loss (lr=1e6) and a corrupt
+    shard. Each fails after one attempt with its own error, not retried. The data error reaches
+    the driver as itself (it pickles with its own arguments): before, Ray's controller got a
+    TypeError from ChecksumError's constructor inside a system error, and every attempt was retried."""
+    _, nan_path = _config(tmp_path, str(tmp_path / "store"), "nan", ["views.low.train.lr=1e6"])
+    _, bad_path = _config(tmp_path, str(tmp_path / "store"), "bad")
+    shard = os.path.join(str(tmp_path / "store"), "bad", "data", "low", "low-000000.tar")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    open(shard, "wb").write(bytes(data))
+    jobs = [_start_job(head, _cmd(head, path)) for path in (nan_path, bad_path)]
+    (status, out), (bad_status, bad_out) = [_wait_job(head, j) for j in jobs]
+
     assert status == "FAILED", out[-6000:]
     assert re.search(r"FloatingPointError: non-finite (loss|gradient norm) at step \d", out), out[-6000:]
     assert out.count("not retried") >= 1 and "worker failure 1" not in out
     assert "FailurePolicy] RETRY" not in out
     assert len(re.findall(r"step 1 +kimg", out)) == 1, out[-6000:]  # one attempt
-    print(f"lr=1e6 job failed after {time.time() - t0:.1f} s")
 
-
-@pytest.mark.ray
-def test_corrupt_shard_fails_at_once_naming_it(head, tmp_path):
-    """A data error raised in a Train worker reaches the driver as itself (it pickles with its own
-    arguments) and is not retried: before, Ray's controller got a TypeError from ChecksumError's
-    constructor inside a system error, and every attempt was retried."""
-    cfg, path = _config(tmp_path, str(tmp_path / "store"), "bad")
-    shard = os.path.join(str(tmp_path / "store"), "bad", "data", "low", "low-000000.tar")
-    data = bytearray(open(shard, "rb").read())
-    data[len(data) // 2] ^= 0xFF  # same size, other bytes
-    open(shard, "wb").write(bytes(data))
-    status, out = _run_job(head, _cmd(head, path))
-    assert status == "FAILED", out[-6000:]
-    assert re.search(r"ChecksumError: shard \S*low-000000\.tar checksum mismatch", out), out[-6000:]
-    assert "not retried" in out and "worker failure 1" not in out, out[-6000:]
-    assert "missing 2 required positional arguments" not in out
+    assert bad_status == "FAILED", bad_out[-6000:]
+    assert re.search(r"ChecksumError: shard \S*low-000000\.tar checksum mismatch", bad_out), bad_out[-6000:]
+    assert "not retried" in bad_out and "worker failure 1" not in bad_out, bad_out[-6000:]
+    assert "missing 2 required positional arguments" not in bad_out
