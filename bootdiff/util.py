@@ -178,7 +178,6 @@ def atomic_dir(url: str) -> Iterator[str]:
                 for name in sorted(files):
                     local = os.path.join(root, name)
                     rel = os.path.relpath(local, stage).replace(os.sep, "/")
-                    fs.makedirs(f"{path}/{rel}".rsplit("/", 1)[0], exist_ok=True)
                     fs.put_file(local, f"{path}/{rel}")
             with fs.open(f"{path}/COMPLETE", "wb") as f:
                 f.write(b"ok\n")
