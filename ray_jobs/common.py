@@ -129,7 +129,11 @@ class RayReportHooks:
     ``extra_metrics(checkpoint_dir)`` (rank 0, at checkpoints) adds e.g. held-out G, and
     ``eval_s``, its time. Reports to Ray carry ``worker_start_time`` and ``report_time`` (epoch
     seconds) for the pipeline's time breakdown (`ray_jobs.pipeline.time_breakdown`).
-    ``fail_at_step`` injects one failure (test hook): it raises once, remembered by a marker URL.
+    ``fail_at_step`` injects one failure (test hook): rank 0 raises once, after its report,
+    remembered by a marker URL. Only rank 0: its report, the one with the checkpoint, is put on
+    Ray's queue after the other ranks' (it uploads first), so the controller has every rank's report
+    of that step when it sees the failure and keeps the checkpoint. A rank > 0 raising could be seen
+    before rank 0's upload ends, and the run would resume one checkpoint earlier.
     ``hooks`` (optional, rank 0: `stopping_hooks`) receive every report after ``extra_metrics``
     and may end the run through their ``should_stop`` (`bootdiff.stopping.Patience`, or the
     benchmark's `bootdiff.efficiency.train.CurveHooks`).
@@ -147,6 +151,10 @@ class RayReportHooks:
         self.last_ray_report = time.monotonic()
         self.worker_start_time = time.time()  # for the pipeline's time breakdown (ray_jobs/pipeline.py)
         self.ray_reports = 0  # reports passed on to Ray (all of them carry the same steps on every rank)
+        if fail_at_step >= 0:
+            import ray.train
+
+            self.rank = ray.train.get_context().get_world_rank()
 
     def on_report(self, metrics: dict, checkpoint_url: Optional[str]) -> None:
         metrics = {**metrics, **self.tag}
@@ -158,7 +166,7 @@ class RayReportHooks:
             self.hooks.on_report(metrics, checkpoint_url)
         self.to_tensorboard(metrics, checkpoint_url)
         self.report_to_ray(metrics, checkpoint_url)
-        if 0 <= self.fail_at_step <= int(metrics.get("step", -1)) and not util.exists(self.fail_marker):
+        if 0 <= self.fail_at_step <= int(metrics.get("step", -1)) and self.rank == 0 and not util.exists(self.fail_marker):
             util.atomic_write_bytes(self.fail_marker, f"failed at step {metrics.get('step')}\n".encode())
             raise RuntimeError(f"injected failure at step {metrics.get('step')} (ray.inject_failure_step)")
 
@@ -207,8 +215,9 @@ class RayReportHooks:
         self.ray_reports += 1
 
 
-def resume_dir() -> Optional[str]:
-    """Local copy of the run's latest checkpoint (Ray restores it on retry or re-submission)."""
+def resume_dir(run_dir: str) -> Optional[str]:
+    """Local copy, inside the worker's ``run_dir`` (removed with it when the worker ends), of the
+    run's latest checkpoint (Ray restores it on retry or re-submission); None for a fresh run."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -216,7 +225,7 @@ def resume_dir() -> Optional[str]:
         return None
     from bootdiff.checkpoint import load_checkpoint
 
-    local = ckpt.to_directory(tempfile.mkdtemp(prefix="bootdiff-resume-"))
+    local = ckpt.to_directory(tempfile.mkdtemp(prefix="resume-", dir=run_dir))
     print(f"[bootdiff] resuming from step {load_checkpoint(local).get('step')} ({ckpt.path})", flush=True)
     return local
 

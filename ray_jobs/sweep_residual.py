@@ -52,16 +52,16 @@ def residual_worker(config: dict) -> None:
     cfg = common.cfg_from_yaml(config["cfg_yaml"])
     rcfg = trial_residual_config(cfg, config["trial"])
     rank, world, device, run_dir = common.worker_setup(cfg.sweep.trial_cpus, cfg.ray.train_log_level)
-    manifest = experiment.read_manifest(cfg)
-    resume = common.resume_dir()  # a resumed run takes its fitted constants from the checkpoint
-    model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world, run_dir=run_dir,
-                                                     resume_from=resume, device=device)
-    extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
-    hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
-                                  report_every_s=rcfg.train.report_every_s,
-                                  tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])),
-                                  **common.stopping_hooks(config, rcfg.train, rank))
     try:
+        manifest = experiment.read_manifest(cfg)
+        resume = common.resume_dir(run_dir)  # a resumed run takes its fitted constants from the checkpoint
+        model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world, run_dir=run_dir,
+                                                         resume_from=resume, device=device)
+        extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
+        hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
+                                      report_every_s=rcfg.train.report_every_s,
+                                      tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])),
+                                      **common.stopping_hooks(config, rcfg.train, rank))
         train(model, loss, data, rcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=resume, config_yaml=config["cfg_yaml"])
     finally:

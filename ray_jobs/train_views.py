@@ -53,7 +53,7 @@ def train_worker(config: dict) -> None:
                                   **(common.stopping_hooks(config, vcfg.train, rank) if config.get("evaluate") else {}))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
-              resume_from=common.resume_dir(), config_yaml=config["cfg_yaml"])
+              resume_from=common.resume_dir(run_dir), config_yaml=config["cfg_yaml"])
     finally:
         common.cleanup(run_dir)
 
