@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -177,6 +178,35 @@ RAY_LINES_DROPPED = (
 )
 
 
+# Ray's notice when ``ray.init`` starts a local cluster with token auth, its default. The driver
+# says it in its own dashboard line instead, with where the token is (`token_hint`); the notice
+# that a cluster starts *without* token auth is kept.
+RAY_TOKEN_NOTICE = ("ray._private.authentication.authentication_token_setup",
+                    "Token authentication is enabled for this Ray cluster")
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+def token_hint() -> str:
+    """What a user opening the dashboard of a token-auth cluster needs: where the token is
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``, docs/RAY.md
+    §6); empty when this process does not use token auth."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ""
+    where = ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
+             else os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token")
+    return f" (token auth: the dashboard asks for the token in {where}; `ray get-auth-token` prints it)"
+
+
 def drop_ray_lines(print_to_stdstream: Callable) -> Callable:
     """``print_to_stdstream`` (Ray's driver-side printer of worker, actor and raylet lines) without
     the lines `RAY_LINES_DROPPED` matches."""
@@ -199,11 +229,16 @@ def quiet_ray(local: bool) -> None:
     Train run. A user's own ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` is kept. The lines of
     `RAY_LINES_DROPPED` are dropped by this driver: Ray prints what workers, actors and the raylet
     send it through ``ray._private.worker.print_to_stdstream`` (its log thread and its error
-    listener both look it up there when ``ray.init`` connects), and offers no filter of its own."""
+    listener both look it up there when ``ray.init`` connects), and offers no filter of its own.
+    Ray's notice that a local cluster uses token auth (`RAY_TOKEN_NOTICE`) is dropped: the
+    driver's dashboard line says so, with where the token is (`token_hint`)."""
     import ray._private.worker as ray_worker
 
     if not getattr(ray_worker.print_to_stdstream, "bootdiff_filtered", False):
         ray_worker.print_to_stdstream = drop_ray_lines(ray_worker.print_to_stdstream)
+    token_logger = logging.getLogger(RAY_TOKEN_NOTICE[0])
+    if not any(isinstance(f, _DropMessage) for f in token_logger.filters):
+        token_logger.addFilter(_DropMessage(RAY_TOKEN_NOTICE[1]))
     have = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
     os.environ["PYTHONWARNINGS"] = ",".join(have + [w for w in RAY_WARNINGS_IGNORED if w not in have])
     if local:
@@ -236,6 +271,6 @@ def init_ray(cfg: ExperimentConfig):
     catch_sigterm()  # ray.init set its own SIGTERM handler (sys.exit), which skips Tune's state save
     ctx = ray.get_runtime_context()
     dash = getattr(ray, "_private", None) and ray._private.worker.global_worker.node.address_info.get("webui_url")
-    print(f"[bootdiff] Ray {ray.__version__} job {ctx.get_job_id()}; dashboard: http://{dash}" if dash else
+    print(f"[bootdiff] Ray {ray.__version__} job {ctx.get_job_id()}; dashboard: http://{dash}{token_hint()}" if dash else
           f"[bootdiff] Ray {ray.__version__} job {ctx.get_job_id()}", flush=True)
     return ray

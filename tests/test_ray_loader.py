@@ -150,6 +150,44 @@ def test_drivers_printer_drops_rays_worker_pool_and_cleaner_lines_and_keeps_the_
     assert "the object store is full" in out.out
 
 
+def test_token_auth_notice_is_the_drivers_own_line_and_the_disabled_warning_stays(monkeypatch):
+    """Ray's "Token authentication is enabled" notice at a local ``ray.init`` (through Ray's own
+    function) is dropped once `entry.quiet_ray` ran; its warning that a cluster has no token auth
+    is kept; the driver's dashboard line says where the token is instead (`entry.token_hint`)."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    from ray_jobs.entry import quiet_ray, token_hint
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # quiet_ray sets PYTHONWARNINGS and Train's watcher
+    monkeypatch.setattr(setup.logger, "filters", list(setup.logger.filters))
+    quiet_ray(local=True)
+    quiet_ray(local=True)  # a second call adds nothing
+    assert len(setup.logger.filters) == 1
+    records = []  # a handler on Ray's logger itself: Ray's "ray" logger does not propagate to pytest's
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    setup.logger.addHandler(handler)
+    try:
+        setup._warn_token_auth_enabled()
+        setup._warn_token_auth_disabled()
+    finally:
+        setup.logger.removeHandler(handler)
+    assert [r.getMessage()[:40] for r in records] == ["Token authentication is disabled for thi"]
+
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    assert token_hint() == ""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert token_hint() == (" (token auth: the dashboard asks for the token in ~/.ray/auth_token; "
+                            "`ray get-auth-token` prints it)")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/etc/ray/token")
+    assert "in /etc/ray/token;" in token_hint()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
+    assert "$RAY_AUTH_TOKEN" in token_hint() and "abc" not in token_hint()
+
+
 def test_time_breakdown_reads_the_stage_records(tmp_path, capsys):
     from bootdiff.run.layout import RunLayout
     from ray_jobs import common
