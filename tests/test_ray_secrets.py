@@ -3,8 +3,8 @@ corrupt shard) are not retried (a Train worker that dies is: the nodes lost in
 tests/test_ray_multinode.py take their workers with them, and each run resumes from its
 checkpoint through the same `fit_retrying`). One head started with `ray start --head`
 whose environment holds fake AWS keys (the way cluster/README.md tells users to give a cluster its
-credentials); jobs go in with `ray job submit` and train one tiny view (`ray_jobs.train_views`) on
-data ingested beforehand."""
+credentials) and a CPU for each of the module's three jobs, which go in at once with
+`ray job submit` and each train one tiny view (`ray_jobs.train_views`) on data ingested beforehand."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def head(s3):
         "runtime-env-agent-port", "metrics-export-port")]
     for _ in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait, or lose the dashboard
         started = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                                  "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", *ports],
+                                  "--num-cpus=3", "--include-dashboard=true", "--disable-usage-stats", *ports],
                                  env=head_env, capture_output=True, text=True, cwd=REPO, timeout=180)
         if started.returncode == 0:
             break
@@ -116,24 +116,41 @@ def _files_containing(root: str, needles) -> list:
     return hits
 
 
-@pytest.mark.ray
-def test_credentials_stay_out_of_job_records_and_workers_reach_s3(head, s3, tmp_path):
+@pytest.fixture(scope="module")
+def jobs(head, s3, tmp_path_factory):
+    """The module's three jobs, submitted at once (the head has a CPU for each) and waited for:
+    ``sec`` trains on S3 with the head's keys; ``nan`` has a non-finite loss (lr=1e6); ``bad`` a
+    corrupt shard. {name: (status, logs)}, and the S3 storage of ``sec``."""
+    tmp = tmp_path_factory.mktemp("jobs")
     bucket, endpoint = s3
     storage = f"{bucket}/secrets"
-    cfg, path = _config(tmp_path, storage, "sec")
-    status, out = _wait_job(head, _start_job(head, _cmd(head, path, f"storage={storage}"),
-                                             dict(head["env"], AWS_ENDPOINT_URL=endpoint)))
+    _, sec_path = _config(tmp, storage, "sec")
+    _, nan_path = _config(tmp, str(tmp / "store"), "nan", ["views.low.train.lr=1e6"])
+    _, bad_path = _config(tmp, str(tmp / "store"), "bad")
+    shard = os.path.join(str(tmp / "store"), "bad", "data", "low", "low-000000.tar")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    open(shard, "wb").write(bytes(data))
+    ids = {"sec": _start_job(head, _cmd(head, sec_path, f"storage={storage}"),
+                             dict(head["env"], AWS_ENDPOINT_URL=endpoint)),
+           "nan": _start_job(head, _cmd(head, nan_path)), "bad": _start_job(head, _cmd(head, bad_path))}
+    return {"storage": storage, **{name: _wait_job(head, i) for name, i in ids.items()}}
+
+
+@pytest.mark.ray
+def test_credentials_stay_out_of_job_records_and_workers_reach_s3(head, jobs):
+    status, out = jobs["sec"]
     assert status == "SUCCEEDED", out[-6000:]
 
     # The workers reached S3 with the head's keys: the view's checkpoints and export are there.
-    fs, root = util.url_fs(f"{storage}/sec")
+    fs, root = util.url_fs(f"{jobs['storage']}/sec")
     names = fs.find(root)
     assert any(n.endswith("models/low/bootdiff.json") for n in names), names
     assert any("/views/view-low/checkpoint" in n for n in names), names
 
     needles = (SECRET, KEY_ID)
-    jobs = _jobs_api(head)
-    assert "raysubmit_" in jobs and not [n for n in needles if n in jobs]
+    records = _jobs_api(head)
+    assert "raysubmit_" in records and not [n for n in needles if n in records]
     assert "step 6" in out and not [n for n in needles if n in out]  # the job's logs
     assert not _files_containing(os.path.join(head["tmp"], "ray"), needles)  # Ray's session dirs
     stored = [n for n in names if fs.isfile(n) and any(s.encode() in fs.cat(n) for s in needles)]
@@ -141,20 +158,12 @@ def test_credentials_stay_out_of_job_records_and_workers_reach_s3(head, s3, tmp_
 
 
 @pytest.mark.ray
-def test_deterministic_failures_fail_at_once_naming_their_cause(head, tmp_path):
-    """Two jobs at once (the head has a CPU for each): a non-finite loss (lr=1e6) and a corrupt
-    shard. Each fails after one attempt with its own error, not retried. The data error reaches
-    the driver as itself (it pickles with its own arguments): before, Ray's controller got a
-    TypeError from ChecksumError's constructor inside a system error, and every attempt was retried."""
-    _, nan_path = _config(tmp_path, str(tmp_path / "store"), "nan", ["views.low.train.lr=1e6"])
-    _, bad_path = _config(tmp_path, str(tmp_path / "store"), "bad")
-    shard = os.path.join(str(tmp_path / "store"), "bad", "data", "low", "low-000000.tar")
-    data = bytearray(open(shard, "rb").read())
-    data[len(data) // 2] ^= 0xFF  # same size, other bytes
-    open(shard, "wb").write(bytes(data))
-    jobs = [_start_job(head, _cmd(head, path)) for path in (nan_path, bad_path)]
-    (status, out), (bad_status, bad_out) = [_wait_job(head, j) for j in jobs]
-
+def test_deterministic_failures_fail_at_once_naming_their_cause(jobs):
+    """A non-finite loss (lr=1e6) and a corrupt shard: each job fails after one attempt with its
+    own error, not retried. The data error reaches the driver as itself (it pickles with its own
+    arguments): before, Ray's controller got a TypeError from ChecksumError's constructor inside a
+    system error, and every attempt was retried."""
+    (status, out), (bad_status, bad_out) = jobs["nan"], jobs["bad"]
     assert status == "FAILED", out[-6000:]
     assert re.search(r"FloatingPointError: non-finite (loss|gradient norm) at step \d", out), out[-6000:]
     assert out.count("not retried") >= 1 and "worker failure 1" not in out
