@@ -68,3 +68,11 @@ class Patience:
         means the run ended at its cap while still improving (or within ``patience`` of its best)."""
         return {"key": self.key, "patience": self.patience, "best": self.best if math.isfinite(self.best) else None,
                 "best_kimg": self.best_kimg, "last_kimg": self.last_kimg, "stopped": self.should_stop()}
+
+
+def early_stopped_view(cfg, view: str) -> bool:
+    """Whether view ``view`` is early-stopped: ``views.<view>.train.patience`` > 0 and held-out
+    view samples to score it on (``data.num_view_val`` > 0, their split ``<view>-val``); such a view
+    is scored at each checkpoint (`bootdiff.evaluation.scores.view_validation_G`), stopped by
+    `Patience` on that score, and exported at its minimum."""
+    return int(cfg.views[view].train.patience) > 0 and int(cfg.data.num_view_val) > 0

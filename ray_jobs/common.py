@@ -58,7 +58,21 @@ def checkpoint_evaluator(cfg, manifest: dict, model):
     return extra
 
 
-def curve_hooks(config: dict, tcfg, rank: int):
+def view_checkpoint_evaluator(cfg, manifest: dict, view: str, model):
+    """``extra_metrics`` for `RayReportHooks` of an early-stopped view model: ``val_G``, the G of
+    the checkpoint's EMA weights on the view's held-out samples
+    (`bootdiff.evaluation.scores.evaluate_view_checkpoint`), what its patience and the checkpoint
+    it is exported at are chosen on; not reported when the run has no such split."""
+    from bootdiff.evaluation.scores import evaluate_view_checkpoint
+
+    def extra(checkpoint_dir: str) -> dict:
+        g = evaluate_view_checkpoint(cfg, manifest, view, model, checkpoint_dir)["val_G"]
+        return {"val_G": g} if math.isfinite(g) else {}
+
+    return extra
+
+
+def curve_hooks(config: dict, tcfg, rank: int, key: str = "test_G"):
     """Rank 0's `bootdiff.efficiency.train.CurveHooks` when the run's ``train_loop_config`` names
     a ``curve_url`` (a data-efficiency job, `ray_jobs.efficiency`): G at every checkpoint kept
     in storage (Train's own result keeps only the retained checkpoints' metrics), and patience
@@ -67,13 +81,14 @@ def curve_hooks(config: dict, tcfg, rank: int):
         return None
     from bootdiff.efficiency.train import CurveHooks
 
-    return CurveHooks(config["curve_url"], int(tcfg.patience), float(tcfg.patience_from_kimg))
+    return CurveHooks(config["curve_url"], int(tcfg.patience), float(tcfg.patience_from_kimg), key=key)
 
 
-def stopping_hooks(config: dict, tcfg, rank: int) -> dict:
+def stopping_hooks(config: dict, tcfg, rank: int, curve_key: str = "test_G") -> dict:
     """`RayReportHooks`' early stopping for a worker's ``train_loop_config``: a data-efficiency
-    job's curve file and patience (`curve_hooks`), else patience on ``val_G`` (`early_stopper`)."""
-    curve = curve_hooks(config, tcfg, rank)
+    job's curve file and patience on its ``curve_key`` (`curve_hooks`: ``test_G``, the selection
+    runs' carve-out; ``val_G`` for a view), else patience on ``val_G`` (`early_stopper`)."""
+    curve = curve_hooks(config, tcfg, rank, curve_key)
     return {"hooks": curve if curve is not None else early_stopper(tcfg, rank)}
 
 
@@ -90,14 +105,16 @@ def early_stopper(tcfg, rank: int, key: str = "val_G"):
     return Patience(tcfg.patience, key, start_kimg=float(tcfg.patience_from_kimg))
 
 
-def checkpoint_config(cfg, keep: int, chosen_on_val: bool):
+def checkpoint_config(cfg, keep: int, chosen_on_val: bool, num_val: Optional[int] = None):
     """Train's ``CheckpointConfig``: keep ``keep`` checkpoints. With ``chosen_on_val`` (a run
-    evaluated at its checkpoints, with a ``val`` split) those are the ``keep`` lowest ``val_G``
-    (Train V2 also keeps the latest, for resuming), so the checkpoint a trial is taken at — its
-    validation minimum (`bootdiff.sweep.chosen_report`) — is never deleted; else the latest."""
+    evaluated at its checkpoints, with a validation split of ``num_val`` samples, default
+    ``data.num_val``; a view's is ``data.num_view_val``) those are the ``keep`` lowest ``val_G``
+    (Train V2 also keeps the latest, for resuming), so the checkpoint a trial or view is taken at —
+    its validation minimum (`bootdiff.sweep.chosen_report`, `ray_jobs.train_views.fit_view`) — is
+    never deleted; else the latest."""
     from ray.train import CheckpointConfig
 
-    if chosen_on_val and int(cfg.data.num_val) > 0:
+    if chosen_on_val and int(cfg.data.num_val if num_val is None else num_val) > 0:
         return CheckpointConfig(num_to_keep=max(1, keep), checkpoint_score_attribute="val_G",
                                 checkpoint_score_order="min")
     return CheckpointConfig(num_to_keep=max(1, keep))

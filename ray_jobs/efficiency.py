@@ -26,9 +26,10 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
 
     from bootdiff.config import to_yaml
     from bootdiff.experiment import export_result
+    from bootdiff.stopping import early_stopped_view
     from ray_jobs.cluster import worker_cpus
     from ray_jobs.sweep_residual import residual_worker
-    from ray_jobs.train_views import fit_retrying, make_trainer
+    from ray_jobs.train_views import chosen_checkpoint, fit_retrying, make_trainer
 
     cfg = job_cfg(job, b)
     cfg_yaml = to_yaml(cfg)
@@ -41,8 +42,9 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
         view = job["view"] if job["kind"] == "view" else job["kind"]
         # through fit_retrying like every other Train run: a lost worker is retried from the run's
         # checkpoint, a worker group that cannot start waits while some node can take it
-        result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=job["kind"] != "view",
-                                                   curve_url=curve_url if job["kind"] != "view" else ""),
+        scored = job["kind"] != "view" or early_stopped_view(cfg, view)  # a view: on its held-out samples
+        result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, name, storage, evaluate=scored,
+                                                   curve_url=curve_url if scored else ""),
                               cfg.ray.max_failures, f"data-efficiency {job['id']}",
                               cluster.placeable(cfg, cluster.placement_key(view)))
     else:
@@ -61,13 +63,14 @@ def train_ray(job: dict, b: dict, out: str) -> dict:
     if result.checkpoint is None:
         raise RuntimeError(f"data-efficiency: {job['id']} finished without a checkpoint")
     ckpt = RunLayout.of(cfg).url(result.checkpoint.path)
-    if job["kind"] == "view":
+    if job["kind"] == "view":  # an early-stopped view at its held-out minimum
+        ckpt = RunLayout.of(cfg).url(chosen_checkpoint(result)[0].path)
         export_result(cfg, job["view"], ckpt)
     kimg = float(result.metrics.get("kimg", 0))
-    tcfg = cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train
+    tcfg = (cfg.residual.train if job["kind"] == "residual" else cfg.views[job["view"]].train if job["kind"] == "view"
+            else cfg.full_res.train)
     curve = json.loads(util.read_bytes(curve_url)) if util.exists(curve_url) else []
-    return {"checkpoint": ckpt, "curve": curve, "kimg": kimg,
-            "stopped_early": job["kind"] != "view" and kimg < float(tcfg.total_kimg) - 1e-6}
+    return {"checkpoint": ckpt, "curve": curve, "kimg": kimg, "stopped_early": kimg < float(tcfg.total_kimg) - 1e-6}
 
 
 def _run_job(job: dict, b: dict, out: str, num_samples: int) -> dict:

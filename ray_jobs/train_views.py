@@ -8,21 +8,25 @@ loss (also per σ band), kimg, img/s and lr, checkpoints to ``{storage}/{name}/v
 (local or s3://), retries a lost worker from that checkpoint (`fit_retrying`; a deterministic
 failure is not retried), and resumes from its latest checkpoint when the
 same run is submitted again. The final checkpoint's EMA weights are exported in diffusers format to
-``{storage}/{name}/models/<v>`` (`bootdiff.experiment.export_result`). The training itself is
-`bootdiff.train.train`.
+``{storage}/{name}/models/<v>`` (`bootdiff.experiment.export_result`) — or, for a view with
+``train.patience`` > 0 and held-out view samples (``data.num_view_val``), the checkpoint with the
+lowest G on them: such a view is scored at each checkpoint and stopped by patience
+(`bootdiff.stopping.early_stopped_view`). The training itself is `bootdiff.train.train`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from bootdiff import experiment, util
 from bootdiff.config.schema import ConfigError
 from bootdiff.experiment import export_result
 from bootdiff.peers import NAMES as PEER_NAMES, peer_training
 from bootdiff.run.layout import RunLayout
+from bootdiff.stopping import early_stopped_view
 from ray_jobs import cluster, common, entry
 
 
@@ -44,13 +48,15 @@ def train_worker(config: dict) -> None:
     else:
         model, loss, data = experiment.view_training(cfg, manifest, split, vcfg, rank, world)
     extra = None
-    if config.get("evaluate") and rank == 0:
-        extra = common.checkpoint_evaluator(cfg, manifest, model)
+    if config.get("evaluate") and rank == 0:  # a view: G on its held-out samples; else full-res G
+        extra = (common.view_checkpoint_evaluator(cfg, manifest, view, model) if view in cfg.views
+                 else common.checkpoint_evaluator(cfg, manifest, model))
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
                                   report_every_s=vcfg.train.report_every_s,
                                   tb=common.tensorboard_run(cfg, rank, {"kind": view} if view in ("full_res", *PEER_NAMES) else None),
-                                  **(common.stopping_hooks(config, vcfg.train, rank) if config.get("evaluate") else {}))
+                                  **(common.stopping_hooks(config, vcfg.train, rank, "val_G" if view in cfg.views else "test_G")
+                                     if config.get("evaluate") else {}))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
               resume_from=common.resume_dir(run_dir), config_yaml=config["cfg_yaml"])
@@ -82,8 +88,9 @@ def make_trainer(cfg, cfg_yaml: str, view: str, run_name: str, storage: str, cal
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             # worker failures and worker groups that cannot start: fit_retrying decides
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
-            checkpoint_config=common.checkpoint_config(cfg, vcfg.train.keep_checkpoints,
-                                                       chosen_on_val=view in ("full_res", *PEER_NAMES) and evaluate),
+            checkpoint_config=common.checkpoint_config(
+                cfg, vcfg.train.keep_checkpoints, chosen_on_val=evaluate and view != "distill",
+                num_val=cfg.data.num_view_val if view in cfg.views else None),
             callbacks=callbacks, logging_config=common.train_logging(cfg)),
     )
 
@@ -142,18 +149,36 @@ def fit_retrying(make: Callable[[], "object"], max_failures: int, what: str,
                   f"latest checkpoint: {err}", file=sys.stderr, flush=True)
 
 
+def chosen_checkpoint(result) -> Tuple["object", dict]:
+    """(checkpoint, its metrics) a view is exported at: the lowest ``val_G`` among those Train kept
+    (`common.checkpoint_config` keeps the best) when the run reported one, else the latest."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if math.isfinite(float(m.get("val_G", math.nan)))]
+    if scored:
+        return min(scored, key=lambda cm: (float(cm[1]["val_G"]), float(cm[1].get("kimg", 0))))
+    return result.checkpoint, dict(result.metrics or {})
+
+
 def fit_view(cfg_yaml: str, view: str) -> dict:
-    """Fit one view's trainer to completion (resuming if it ran before) and export it."""
+    """Fit one view's trainer to completion (resuming if it ran before) and export it: at its
+    held-out minimum when it is early-stopped (`early_stopped_view`), else its last checkpoint."""
     cfg = common.cfg_from_yaml(cfg_yaml)
     layout = RunLayout.of(cfg)
     start = time.time()
-    result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, f"view-{view}", layout.view_runs),
+    evaluate = early_stopped_view(cfg, view)
+    result = fit_retrying(lambda: make_trainer(cfg, cfg_yaml, view, f"view-{view}", layout.view_runs, evaluate=evaluate),
                           cfg.ray.max_failures, f"view '{view}'", cluster.placeable(cfg, cluster.placement_key(view)))
     if result.checkpoint is None:
         raise RuntimeError(f"view '{view}': training finished without a checkpoint")
-    url = export_result(cfg, view, result.checkpoint.path)
+    checkpoint, chosen = chosen_checkpoint(result)
+    url = export_result(cfg, view, checkpoint.path)
     info = {"view": view, "start": start, "end": time.time(), "metrics": result.metrics,
-            "checkpoint": result.checkpoint.path, "model": url}
+            "checkpoint": checkpoint.path, "model": url}
+    if evaluate:  # where it stopped, where it was taken, and whether patience or the cap ended it
+        info["early_stopping"] = {
+            "patience": int(cfg.views[view].train.patience), "cap_kimg": float(cfg.views[view].train.total_kimg),
+            "stopped_kimg": float(result.metrics.get("kimg", math.nan)), "chosen_kimg": float(chosen.get("kimg", math.nan)),
+            "val_G": float(chosen.get("val_G", math.nan)),
+            "reached_cap": float(result.metrics.get("kimg", 0)) >= float(cfg.views[view].train.total_kimg) - 1e-6}
     common.write_json(layout.view_run_info(view), info)
     return info
 
@@ -194,9 +219,15 @@ def run(cfg, cfg_yaml: str) -> list:
                 raise ConfigError(f"views.{view}: {exc.cause}") from None
             raise
         infos.append(info)
-        m = info["metrics"]
+        m, es = info["metrics"], info.get("early_stopping")
+        taken = ""
+        if es:
+            why = (f"stopped by patience {es['patience']}" if not es["reached_cap"] else
+                   "reached its cap still improving" if es["chosen_kimg"] >= es["stopped_kimg"] - 1e-6 else
+                   "reached its cap")
+            taken = f" ({why}; exported at {es['chosen_kimg']:.2f} kimg, held-out G {es['val_G']:.4f})"
         print(f"[bootdiff] view '{view}' done in {info['end'] - info['start']:.0f} s: "
-              f"loss {m.get('loss', float('nan')):.4f}, {m.get('kimg', 0):.2f} kimg -> {info['model']}", flush=True)
+              f"loss {m.get('loss', float('nan')):.4f}, {m.get('kimg', 0):.2f} kimg{taken} -> {info['model']}", flush=True)
     return infos
 
 

@@ -343,7 +343,8 @@ def test_full_res_budget_defaults_to_the_bootstrapped_models(tmp_path):
     assert cfg.full_res.train.batch_size == 32  # the rest of the block is the config's
     cfg = to_object(load_config(unset, ["views.patch.train.total_kimg=1", "residual.train.total_kimg=0.5"]))
     assert cfg.full_res.train.total_kimg == 1 + cfg.views["low"].train.total_kimg + 0.5
-    cfg = to_object(load_config(unset, ["full_res.train.total_kimg=3", "full_res.train.patience=2"]))  # set: kept
+    cfg = to_object(load_config(unset, ["full_res.train.total_kimg=3", "full_res.train.patience=2",  # set: kept
+                                        f"storage={tmp_path}/none"]))  # no view records there: not a user's ./bootdiff_runs
     assert cfg.full_res.train.total_kimg == 3
     manifest = {"splits": {"full": {"count": 64, "shape": [1, 32, 32]}}}
     outcome = {"best": "r", "trials": [
@@ -357,4 +358,4 @@ def test_full_res_budget_defaults_to_the_bootstrapped_models(tmp_path):
     assert b == {"n_full": 64, "views": {n: v.train.total_kimg for n, v in cfg.views.items()},
                  "residual": cfg.residual.train.total_kimg, "bootstrapped": full_res_budget(cfg),
                  "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5, "patience": 2,
-                 "peers": {"ambient-sigma_tn1": 2.5}}
+                 "peers": {"ambient-sigma_tn1": 2.5}, "views_early_stopped": []}  # no view-<v>.json: as planned

@@ -304,6 +304,11 @@ def test_figure1_table_sentence_and_budgets_in_report(tmp_path):
     # unequal budgets without early stopping: stated, and no verdict on the partial data
     lines = report.budget_lines(_budget(2.0), trials)
     assert "trained 2 kimg on the 64 full-res samples — 0.14× the bootstrapped model's, unequal budgets." in lines[0]
+    stopped = report.budget_lines({**_budget(2.0), "views": {"patch": 6.0, "low": 4.5}, "views_early_stopped": ["low"]},
+                                  trials)  # a view early-stopped on its held-out samples: what it trained
+    assert "(view models patch 6 + low 4.5 (early-stopped on its held-out view samples), residual 2)" in stopped[0]
+    both = report.budget_lines({**_budget(2.0), "views_early_stopped": ["patch", "low"]}, trials)
+    assert "(view models patch 6 + low 6, each early-stopped on its held-out view samples, residual 2)" in both[0]
     short = [dict(t, kimg=2.0, chosen_kimg=2.0) if t["kind"] == "full_res" else t for t in trials]
     said, card = verdict(_budget(2.0), short, trials[0])
     assert said == ["The full-res-only baseline trained 2 kimg against the bootstrapped model's 14 without early "

@@ -39,6 +39,8 @@ TINY = [
     "sweep.trial_gpus=0", "sweep.trial_cpus=1", "sweep.mu_var=[1.0]", "sweep.mu_l1=[0.0]",
     "sweep.range_adapter=[true]",
     "eval.max_samples=16", f"eval.num_images={SHOWN}", "eval.sampler.steps=4", "eval.num_sigma=4",
+    # the clip view early-stopped on the clips of 8 held-out videos, exported at its minimum
+    "data.num_view_val=8", "views.clip.train.patience=1",
 ]
 MODELS = ("bootstrapped", "combined", "full_res", "clip only")
 
@@ -113,6 +115,10 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     assert "PreemptionWatcher" not in out and "core_worker.cc" not in out, out[-5000:]
     assert "worker processes have been started" not in out and "Cleaning up placement group" not in out, out[-5000:]
     assert "tensorboard --logdir" not in out  # Tune's own TensorBoard logger is off: the runs' curves are tb/'s
+    # Ray's token-auth notice is the driver's dashboard line (a local cluster uses token auth by default)
+    assert "Token authentication is enabled" not in out, out[-5000:]
+    assert re.search(r"\[bootdiff\] Ray \S+ job \w+; dashboard: http://\S+ \(token auth: the dashboard asks for "
+                     r"the token in ~/\.ray/auth_token; `ray get-auth-token` prints it\)", out), out[-5000:]
     root = storage / "moving_mnist"
 
     # ingest: full videos, 4-frame clips of others, test videos
@@ -120,6 +126,17 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     splits = manifest["splits"]
     assert splits["full"]["shape"] == splits["test"]["shape"] == [1, FRAMES, RES, RES]
     assert splits["clip"]["shape"] == [1, 4, RES, RES] and splits["full"]["count"] == 8
+
+    # the early-stopped clip view: G on its held-out clips at each checkpoint, exported at the lowest
+    # 4 clips per video; the pool: 160 training videos less 8 full, 4 val and 8 held out (the 16 test
+    # videos are made of MNIST's test digits: the source's fixed test split)
+    assert splits["clip-val"]["count"] == 8 * 4 and splits["clip"]["count"] == (160 - 8 - 4 - 8) * 4
+    es = json.loads((root / "views" / "view-clip.json").read_text())["early_stopping"]
+    assert es["patience"] == 1 and np.isfinite(es["val_G"]) and es["val_G"] > 0 and es["reached_cap"]
+    exported = json.loads((root / "models" / "clip" / "bootdiff.json").read_text())["extra"]
+    assert exported["kimg"] == pytest.approx(es["chosen_kimg"]) and min(abs(es["chosen_kimg"] - k) for k in (0.016, 0.032)) < 1e-9
+    assert re.search(r"view 'clip' done in \d+ s: .*reached its cap.*; exported at 0\.0[23] kimg, held-out G "
+                     r"\d+\.\d{4}\)", out), out[-5000:]
 
     # the sweep finished: its residual trial and both baselines, with finite G
     sweep = json.loads((root / "sweep" / "sweep.json").read_text())
@@ -133,6 +150,7 @@ def test_moving_mnist_pipeline_as_ray_job(tmp_path, mnist_wheel):
     # the report: a frame strip (rows = videos, columns = frames) and a GIF per model
     rep = root / "sweep" / "report"
     html = (rep / "report.html").read_text()
+    assert re.search(r"view models clip [\d.]+, each early-stopped on its held-out view samples", html)  # its budget
     for name in MODELS:
         assert f"<b>{name}</b>{SHOWN} videos × {FRAMES} frames" in html, name
     # grayscale wide PNGs; the report's matplotlib figures (curves, budgets) are RGBA

@@ -137,6 +137,7 @@ def _check_data(p: _Problems, cfg: ExperimentConfig) -> None:
     p.at_least("data.num_test", d.num_test, 1, "the held-out test set needs >= 1 sample")
     p.at_least("data.num_val", d.num_val, 0, "must be >= 0 (0: no validation split)")
     p.at_least("data.num_partial", d.num_partial, 0, "must be >= 0 (0: all the rest)")
+    p.at_least("data.num_view_val", d.num_view_val, 0, "must be >= 0 (0: no held-out view samples)")
     p.at_least("data.shard_size", d.shard_size, 1, "must be an integer >= 1")
     p.at_least("data.source.limit", src.limit, 0, "must be >= 0 (0: the whole source)")
     p.at_least("data.source.num_videos", src.num_videos, 0, "must be >= 0 (0: the default)")
@@ -146,12 +147,13 @@ def _check_data(p: _Problems, cfg: ExperimentConfig) -> None:
         p.bad("data.source.path", "''", f"required for data.source.kind={src.kind}")
     if str(src.mask_path) and src.kind not in MASK_KINDS:
         p.bad("data.source.mask_path", src.mask_path, f"only read for kind images/tar, not {src.kind}")
-    need = int(d.num_full) + int(d.num_test) + max(int(d.num_val), 0) + max(int(d.num_partial), 0)
+    need = (int(d.num_full) + int(d.num_test) + max(int(d.num_val), 0) + max(int(d.num_partial), 0)
+            + max(int(d.num_view_val), 0))
     for key, n in (("data.source.limit", src.limit),
                    ("data.source.num_videos", src.num_videos if src.kind == SourceKind.moving_mnist else 0)):
         if n > 0 and need > n:
-            p.bad("data.num_full", d.num_full, f"num_full + num_test + num_val + num_partial = {need} samples but "
-                  f"{key}={n} keeps only {n}")
+            p.bad("data.num_full", d.num_full, f"num_full + num_test + num_val + num_partial + num_view_val = {need} "
+                  f"samples but {key}={n} keeps only {n}")
     c = d.corruption
     if not 0 <= c.fraction <= 1:
         p.bad("data.corruption.fraction", c.fraction, "must be in [0, 1]")
@@ -190,6 +192,12 @@ def _check_views(p: _Problems, cfg: ExperimentConfig) -> None:
                   f"{', video data' if video else ''})")
         _check_train(p, f"{key}.train", v.train)
         _check_scaling(p, f"{key}.scaling", v.scaling)
+        if int(v.train.patience) > 0 and int(cfg.data.num_view_val) < 1:
+            p.bad(f"{key}.train.patience", v.train.patience, "a view is early-stopped on its held-out samples: "
+                  "set data.num_view_val >= 1 (partial-pool samples kept out of the views' training)")
+        if int(v.train.patience) > 0 and v.coords:
+            p.bad(f"{key}.train.patience", v.train.patience, "early stopping of a position-aware view (coords) "
+                  "is not supported yet: its held-out G would need each sample's location")
     if cfg.full_res.kind != ViewKind.full:
         p.bad("full_res.kind", cfg.full_res.kind, "the full-resolution baseline's kind must be full")
     if cfg.full_res.net.kind == NetKind.unet2d and video:

@@ -168,6 +168,10 @@ class DataConfig:
     num_test: int = 256  # held-out full-resolution test set: reported, never used to choose
     num_val: int = 32  # held-out full-resolution validation set: the sweep chooses on it (ASHA, best trial)
     num_partial: int = 0  # partial-view set (0 = everything not in full/test)
+    # Partial-pool samples held out of every view's training: their view samples are each view's
+    # validation split ``<view>-val``, on which a view with ``train.patience`` > 0 is early-stopped
+    # and taken at its minimum (0: no such split; every view then trains to its total_kimg)
+    num_view_val: int = 0
     split_seed: int = 0
     shard_size: int = 1000  # samples per shard
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)

@@ -9,8 +9,10 @@ Split (seeded by ``data.split_seed``): the held-out ``test`` set (``num_test``; 
 source's natural ``fixed_test`` when it has one, else from the seeded permutation), the scarce
 ``full`` set (``num_full``), the held-out ``val`` set (``num_val``, the last of the remaining
 samples; the sweep chooses on it, never on ``test``) and the partial-view set (``num_partial``,
-0 = all the rest), all disjoint. Each view in ``cfg.views`` is cut from every sample of the
-partial set by its view class's ``cut`` (`bootdiff.views.VIEW_CLASSES`; docs/METHOD.md §1,
+0 = all the rest), all disjoint; with ``num_view_val`` > 0, that many more samples are held out
+of the partial set, and each view's samples of them are its split ``<view>-val``
+(`view_val_split`), on which an early-stopped view is scored. Each view in ``cfg.views`` is cut
+from every sample of the partial set by its view class's ``cut`` (`bootdiff.views.VIEW_CLASSES`; docs/METHOD.md §1,
 column "cut at ingest"): patches and clips record their ``location`` (row, col) / ``frames``
 [t0, t1), a downsample view its ``factor``; the ``full``, ``test`` and ``val`` splits hold the
 samples themselves (`FullView`).
@@ -99,7 +101,10 @@ def get_source(data: DataConfig, corrupted: bool = False, min_frames: int = 0):
 
 
 def split_indices(n: int, fixed_test: Optional[List[int]], data: DataConfig) -> Dict[str, List[int]]:
-    """Disjoint index lists ``full``, ``partial``, ``test`` of a source of ``n`` samples."""
+    """Disjoint index lists ``full``, ``partial``, ``test`` of a source of ``n`` samples, and
+    ``val`` (``data.num_val``) and ``view_val`` (``data.num_view_val``: the pool samples whose view
+    samples are each view's held-out split, `view_val_split`) when asked for. Each is carved from
+    the end of what is left, so the order of the others stays put."""
     rng = np.random.default_rng(int(data.split_seed))
     if fixed_test:
         fixed = sorted({int(i) for i in fixed_test if 0 <= int(i) < n})
@@ -116,16 +121,25 @@ def split_indices(n: int, fixed_test: Optional[List[int]], data: DataConfig) -> 
         raise ValueError(f"data.num_full={data.num_full} but only {len(pool)} source samples remain "
                          f"after the test set ({n} in the source)")
     full, rest = pool[:data.num_full], pool[data.num_full:]
-    n_val = max(int(data.num_val), 0)
-    if n_val + max(data.num_partial, 0) > len(rest):
-        raise ValueError(f"data.num_val={n_val} + data.num_partial={data.num_partial} but only {len(rest)} "
-                         f"source samples remain after full ({data.num_full}) and test ({len(test)})")
+    n_val, n_view_val = max(int(data.num_val), 0), max(int(getattr(data, "num_view_val", 0)), 0)
+    if n_val + n_view_val + max(data.num_partial, 0) > len(rest):
+        raise ValueError(f"data.num_val={n_val} + data.num_view_val={n_view_val} + data.num_partial="
+                         f"{data.num_partial} but only {len(rest)} source samples remain after full "
+                         f"({data.num_full}) and test ({len(test)})")
     val, rest = rest[len(rest) - n_val:], rest[:len(rest) - n_val]  # from the end: full, test and
-    partial = rest[:data.num_partial] if data.num_partial > 0 else rest  # the partial order stay put
+    view_val, rest = rest[len(rest) - n_view_val:], rest[:len(rest) - n_view_val]  # the partial order stay put
+    partial = rest[:data.num_partial] if data.num_partial > 0 else rest
     out = {"full": full, "partial": partial, "test": test}
     if val:
         out["val"] = val
+    if view_val:
+        out["view_val"] = view_val
     return out
+
+
+def view_val_split(view: str) -> str:
+    """The split of view ``view``'s samples of the held-out pool samples (``data.num_view_val``)."""
+    return f"{view}-val"
 
 
 def plan_ingest(cfg, source=None) -> List[ShardTask]:
@@ -146,6 +160,8 @@ def plan_ingest(cfg, source=None) -> List[ShardTask]:
         jobs.append(("val", FULL_SPEC, splits["val"], False))
     corrupted = bool(data.corruption.enabled)
     jobs += [(name, v, splits["partial"], corrupted) for name, v in views.items()]
+    if splits.get("view_val"):
+        jobs += [(view_val_split(name), v, splits["view_val"], corrupted) for name, v in views.items()]
     tasks = []
     for split, view, idx, corr in jobs:
         step = max(1, data.shard_size // max(view_class(view["kind"]).samples_per_source(view), 1))
@@ -241,6 +257,7 @@ def finalize_manifest(cfg, infos: Optional[List[ShardInfo]] = None) -> Dict[str,
     data = _data_cfg(cfg)
     views = {name: _view_spec(name, v) for name, v in cfg.views.items()}
     views.update(full=dict(FULL_SPEC), test=dict(FULL_SPEC))
+    views.update({view_val_split(name): spec for name, spec in list(views.items()) if name in cfg.views})
     by_split: Dict[str, List[ShardInfo]] = {}
     for info in infos:
         by_split.setdefault(info.split, []).append(info)

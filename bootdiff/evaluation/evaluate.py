@@ -307,11 +307,19 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
     configured and as the sweep's rows (``outcome``: ``sweep.json``) say they trained
     (``*_trained``: None when unknown), the baseline's (and peers') early-stopping patience
     (``patience``, checkpoints; 0: none, then its budget is not a cap), and what each peer the report
-    scores trained (``peers``: {trial id: kimg}; their cap is the full-res baseline's)."""
+    scores trained (``peers``: {trial id: kimg}; their cap is the full-res baseline's). An
+    early-stopped view (``views_early_stopped``) counts the kimg it trained, from its ``view-<v>.json``."""
     rows = {r["trial_id"]: r for r in outcome["trials"]}
     full = next((r for r in outcome["trials"] if r["kind"] == "full_res"), None)
-    views = {n: float(v.train.total_kimg) for n, v in cfg.views.items()}
+    views, stopped = {n: float(v.train.total_kimg) for n, v in cfg.views.items()}, []
+    for n in views:
+        url = RunLayout.of(cfg).view_run_info(n)
+        es = json.loads(util.read_bytes(url)).get("early_stopping") if util.exists(url) else None
+        if es:
+            views[n] = float(es["stopped_kimg"])
+            stopped.append(n)
     return {"n_full": int(experiment.view_info(manifest, "full")["count"]), "views": views,
+            "views_early_stopped": stopped,
             "residual": float(cfg.residual.train.total_kimg),
             "bootstrapped": float(sum(views.values()) + cfg.residual.train.total_kimg),
             "full_res": float(cfg.full_res.train.total_kimg), "full_res_trained": _kimg(full),

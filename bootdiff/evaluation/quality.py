@@ -111,7 +111,11 @@ def budget_lines(budget, trials) -> list:
     b, n = budget, budget["n_full"]
     boot = b["bootstrapped"]
     full = b["full_res_trained"] if b.get("full_res_trained") is not None else b["full_res"]
-    views = " + ".join(f"{k} {_fmt(v)}" for k, v in b["views"].items())
+    stopped = set(b.get("views_early_stopped") or ())  # views early-stopped on held-out view samples
+    every = bool(stopped) and stopped >= set(b["views"])
+    mark = " (early-stopped on its held-out view samples)"
+    views = " + ".join(f"{k} {_fmt(v)}{mark if k in stopped and not every else ''}" for k, v in b["views"].items())
+    views += ", each early-stopped on its held-out view samples" if every else ""
     pat = int(b.get("patience") or 0)
     # equal within 1 %: a run stops on the whole batch that reaches its kimg (14.016 of 14 at batch 32)
     equal = abs(boot - full) <= 0.01 * max(boot, full, 1e-9)

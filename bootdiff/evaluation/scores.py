@@ -47,6 +47,28 @@ def validation_G(cfg, manifest: dict, D) -> float:
     return generalization(cfg, manifest, D, "val")["total"]
 
 
+def view_validation_G(cfg, manifest: dict, view: str, D) -> float:
+    """Total G (docs/METHOD.md §6, the same λ(σ) and σ grid) of view ``view``'s denoiser ``D`` on
+    that view's samples of the held-out pool (split ``<view>-val``, ``data.num_view_val``): the
+    score a view model is early-stopped on and taken at its minimum. NaN without that split."""
+    from bootdiff.data.ingest import view_val_split
+
+    split = view_val_split(view)
+    if split not in manifest.get("splits", {}):
+        return float("nan")
+    return generalization(cfg, manifest, D, split)["total"]
+
+
+def evaluate_view_checkpoint(cfg, manifest: dict, view: str, model, checkpoint_url: str) -> dict:
+    """``val_G`` (`view_validation_G`) and ``kimg`` of a view checkpoint's EMA weights, loaded into
+    a copy of ``model`` (its own weights are left untouched)."""
+    from bootdiff.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint_url)
+    ema = experiment.ema_model(copy.deepcopy(model), state)
+    return {"val_G": view_validation_G(cfg, manifest, view, ema), "kimg": state["nimg"] / 1000}
+
+
 def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
     """``val_G``, ``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
     ``model`` on its device (the training run's GPU when it has one; its own weights are left
