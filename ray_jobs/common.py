@@ -168,6 +168,7 @@ class RayReportHooks:
         self.last_ray_report = time.monotonic()
         self.worker_start_time = time.time()  # for the pipeline's time breakdown (ray_jobs/pipeline.py)
         self.ray_reports = 0  # reports passed on to Ray (all of them carry the same steps on every rank)
+        self.rank = None  # only rank 0 injects the failure (see above); read from Train only then
         if fail_at_step >= 0:
             import ray.train
 

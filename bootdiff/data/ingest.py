@@ -121,7 +121,7 @@ def split_indices(n: int, fixed_test: Optional[List[int]], data: DataConfig) -> 
         raise ValueError(f"data.num_full={data.num_full} but only {len(pool)} source samples remain "
                          f"after the test set ({n} in the source)")
     full, rest = pool[:data.num_full], pool[data.num_full:]
-    n_val, n_view_val = max(int(data.num_val), 0), max(int(getattr(data, "num_view_val", 0)), 0)
+    n_val, n_view_val = max(int(data.num_val), 0), max(int(data.num_view_val), 0)
     if n_val + n_view_val + max(data.num_partial, 0) > len(rest):
         raise ValueError(f"data.num_val={n_val} + data.num_view_val={n_view_val} + data.num_partial="
                          f"{data.num_partial} but only {len(rest)} source samples remain after full "
@@ -257,7 +257,7 @@ def finalize_manifest(cfg, infos: Optional[List[ShardInfo]] = None) -> Dict[str,
     data = _data_cfg(cfg)
     views = {name: _view_spec(name, v) for name, v in cfg.views.items()}
     views.update(full=dict(FULL_SPEC), test=dict(FULL_SPEC))
-    views.update({view_val_split(name): spec for name, spec in list(views.items()) if name in cfg.views})
+    views.update({view_val_split(name): _view_spec(name, v) for name, v in cfg.views.items()})
     by_split: Dict[str, List[ShardInfo]] = {}
     for info in infos:
         by_split.setdefault(info.split, []).append(info)

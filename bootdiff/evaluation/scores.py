@@ -59,13 +59,18 @@ def view_validation_G(cfg, manifest: dict, view: str, D) -> float:
     return generalization(cfg, manifest, D, split)["total"]
 
 
-def evaluate_view_checkpoint(cfg, manifest: dict, view: str, model, checkpoint_url: str) -> dict:
-    """``val_G`` (`view_validation_G`) and ``kimg`` of a view checkpoint's EMA weights, loaded into
-    a copy of ``model`` (its own weights are left untouched)."""
+def checkpoint_ema(model, checkpoint_url: str):
+    """(EMA weights of a checkpoint loaded into a copy of ``model`` on its device — its own weights
+    are left untouched —, the checkpoint's state)."""
     from bootdiff.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint_url)
-    ema = experiment.ema_model(copy.deepcopy(model), state)
+    return experiment.ema_model(copy.deepcopy(model), state), state
+
+
+def evaluate_view_checkpoint(cfg, manifest: dict, view: str, model, checkpoint_url: str) -> dict:
+    """``val_G`` (`view_validation_G`) and ``kimg`` of a view checkpoint's EMA weights (`checkpoint_ema`)."""
+    ema, state = checkpoint_ema(model, checkpoint_url)
     return {"val_G": view_validation_G(cfg, manifest, view, ema), "kimg": state["nimg"] / 1000}
 
 
@@ -75,11 +80,9 @@ def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict
     untouched). A bootstrapped model's frozen
     D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
     they are the same at every checkpoint and in every trial with the same fusion weights."""
-    from bootdiff.checkpoint import load_checkpoint
     from bootdiff.memo import memoize_combined
 
-    state = load_checkpoint(checkpoint_url)
-    ema = experiment.ema_model(copy.deepcopy(model), state)
+    ema, state = checkpoint_ema(model, checkpoint_url)
     memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
     test, train = generalization_pair(cfg, manifest, ema)
     val = validation_G(cfg, manifest, ema)
