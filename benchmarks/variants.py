@@ -3,12 +3,16 @@ finished data-efficiency benchmark folder, each variant's config overrides appli
 models it changes trained again on the same partial pool, then — on the same carve-out of N
 (validation G on the v images held back, never the test split) — the combined denoiser scored
 and each residual setting's selection run trained again; beside them the benchmark's own models
-(the "before").
+(the "before"). A variant that changes ``full_res`` (the baseline's network or training, e.g.
+``full_res.train.augment``) also trains the baseline's selection run again, and each peer named in
+``--peers`` (its default setting: the peers train as ``full_res`` does), so that a change given to
+the bootstrap is given to its rivals too and both sides are compared before and after.
 
     python benchmarks/variants.py --bench /tmp/bench --ns 16 64 \
         --variant zero_init residual.zero_init=true \
         --variant low1 residual.low_ratio=1 residual.sigma_tn=0.5 \
-        --variant coords views.patch.coords=true
+        --variant coords views.patch.coords=true \
+        --variant aug full_res.train.augment=0.15 residual.train.augment=0.15 --peers ambient
 
 Each run has the benchmark's budgets and patience (``plan.json``); a variant that changes a view
 trains it in ``{bench}/base~<name>`` (the base dataset's shards, linked) and scores on
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--ns", type=int, nargs="+", required=True)
     p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
                    help="a name and its config overrides (repeat for more variants)")
+    p.add_argument("--peers", nargs="*", default=[],
+                   help="peers whose selection runs a variant that changes full_res trains again (default setting)")
     args = p.parse_args(argv)
     bench = os.path.abspath(args.bench)
     plan = json.loads(util.read_bytes(util.join(bench, "plan.json")))
@@ -151,6 +157,21 @@ def main(argv=None) -> int:
             res[name] = {"overrides": overrides, "views_retrained": changed, "combined_val_G": comb["test_G"],
                          "settings": settings, "best_val_G": best, "vs_before": best / res["before"]["best_val_G"] - 1,
                          "flops_per_step": flops(vcfg)}
+            if to_yaml(vcfg.full_res) != to_yaml(cfg.full_res):  # the rivals get the change too
+                rivals = {}
+                for kind, label in [("full_res", "baseline"), *[(q, q) for q in args.peers]]:
+                    url = util.join(bench, "results", model_file(f"N{n}/select-{label}"))
+                    if not util.exists(url):
+                        raise SystemExit(f"{url}: the benchmark's selection run of N={n}, {label}, has not finished")
+                    row0 = json.loads(util.read_bytes(url))
+                    row = run({"id": f"N{n}/variant-{name}/select-{label}", "kind": kind, "data": vsel.name,
+                               "stage": 0, "N": n, "quick": True, "peer_setting": {}, "cfg_yaml": y})
+                    rivals[label] = {"val_G": best_val_G(row), "kimg_at_best": _kimg_at_best(row),
+                                     "before_val_G": best_val_G(row0), "before_kimg_at_best": _kimg_at_best(row0),
+                                     "wall_s": round(row["wall_s"], 1)}
+                    print(f"[variants] N={n} {name} {label}: validation G {rivals[label]['val_G']:.4f} "
+                          f"(before {rivals[label]['before_val_G']:.4f})", file=sys.stderr, flush=True)
+                res[name]["rivals"] = rivals
         out["ns"][str(n)] = res
     out["loadavg_end"] = os.getloadavg()
     print(json.dumps(out, indent=1, default=float))

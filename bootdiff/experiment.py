@@ -161,9 +161,12 @@ def build_view_denoiser(vcfg: ViewConfig, shape: Sequence[int], sigma_data: floa
     from bootdiff.nets import make_net
     from bootdiff.precond import CoordPrecond, EDMPrecond
 
+    from bootdiff.augment import AUGMENT_DIM
+
     coords = bool(getattr(vcfg, "coords", False))
     net = make_net(vcfg.net, in_channels=shape[0] + (2 if coords else 0), out_channels=shape[0],
-                   resolution=shape[-1], video=_is_video(shape), seed=vcfg.train.seed)
+                   resolution=shape[-1], video=_is_video(shape), seed=vcfg.train.seed,
+                   augment_dim=AUGMENT_DIM if vcfg.train.augment > 0 else 0)
     if not coords:
         return EDMPrecond(net, sigma_data=sigma_data)
     if image_size is None:
@@ -204,7 +207,8 @@ def view_training(cfg, manifest: dict, view: str, vcfg: ViewConfig, rank: int = 
     if getattr(vcfg, "coords", False):
         data = train_data(cfg, manifest, view, vcfg.train, rank, world_size, with_meta=True)
         return model, CoordLoss(vcfg.train.loss, sigma_data), positioned(data)
-    return model, EDMLoss(vcfg.train.loss, sigma_data), train_data(cfg, manifest, view, vcfg.train, rank, world_size)
+    return model, EDMLoss(vcfg.train.loss, sigma_data, augment=vcfg.train.augment), \
+        train_data(cfg, manifest, view, vcfg.train, rank, world_size)
 
 
 def load_view_models(cfg, manifest: dict, names: Optional[Sequence[str]] = None):
@@ -259,8 +263,11 @@ def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
     lcfg = rcfg.train.loss
     adapter = RangeAdapter.ones(math.log(lcfg.sigma_min), math.log(lcfg.sigma_max))
     shape = full_shape(manifest)
+    from bootdiff.augment import AUGMENT_DIM
+
     net = make_net(rcfg.net, in_channels=2 * shape[0], out_channels=shape[0], resolution=shape[-1],
-                   video=_is_video(shape), seed=rcfg.train.seed)
+                   video=_is_video(shape), seed=rcfg.train.seed,
+                   augment_dim=AUGMENT_DIM if rcfg.train.augment > 0 else 0)
     if rcfg.zero_init:  # R_θ ≡ 0 at the start: D_boot starts as D_comb (a loaded model's weights replace it)
         zero_output(net)
     sigma_data = float(view_info(manifest, "full")["sigma_data"])
@@ -356,7 +363,7 @@ def residual_loss(cfg, manifest: dict, rcfg: ResidualConfig):
         lift = make_view(cfg.views[low], info["shape"], name=low).lift
         groups.append((low, n_low))
     loss = ResidualLoss(rcfg.train.loss, sigma_data, mu_var=rcfg.mu_var, mu_l1=rcfg.mu_l1,
-                        l1_decay=rcfg.l1_decay, lift=lift, sigma_tn=rcfg.sigma_tn)
+                        l1_decay=rcfg.l1_decay, lift=lift, sigma_tn=rcfg.sigma_tn, augment=rcfg.train.augment)
     return loss, groups
 
 

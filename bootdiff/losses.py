@@ -3,6 +3,9 @@
 * ``EDMLoss`` — denoising score matching in the EDM form (docs/METHOD.md §2; Karras et al. 2022,
   eq. 2 with the weighting and σ distribution of eq. 8 / Table 1):
       L(x) = λ(σ) · mean_elements (D(x + σn; σ) − x)²,   σ ~ p_train(σ),  n ~ N(0, I).
+* With ``augment`` = p > 0 (``train.augment``) the clean batch is first augmented, non-leaking
+  (`bootdiff.augment`; EDM Appendix F.2), and D gets the augmentation labels:
+  ``D(aug(x) + σn; σ, labels)`` against ``aug(x)``.
 * The pieces every loss shares: ``noisy_batch`` (draw σ, then noise), ``per_sample_mean``,
   ``check_weighting``. The residual loss of stage 2 is `bootdiff.residual.ResidualLoss`
   (METHOD §4); ``CoordLoss`` is EDMLoss for a position-aware denoiser ``D(x, σ, pos)``.
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from bootdiff.augment import augment as augment_batch
 from bootdiff.schedules import WEIGHTINGS, sample_training_sigma, weighting
 from bootdiff.util import broadcast_sigma, randn
 
@@ -53,22 +57,28 @@ class EDMLoss:
     generator) -> [N]``.
 
     ``loss_cfg`` is a `bootdiff.config.LossConfig` (σ distribution and weighting);
-    ``weighting`` overrides ``loss_cfg.weighting`` when given. Sets ``self.last_sigma``.
+    ``weighting`` overrides ``loss_cfg.weighting`` when given; ``augment`` > 0: non-leaking
+    augmentation with that probability (module docstring; D must take ``augment_labels``).
+    Sets ``self.last_sigma``.
     """
 
-    def __init__(self, loss_cfg, sigma_data: float, weighting: Optional[str] = None):
+    def __init__(self, loss_cfg, sigma_data: float, weighting: Optional[str] = None, augment: float = 0.0):
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.loss_cfg = loss_cfg
         self.sigma_data = float(sigma_data)
         self.weighting = check_weighting(weighting or loss_cfg.weighting)
+        self.augment = float(augment)
         self.last_sigma: Optional[torch.Tensor] = None
 
     def __call__(self, D, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        extra = {}
+        if self.augment > 0:
+            x, extra["augment_labels"] = augment_batch(x, self.augment, generator)
         sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator)
         self.last_sigma = sigma.detach()
         lam = weighting(sigma, self.sigma_data, self.weighting)
-        return lam * per_sample_mean((D(x_noisy, sigma) - x) ** 2)
+        return lam * per_sample_mean((D(x_noisy, sigma, **extra) - x) ** 2)
 
 
 class CoordLoss:

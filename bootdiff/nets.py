@@ -37,26 +37,55 @@ class ImageUNet(nn.Module):
 
     The diffusers model is ``self.unet`` (saved as a plain diffusers folder, loadable with
     ``UNet2DModel.from_pretrained``); ``time_scale`` is kept by the caller (export manifest).
+
+    With ``augment_dim`` > 0 the net also takes the augmentation labels of
+    `bootdiff.augment.augment` (non-leaking augmentation, EDM Appendix F.2): mapped by a bias-free
+    linear layer ``augment_map`` to the time embedding's width and added to it (the U-Net's
+    ``class_embed_type="identity"``), as EDM's ``map_augment``. Labels left out are zero — no
+    augmentation, how the net is sampled — and then the layer adds nothing, so the saved folder is
+    the plain unconditional U-Net (`save_pretrained`).
     """
 
-    def __init__(self, unet: UNet2DModel, time_scale: float):
+    def __init__(self, unet: UNet2DModel, time_scale: float, augment_dim: int = 0):
         super().__init__()
         self.unet = unet
         self.time_scale = float(time_scale)
+        self.augment_dim = int(augment_dim)
+        if self.augment_dim:
+            if unet.config.class_embed_type != "identity":
+                raise ValueError("ImageUNet: augment_dim > 0 needs a UNet2DModel with class_embed_type='identity'")
+            width = unet.config.block_out_channels[0] * 4  # UNet2DModel's time_embed_dim
+            self.augment_map = nn.Linear(self.augment_dim, width, bias=False)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = (self.time_scale * c_noise.to(torch.float32)).reshape(-1)
-        return self.unet(x, t).sample
+        if not self.augment_dim:
+            if augment_labels is not None:
+                raise ValueError("ImageUNet: augmentation labels given to a net built without augment_dim "
+                                 "(train.augment = 0 when it was built)")
+            return self.unet(x, t).sample
+        if augment_labels is None:
+            augment_labels = torch.zeros(x.shape[0], self.augment_dim, device=x.device)
+        emb = self.augment_map(augment_labels.to(self.augment_map.weight.dtype))
+        return self.unet(x, t, class_labels=emb).sample
 
     def save_pretrained(self, path: str, **kwargs) -> None:
-        self.unet.save_pretrained(path, **kwargs)
+        unet = self.unet
+        if self.augment_dim:  # at zero labels the augmentation input adds nothing: save the plain U-Net
+            import copy
+
+            unet = copy.deepcopy(unet)
+            unet.class_embedding = None
+            unet.register_to_config(class_embed_type=None)
+        unet.save_pretrained(path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str, time_scale: float) -> "ImageUNet":
         return cls(UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False), time_scale)
 
 
-def _unet2d(cfg, in_channels: int, out_channels: int, resolution: int) -> ImageUNet:
+def _unet2d(cfg, in_channels: int, out_channels: int, resolution: int, augment_dim: int = 0) -> ImageUNet:
     channels, attention = list(cfg.channels), list(cfg.attention)
     down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
@@ -68,8 +97,9 @@ def _unet2d(cfg, in_channels: int, out_channels: int, resolution: int) -> ImageU
         norm_num_groups=int(cfg.norm_groups), dropout=float(cfg.dropout),
         attention_head_dim=None,  # one head per attention layer (as EDM's DDPM++)
         add_attention=bool(attention[-1]),  # mid-block attention follows the lowest level
+        class_embed_type="identity" if augment_dim else None,  # the augmentation labels' embedding
     )
-    return ImageUNet(unet, cfg.time_scale)
+    return ImageUNet(unet, cfg.time_scale, augment_dim)
 
 
 # ----------------------------------------------------------------------------- video
@@ -253,18 +283,19 @@ def zero_output(net: nn.Module) -> nn.Module:
 
 
 def make_net(cfg: NetConfig, in_channels: int, out_channels: int, resolution: int,
-             video: bool = False, seed: Optional[int] = None) -> nn.Module:
+             video: bool = False, seed: Optional[int] = None, augment_dim: int = 0) -> nn.Module:
     """Build the backbone ``F(x, c_noise)`` described by ``cfg`` (see the module docstring).
 
     ``resolution`` is the spatial side of the net's input (the patch size for patch views).
     Residual nets: ``in_channels = 2·C``. With ``seed`` the initial weights are drawn from
     ``torch.manual_seed(seed)`` without touching the caller's RNG state, so a run's starting point
     is reproducible (torch seeds its default generator randomly in every new process).
+    ``augment_dim`` > 0: the net also takes augmentation labels (`ImageUNet`; images only).
     """
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            return make_net(cfg, in_channels, out_channels, resolution, video)
+            return make_net(cfg, in_channels, out_channels, resolution, video, augment_dim=augment_dim)
     if isinstance(cfg, dict):
         cfg = NetConfig(**cfg)
     kind = cfg.kind
@@ -277,7 +308,10 @@ def make_net(cfg: NetConfig, in_channels: int, out_channels: int, resolution: in
                          "use 'video' or 'auto' for clip views")
     _validate(cfg, in_channels, out_channels, resolution)
     if kind == "unet2d":
-        return _unet2d(cfg, in_channels, out_channels, resolution)
+        return _unet2d(cfg, in_channels, out_channels, resolution, augment_dim)
+    if augment_dim:
+        raise ValueError("train.augment: augmentation is for images; a clip model (NetConfig.kind video) "
+                         "takes no augmentation labels")
     return VideoUNet(in_channels=in_channels, out_channels=out_channels,
                      block_out_channels=[int(c) for c in cfg.channels],
                      attention=[bool(a) for a in cfg.attention],

@@ -49,13 +49,15 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.register_buffer("sigma_data", torch.tensor(float(sigma_data), dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``D(x; σ)``; ``augment_labels`` (training with `bootdiff.augment` only) go to the net."""
         dtype = x.dtype
         x = x.to(torch.float32)
         sigma = broadcast_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data.float())
         c_skip, c_out, c_in = (broadcast_sigma(c, x, column=True) for c in (c_skip, c_out, c_in))
-        F_x = self.net((c_in * x).to(dtype), c_noise)
+        extra = () if augment_labels is None else (augment_labels,)
+        F_x = self.net((c_in * x).to(dtype), c_noise, *extra)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 

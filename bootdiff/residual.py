@@ -51,7 +51,8 @@ class ResidualPrecond(nn.Module):
         self.net = net
         self.register_buffer("sigma_data", torch.tensor(float(sigma_data), dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, sigma, d_comb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, d_comb: torch.Tensor,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if d_comb.shape != x.shape:
             raise ValueError(f"ResidualPrecond: d_comb shape {tuple(d_comb.shape)} != x shape "
                              f"{tuple(x.shape)}")
@@ -61,7 +62,8 @@ class ResidualPrecond(nn.Module):
         sd = self.sigma_data.float()
         _, _, c_in, c_noise = edm_coefficients(sigma, sd)
         inp = torch.cat([broadcast_sigma(c_in, x, column=True) * x, d_comb.to(torch.float32) / sd], dim=1)
-        return self.net(inp.to(dtype), c_noise).to(torch.float32)
+        extra = () if augment_labels is None else (augment_labels,)  # `bootdiff.augment`, training only
+        return self.net(inp.to(dtype), c_noise, *extra).to(torch.float32)
 
 
 class RangeAdapter(nn.Module):
@@ -189,18 +191,22 @@ class BootstrapDenoiser(nn.Module):
         self.residual = residual
         self.range_adapter = range_adapter
 
-    def forward_parts(self, x: torch.Tensor, sigma):
-        """``(d_comb, r, R)`` with ``r`` shaped ``[N, 1, …]`` — what the residual loss needs."""
+    def forward_parts(self, x: torch.Tensor, sigma, augment_labels: Optional[torch.Tensor] = None):
+        """``(d_comb, r, R)`` with ``r`` shaped ``[N, 1, …]`` — what the residual loss needs.
+        ``augment_labels`` (training with `bootdiff.augment`) go to the residual net only: the
+        frozen D_comb sees the augmented image as it is."""
         sigma = broadcast_sigma(sigma, x)
         d_comb = self.combined(x, sigma)
         r = torch.ones_like(sigma) if self.range_adapter is None else self.range_adapter(sigma)
-        R = self.residual(x, sigma, d_comb)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        R = self.residual(x, sigma, d_comb, **extra)
         return d_comb, broadcast_sigma(r, x, column=True), R
 
-    def forward(self, x: torch.Tensor, sigma, return_parts: bool = False):
+    def forward(self, x: torch.Tensor, sigma, return_parts: bool = False,
+                augment_labels: Optional[torch.Tensor] = None):
         """``D_boot(x; σ)``; with ``return_parts`` the tuple of `forward_parts` (the residual
         loss calls it this way through a DDP wrapper, so gradients are synchronised)."""
-        d_comb, r, R = self.forward_parts(x, sigma)
+        d_comb, r, R = self.forward_parts(x, sigma, augment_labels)
         if return_parts:
             return d_comb, r, R
         return d_comb + r * R
@@ -271,7 +277,7 @@ def _parts_fn(model):
             raise TypeError(f"ResidualLoss: wrapped model {type(inner).__name__} needs "
                             "forward(x, sigma, return_parts=False) to return (d_comb, r, R) through "
                             "the DDP wrapper")
-        return lambda x, sigma: model(x, sigma, return_parts=True)
+        return lambda x, sigma, augment_labels=None: model(x, sigma, return_parts=True, augment_labels=augment_labels)
     raise TypeError(f"ResidualLoss needs a model with forward_parts(x, sigma) -> (d_comb, r, R), "
                     f"got {type(model).__name__}")
 
@@ -296,11 +302,15 @@ class ResidualLoss:
     ``(x_full, y_low)``; the lifted rows ``lift(y_low)`` get the same loss with σ ~ p_train
     truncated to σ ≥ ``sigma_tn``, where their missing detail is drowned by the noise. The
     returned losses are the full-res rows' then the lifted rows'.
+
+    ``augment`` > 0 (``residual.train.augment``): the full-res rows are augmented, non-leaking
+    (`bootdiff.augment`; EDM Appendix F.2), and R_θ gets their labels; D_comb, frozen, sees the
+    augmented image as it is and R_θ learns to correct it there too. The lifted rows are not.
     """
 
     def __init__(self, loss_cfg, sigma_data: float, mu_var: float = 0.0, mu_l1: float = 0.0,
                  l1_decay: str = "none", weighting: Optional[str] = None, lift: Optional[Callable] = None,
-                 sigma_tn: float = 0.0):
+                 sigma_tn: float = 0.0, augment: float = 0.0):
         l1_decay = str(getattr(l1_decay, "value", l1_decay))  # an Enum member of the config, or a str
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
@@ -316,6 +326,7 @@ class ResidualLoss:
         if lift is not None and not sigma_tn > 0:
             raise ValueError(f"residual.sigma_tn must be > 0 (the σ gate of the lifted low-res rows), got {sigma_tn}")
         self.lift, self.sigma_tn = lift, float(sigma_tn)
+        self.augment = float(augment)
         self.weighting = check_weighting(weighting or loss_cfg.weighting)
         self.last_sigma: Optional[torch.Tensor] = None
         self.last_terms: dict = {}
@@ -337,15 +348,20 @@ class ResidualLoss:
             return self._terms(parts, full, generator)
         out_full = self._terms(parts, full, generator)
         sigma_full, terms_full = self.last_sigma, self.last_terms
-        out_low = self._terms(parts, self.lift(low), generator, lo=self.sigma_tn)
+        out_low = self._terms(parts, self.lift(low), generator, lo=self.sigma_tn, full=False)
         self.last_sigma = torch.cat([sigma_full, self.last_sigma])
         self.last_terms = {k: torch.cat([terms_full[k], self.last_terms[k]]) for k in terms_full}
         return torch.cat([out_full, out_low])
 
-    def _terms(self, parts, x: torch.Tensor, generator, lo: float = 0.0) -> torch.Tensor:
+    def _terms(self, parts, x: torch.Tensor, generator, lo: float = 0.0, full: bool = True) -> torch.Tensor:
+        extra = {}
+        if self.augment > 0 and full:  # the full-res rows only
+            from bootdiff.augment import augment
+
+            x, extra["augment_labels"] = augment(x, self.augment, generator)
         sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator, lo=lo)
         self.last_sigma = sigma.detach()
-        d_comb, r, R = parts(x_noisy, sigma)
+        d_comb, r, R = parts(x_noisy, sigma, **extra)
         d_comb = d_comb.detach()
         r = torch.as_tensor(r, dtype=x.dtype, device=x.device).detach()
         if r.ndim <= 1:

@@ -109,7 +109,7 @@ def test_no_import_circle_and_no_ray_in_the_library():
 # README.md's map, in the data's order: a module may import its own row, the rows above it and
 # the shared helpers, never a row below it.
 ROWS = [("bootdiff.config",), ("bootdiff.views",), ("bootdiff.data",),
-        ("bootdiff.precond", "bootdiff.nets", "bootdiff.losses", "bootdiff.schedules", "bootdiff.train",
+        ("bootdiff.precond", "bootdiff.nets", "bootdiff.losses", "bootdiff.augment", "bootdiff.schedules", "bootdiff.train",
          "bootdiff.checkpoint", "bootdiff.stopping"),
         ("bootdiff.fusion",), ("bootdiff.residual", "bootdiff.sweep", "bootdiff.memo"), ("bootdiff.export",),
         ("bootdiff.samplers",), ("bootdiff.experiment",), ("bootdiff.peers",), ("bootdiff.evaluation",), ("bootdiff.distill",),

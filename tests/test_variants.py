@@ -34,7 +34,8 @@ def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path,
     shutil.copytree(out0, out)  # the fixture's datasets, moved: their configs name the old folder
     cfg.views["patch"].train.total_kimg = 0.032  # a view trained again: a few steps
     datasets = {k: y.replace(out0, out) for k, y in plan["datasets"].items()}
-    budgets = {"residual_kimg": 0.032, "full_res_kimg": 0.032, "view_kimg": 0.032, "oracle_kimg": 0.032, "patience": 2}
+    budgets = {"residual_kimg": 0.032, "full_res_kimg": 0.032, "view_kimg": 0.032, "oracle_kimg": 0.032, "patience": 2,
+               "ambient_kimg": 0.032}
     base = from_yaml(datasets["base"], ExperimentConfig)
     for i, (name, vcfg) in enumerate(base.views.items()):  # untrained view models stand in for stage 1's
         info = experiment.view_info(manifests["base"], name)
@@ -49,9 +50,13 @@ def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path,
         row = {"trial": {"kind": "residual", "mu_var": mv, "mu_l1": 0.0, "range_adapter": True, "label": label},
                "curve": [{"kimg": 0.016, "test_G": g}], "test_G": g, "kimg": 0.016}
         util.atomic_write_bytes(os.path.join(out, "results", f"N8__select-{label}.json"), json.dumps(row).encode())
+    for label, g in (("baseline", 0.95), ("ambient", 0.85)):  # the rivals' selection runs
+        row = {"curve": [{"kimg": 0.016, "test_G": g}], "test_G": g, "kimg": 0.016}
+        util.atomic_write_bytes(os.path.join(out, "results", f"N8__select-{label}.json"), json.dumps(row).encode())
     args = ["--bench", out, "--ns", "8",
             "--variant", "low", "residual.low_ratio=1", "residual.sigma_tn=0.5", "residual.train.checkpoint_every_kimg=0.016",
-            "--variant", "coords", "views.patch.coords=true"]
+            "--variant", "coords", "views.patch.coords=true",
+            "--variant", "aug", "full_res.train.augment=0.5", "residual.train.augment=0.5", "--peers", "ambient"]
     assert variants_main(args) == 0
     res = json.loads(capsys.readouterr().out)["ns"]["8"]
     assert res["before"]["best_val_G"] == 0.8 and math.isfinite(res["before"]["combined_val_G"])
@@ -68,8 +73,19 @@ def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path,
     model, _ = load_view_model(os.path.join(out, "N8-select~coords", "models", "patch"))
     assert isinstance(model, CoordPrecond)  # the variant's D_comb used the position-aware patch model
     assert not isinstance(load_view_model(os.path.join(out, "base", "models", "patch"))[0], CoordPrecond)  # untouched
+    # a variant that changes full_res gives it to the baseline and the named peer too, before / after
+    assert "rivals" not in res["low"] and set(res["aug"]["rivals"]) == {"baseline", "ambient"}
+    for label, g in (("baseline", 0.95), ("ambient", 0.85)):
+        r = res["aug"]["rivals"][label]
+        assert r["before_val_G"] == g and math.isfinite(r["val_G"]) and r["val_G"] != g
+    for run in ("N8__variant-aug__select-baseline", "N8__variant-aug__select-ambient",
+                "N8__variant-aug__select-residual-mv0-ml0-ra1"):  # trained with the augmentation input
+        ckpt = sorted(f for f in os.listdir(os.path.join(out, "runs", run)) if f.startswith("checkpoint-"))[-1]
+        state = torch.load(os.path.join(out, "runs", run, ckpt, "state.pt"), weights_only=False)
+        assert any("augment_map" in k for k in state["model"]), run
     ran = sorted(os.listdir(os.path.join(out, "variants")))
-    assert len(ran) == 8 and "variant-coords__view-patch.json" in ran  # 3 combined, 4 selection runs, 1 view
+    assert len(ran) == 13 and "variant-coords__view-patch.json" in ran  # 4 combined, 8 selection runs, 1 view
     assert variants_main(args) == 0  # finished runs are read, not trained again
     again = json.loads(capsys.readouterr().out)["ns"]["8"]
     assert again["low"]["settings"] == res["low"]["settings"] and again["coords"]["settings"] == res["coords"]["settings"]
+    assert again["aug"]["rivals"] == res["aug"]["rivals"]

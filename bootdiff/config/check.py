@@ -112,6 +112,8 @@ def _check_train(p: _Problems, key: str, t) -> None:
     p.at_least(f"{key}.report_every_s", t.report_every_s, RAY_POLL_S,
                f"must be >= {RAY_POLL_S:g} s, Ray Train's poll interval: a report sooner after the previous "
                "one blocks training (docs/RAY.md §3)")
+    if not (isinstance(t.augment, (int, float)) and 0 <= t.augment <= 1):
+        p.bad(f"{key}.augment", t.augment, "the probability of each augmentation must be in [0, 1] (0: off)")
     betas = list(t.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         p.bad(f"{key}.betas", betas, "must be two numbers in [0, 1)")
@@ -191,6 +193,7 @@ def _check_views(p: _Problems, cfg: ExperimentConfig) -> None:
             p.bad(f"{key}.coords", True, f"position-aware denoisers are for patch views of images (this view: {v.kind}"
                   f"{', video data' if video else ''})")
         _check_train(p, f"{key}.train", v.train)
+        _check_augment(p, f"{key}.train.augment", v.train.augment, video, v.coords)
         _check_scaling(p, f"{key}.scaling", v.scaling)
         if int(v.train.patience) > 0 and int(cfg.data.num_view_val) < 1:
             p.bad(f"{key}.train.patience", v.train.patience, "a view is early-stopped on its held-out samples: "
@@ -203,7 +206,16 @@ def _check_views(p: _Problems, cfg: ExperimentConfig) -> None:
     if cfg.full_res.net.kind == NetKind.unet2d and video:
         p.bad("full_res.net.kind", cfg.full_res.net.kind, "unet2d cannot model videos; use video or auto")
     _check_train(p, "full_res.train", cfg.full_res.train)
+    _check_augment(p, "full_res.train.augment", cfg.full_res.train.augment, video)
     _check_scaling(p, "full_res.scaling", cfg.full_res.scaling)
+
+
+def _check_augment(p: _Problems, key: str, value, video: bool, coords: bool = False) -> None:
+    """Non-leaking augmentation (`bootdiff.augment`) is for whole images: not clips, not
+    position-aware patches (a rotated patch would no longer be where its location says)."""
+    if isinstance(value, (int, float)) and value > 0 and (video or coords):
+        p.bad(key, value, "augmentation is for images; " + ("this run's data is video" if video else
+              "a position-aware view's patches must stay where their recorded location says"))
 
 
 def _check_residual(p: _Problems, cfg: ExperimentConfig) -> None:
@@ -228,6 +240,7 @@ def _check_residual(p: _Problems, cfg: ExperimentConfig) -> None:
             p.bad("residual.low_ratio", r.low_ratio, f"needs the low-res view to lift: the config has {len(low)} downsample "
                   f"views ({', '.join(low) or 'none'}); set residual.low_view")
     _check_train(p, "residual.train", r.train)
+    _check_augment(p, "residual.train.augment", r.train.augment, cfg.data.source.kind in VIDEO_SOURCES)
 
 
 def _check_sweep(p: _Problems, cfg: ExperimentConfig) -> None:
@@ -325,6 +338,9 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     elif d.net.kind == NetKind.video:
         p.bad("distill.net.kind", d.net.kind, "the student must be unet2d (or auto) to export as a diffusers pipeline")
     _check_train(p, "distill.train", d.train)
+    if d.train.augment:
+        p.bad("distill.train.augment", d.train.augment, "the distilled student is not augmented (0 only): "
+              "its teacher samples are already as many as it needs")
     _check_scaling(p, "distill.scaling", d.scaling)
 
 

@@ -87,6 +87,11 @@ class TrainConfig:
     # (filled by `load_config`), so ``seed=1`` re-runs every model with other random numbers.
     seed: Optional[int] = None
     num_workers: int = 0  # DataLoader workers per training process
+    # Non-leaking augmentation (`bootdiff.augment`, EDM Appendix F.2): each training image flipped
+    # in x, in y, rotated by quarter turns and shifted, each with this probability, the net told
+    # what was done and sampled with none of it. For a scarce image set (full_res, residual; the
+    # peers train as full_res does, except patchdiff); 0: off.
+    augment: float = 0.0
     loss: LossConfig = field(default_factory=LossConfig)
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from bootdiff.augment import augment
 from bootdiff.losses import check_weighting, per_sample_mean
 from bootdiff.schedules import sample_training_sigma, weighting
 from bootdiff.util import broadcast_sigma, randn
@@ -33,15 +34,18 @@ class AmbientLoss:
     """``loss(D, (x_full, y_low, x_crop), generator) -> [N_full + N_low + N_crop]``: the
     σ-gated EDM loss above. ``lift`` maps a low-res batch to full resolution (the low view's
     `lift`); an empty group (zero rows) is skipped. After each call ``last_sigma`` holds every
-    row's σ and ``last_groups`` the group of each row (0 full, 1 lifted low-res, 2 crop)."""
+    row's σ and ``last_groups`` the group of each row (0 full, 1 lifted low-res, 2 crop).
+    ``augment`` > 0 (``full_res.train.augment``): the full-res rows are augmented, non-leaking
+    (`bootdiff.augment`), as the baseline's are; the partial rows are not."""
 
-    def __init__(self, loss_cfg, sigma_data: float, lift, sigma_tn: float, sigma_crop: float):
+    def __init__(self, loss_cfg, sigma_data: float, lift, sigma_tn: float, sigma_crop: float, augment: float = 0.0):
         if not (sigma_data > 0 and sigma_tn > 0 and sigma_crop > 0):
             raise ValueError(f"AmbientLoss: sigma_data, sigma_tn and sigma_crop must be > 0, got "
                              f"{sigma_data}, {sigma_tn}, {sigma_crop}")
         self.loss_cfg, self.sigma_data, self.lift = loss_cfg, float(sigma_data), lift
         self.gates = ((0.0, math.inf), (float(sigma_tn), math.inf), (0.0, float(sigma_crop)))
         self.weighting = check_weighting(loss_cfg.weighting)
+        self.augment = float(augment)
         self.last_sigma: Optional[torch.Tensor] = None
         self.last_groups: Optional[torch.Tensor] = None
 
@@ -52,10 +56,13 @@ class AmbientLoss:
         for g, (x, (lo, hi)) in enumerate(zip(groups, self.gates)):
             if x.shape[0] == 0:
                 continue
+            extra = {}
+            if g == 0 and self.augment > 0:
+                x, extra["augment_labels"] = augment(x, self.augment, generator)
             sigma = sample_training_sigma(x.shape[0], self.loss_cfg, generator, x.device, lo=lo, hi=hi).to(x.dtype)
             x_noisy = x + broadcast_sigma(sigma, x, column=True) * randn(x.shape, generator, x.device, x.dtype)
             lam = weighting(sigma, self.sigma_data, self.weighting)
-            losses.append(lam * per_sample_mean((D(x_noisy, sigma) - x) ** 2))
+            losses.append(lam * per_sample_mean((D(x_noisy, sigma, **extra) - x) ** 2))
             sigmas.append(sigma.detach())
             ids.append(torch.full((x.shape[0],), g, device=x.device))
         self.last_sigma, self.last_groups = torch.cat(sigmas), torch.cat(ids)
@@ -98,5 +105,6 @@ def ambient_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1):
     sigma_data = float(info["sigma_data"])
     model = experiment.build_view_denoiser(cfg.full_res, info["shape"], sigma_data)
     view = make_view(cfg.views[low], info["shape"], name=low)
-    loss = AmbientLoss(cfg.full_res.train.loss, sigma_data, view.lift, acfg.sigma_tn, acfg.sigma_crop)
+    loss = AmbientLoss(cfg.full_res.train.loss, sigma_data, view.lift, acfg.sigma_tn, acfg.sigma_crop,
+                       augment=cfg.full_res.train.augment)
     return model, loss, ambient_data(cfg, manifest, cfg.full_res.train, low, crop, rank, world_size)

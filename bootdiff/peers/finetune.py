@@ -67,5 +67,5 @@ def finetune_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1, l
     sigma_data = float(info["sigma_data"])
     model = experiment.build_view_denoiser(cfg.full_res, info["shape"], sigma_data)
     view = make_view(cfg.views[low], info["shape"], name=low)
-    loss = EDMLoss(cfg.full_res.train.loss, sigma_data)
+    loss = EDMLoss(cfg.full_res.train.loss, sigma_data, augment=cfg.full_res.train.augment)  # pre-training rows too
     return model, loss, finetune_data(cfg, manifest, cfg.full_res.train, low, view.lift, rank, world_size)

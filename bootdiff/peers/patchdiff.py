@@ -19,7 +19,8 @@ index (so a resumed run continues exactly):
   the image side), at uniform random locations.
 
 The loss is the EDM loss of that micro-batch (`bootdiff.losses.CoordLoss`). Network and training: ``full_res``'s
-(the backbone built with two more input channels).
+(the backbone built with two more input channels), except ``full_res.train.augment``: a flipped or
+rotated crop would no longer lie where its coordinates say, so Patch Diffusion is not augmented.
 """
 
 from __future__ import annotations
