@@ -18,7 +18,6 @@ import time
 import urllib.request
 import uuid
 
-import numpy as np
 import pytest
 
 from multinode import RAY, PY, LocalCluster
@@ -210,12 +209,16 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     for v in ("patch", "low"):
         assert tb[f"view-{v}"]["loss"]["step"][-1] == round(views[v]["metrics"]["kimg"] * 1000)
     # Early stopping on validation: each trained trial (the baseline too) is taken at the checkpoint
-    # with its lowest val G over the whole run (its curve), and that checkpoint was kept.
+    # with its lowest val G over the whole run (its curve), and that checkpoint was kept. A trial
+    # ASHA stops may log a checkpoint or two more to TensorBoard while the stop reaches its worker
+    # (seen on a loaded machine); Tune never receives them, so the curve counts to its last result.
     for t in sweep["trials"]:
         if t["kind"] == "combined":
             continue
         curve = tb[f"trial-{t['trial_id']}"]["val_G"]
-        k = int(np.argmin(curve["value"]))
+        seen = [i for i, k in enumerate(curve["kimg"]) if k <= t["kimg"] + 1e-6]
+        assert seen and (t["status"] == "stopped_early" or len(seen) == len(curve["kimg"])), (t, curve)
+        k = min(seen, key=lambda i: curve["value"][i])
         assert t["val_G"] == pytest.approx(curve["value"][k], rel=1e-5), t
         assert t["chosen_kimg"] == pytest.approx(curve["kimg"][k], abs=1e-3) and t["chosen_kimg"] <= t["kimg"]
         assert fs.exists(t["checkpoint"]), t  # on S3 (Ray names it without the s3:// scheme)
