@@ -1,19 +1,5 @@
 import pytest
 
-# Tests that start or join a Ray cluster run one after another in one pytest-xdist worker (group
-# "ray"), as they did before the suite ran in two workers: two clusters at once would share the
-# two cores, and an address-less `ray.init()` may join the latest cluster started on the machine
-# (Ray's address resolution) instead of starting its own. Every other test runs beside them in
-# the other worker (pyproject.toml: `-n 2 --dist loadgroup`).
-RAY_FIXTURES = {"local_ray", "no_ray_left"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("ray") or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
 
 @pytest.fixture(scope="session")
 def mnist_wheel():
