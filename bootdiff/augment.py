@@ -30,6 +30,11 @@ AUGMENT_DIM = 6
 MAX_SHIFT = 0.125  # of the side, as EDM's translate_int_max
 
 
+def net_augment_dim(p: float) -> int:
+    """The width of the augmentation input a net trained with ``train.augment = p`` gets (0: none)."""
+    return AUGMENT_DIM if p > 0 else 0
+
+
 def _uniform(shape, generator: Optional[torch.Generator]) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.rand(shape, generator=generator, device=device).cpu()

@@ -158,15 +158,14 @@ def build_view_denoiser(vcfg: ViewConfig, shape: Sequence[int], sigma_data: floa
     """EDM-preconditioned backbone for samples of ``shape`` ((C,H,W) or (C,T,H,W)); with
     ``vcfg.coords`` a position-aware one (`bootdiff.precond.CoordPrecond`: two more input
     channels, where the patch lies in an image of ``image_size``, the full-res (H, W))."""
+    from bootdiff.augment import net_augment_dim
     from bootdiff.nets import make_net
     from bootdiff.precond import CoordPrecond, EDMPrecond
-
-    from bootdiff.augment import AUGMENT_DIM
 
     coords = bool(getattr(vcfg, "coords", False))
     net = make_net(vcfg.net, in_channels=shape[0] + (2 if coords else 0), out_channels=shape[0],
                    resolution=shape[-1], video=_is_video(shape), seed=vcfg.train.seed,
-                   augment_dim=AUGMENT_DIM if vcfg.train.augment > 0 else 0)
+                   augment_dim=net_augment_dim(vcfg.train.augment))
     if not coords:
         return EDMPrecond(net, sigma_data=sigma_data)
     if image_size is None:
@@ -253,6 +252,7 @@ def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
     fills them when a run starts fresh; a checkpoint (`ema_model`, a resumed `train`) or an
     export (`bootdiff.export.load_bootstrap_model`) restores them otherwise.
     """
+    from bootdiff.augment import net_augment_dim
     from bootdiff.fusion import FusionWeights
     from bootdiff.nets import make_net, zero_output
     from bootdiff.residual import BootstrapDenoiser, RangeAdapter, ResidualPrecond
@@ -263,11 +263,9 @@ def build_bootstrap(cfg, manifest: dict, rcfg: ResidualConfig, combined=None):
     lcfg = rcfg.train.loss
     adapter = RangeAdapter.ones(math.log(lcfg.sigma_min), math.log(lcfg.sigma_max))
     shape = full_shape(manifest)
-    from bootdiff.augment import AUGMENT_DIM
-
     net = make_net(rcfg.net, in_channels=2 * shape[0], out_channels=shape[0], resolution=shape[-1],
                    video=_is_video(shape), seed=rcfg.train.seed,
-                   augment_dim=AUGMENT_DIM if rcfg.train.augment > 0 else 0)
+                   augment_dim=net_augment_dim(rcfg.train.augment))
     if rcfg.zero_init:  # R_θ ≡ 0 at the start: D_boot starts as D_comb (a loaded model's weights replace it)
         zero_output(net)
     sigma_data = float(view_info(manifest, "full")["sigma_data"])
@@ -356,7 +354,7 @@ def residual_loss(cfg, manifest: dict, rcfg: ResidualConfig):
     lift = None
     n_low = int(round(rcfg.low_ratio * rcfg.train.batch_size))
     if n_low > 0:
-        from bootdiff.config.check import pick_view
+        from bootdiff.config.peer_views import pick_view
         from bootdiff.views import make_view
 
         low = pick_view(cfg, "downsample", rcfg.low_view, key="residual.low_view")

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from bootdiff.augment import augment
 from bootdiff.fusion import CombinedDenoiser, fit_fusion_weights
 from bootdiff.losses import check_weighting, noisy_batch, per_sample_mean
 from bootdiff.precond import edm_coefficients
@@ -356,8 +357,6 @@ class ResidualLoss:
     def _terms(self, parts, x: torch.Tensor, generator, lo: float = 0.0, full: bool = True) -> torch.Tensor:
         extra = {}
         if self.augment > 0 and full:  # the full-res rows only
-            from bootdiff.augment import augment
-
             x, extra["augment_labels"] = augment(x, self.augment, generator)
         sigma, x_noisy = noisy_batch(x, self.loss_cfg, generator, lo=lo)
         self.last_sigma = sigma.detach()

@@ -153,7 +153,7 @@ def test_config_refuses_augmentation_where_it_cannot_apply():
     assert cfg.full_res.train.augment == 0.15
     with pytest.raises(ConfigError, match=r"full_res.train.augment=1.5.*in \[0, 1\]"):
         load_config(qs, ["full_res.train.augment=1.5"])
-    with pytest.raises(ConfigError, match=r"views.patch.train.augment=0.2.*recorded location"):
+    with pytest.raises(ConfigError, match=r"views.patch.train.augment=0.2.*where their location says"):
         load_config(qs, ["views.patch.coords=true", "views.patch.train.patience=0", "views.patch.train.augment=0.2"])
     with pytest.raises(ConfigError, match=r"distill.train.augment"):
         load_config(qs, ["distill.enabled=true", "distill.train.augment=0.1"])

@@ -13,7 +13,7 @@ import torch
 from bootdiff import experiment
 from bootdiff.config import LossConfig, to_object
 from bootdiff.data.ingest import ingest
-from bootdiff.config.check import pick_view
+from bootdiff.config.peer_views import pick_view
 from bootdiff.peers.ambient import AmbientLoss, ambient_training, group_sizes
 from bootdiff.schedules import sample_training_sigma
 from bootdiff.train import train

@@ -20,6 +20,7 @@ import re
 from typing import Any, List, Optional, Sequence, Tuple
 
 from bootdiff.config.choices import PEER_NAMES, VIDEO_SOURCES, Fusion, NetKind, SourceKind, ViewKind
+from bootdiff.config.peer_views import PEER_NEEDS, peers_available
 from bootdiff.config.schema import ConfigError, ExperimentConfig, to_object
 
 NEEDS_PATH = (SourceKind.images, SourceKind.tar, SourceKind.idx, SourceKind.video, SourceKind.frames)
@@ -112,8 +113,6 @@ def _check_train(p: _Problems, key: str, t) -> None:
     p.at_least(f"{key}.report_every_s", t.report_every_s, RAY_POLL_S,
                f"must be >= {RAY_POLL_S:g} s, Ray Train's poll interval: a report sooner after the previous "
                "one blocks training (docs/RAY.md §3)")
-    if not (isinstance(t.augment, (int, float)) and 0 <= t.augment <= 1):
-        p.bad(f"{key}.augment", t.augment, "the probability of each augmentation must be in [0, 1] (0: off)")
     betas = list(t.betas)
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         p.bad(f"{key}.betas", betas, "must be two numbers in [0, 1)")
@@ -193,7 +192,7 @@ def _check_views(p: _Problems, cfg: ExperimentConfig) -> None:
             p.bad(f"{key}.coords", True, f"position-aware denoisers are for patch views of images (this view: {v.kind}"
                   f"{', video data' if video else ''})")
         _check_train(p, f"{key}.train", v.train)
-        _check_augment(p, f"{key}.train.augment", v.train.augment, video, v.coords)
+        _check_augment(p, f"{key}.train.augment", v.train.augment, VIDEO_NO if video else COORDS_NO if v.coords else "")
         _check_scaling(p, f"{key}.scaling", v.scaling)
         if int(v.train.patience) > 0 and int(cfg.data.num_view_val) < 1:
             p.bad(f"{key}.train.patience", v.train.patience, "a view is early-stopped on its held-out samples: "
@@ -206,16 +205,20 @@ def _check_views(p: _Problems, cfg: ExperimentConfig) -> None:
     if cfg.full_res.net.kind == NetKind.unet2d and video:
         p.bad("full_res.net.kind", cfg.full_res.net.kind, "unet2d cannot model videos; use video or auto")
     _check_train(p, "full_res.train", cfg.full_res.train)
-    _check_augment(p, "full_res.train.augment", cfg.full_res.train.augment, video)
+    _check_augment(p, "full_res.train.augment", cfg.full_res.train.augment, VIDEO_NO if video else "")
     _check_scaling(p, "full_res.scaling", cfg.full_res.scaling)
 
 
-def _check_augment(p: _Problems, key: str, value, video: bool, coords: bool = False) -> None:
-    """Non-leaking augmentation (`bootdiff.augment`) is for whole images: not clips, not
-    position-aware patches (a rotated patch would no longer be where its location says)."""
-    if isinstance(value, (int, float)) and value > 0 and (video or coords):
-        p.bad(key, value, "augmentation is for images; " + ("this run's data is video" if video else
-              "a position-aware view's patches must stay where their recorded location says"))
+VIDEO_NO = "augmentation is for images; this run's data is video"
+COORDS_NO = "augmentation is for whole images: a position-aware view's patches must stay where their location says"
+
+
+def _check_augment(p: _Problems, key: str, value, refused: str = "") -> None:
+    """``train.augment`` (`bootdiff.augment`): a probability; ``refused``: why this model takes none."""
+    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        p.bad(key, value, "the probability of each augmentation must be in [0, 1] (0: off)")
+    elif value > 0 and refused:
+        p.bad(key, value, refused)
 
 
 def _check_residual(p: _Problems, cfg: ExperimentConfig) -> None:
@@ -240,7 +243,7 @@ def _check_residual(p: _Problems, cfg: ExperimentConfig) -> None:
             p.bad("residual.low_ratio", r.low_ratio, f"needs the low-res view to lift: the config has {len(low)} downsample "
                   f"views ({', '.join(low) or 'none'}); set residual.low_view")
     _check_train(p, "residual.train", r.train)
-    _check_augment(p, "residual.train.augment", r.train.augment, cfg.data.source.kind in VIDEO_SOURCES)
+    _check_augment(p, "residual.train.augment", r.train.augment, VIDEO_NO if cfg.data.source.kind in VIDEO_SOURCES else "")
 
 
 def _check_sweep(p: _Problems, cfg: ExperimentConfig) -> None:
@@ -338,48 +341,8 @@ def _check_distill(p: _Problems, cfg: ExperimentConfig) -> None:
     elif d.net.kind == NetKind.video:
         p.bad("distill.net.kind", d.net.kind, "the student must be unet2d (or auto) to export as a diffusers pipeline")
     _check_train(p, "distill.train", d.train)
-    if d.train.augment:
-        p.bad("distill.train.augment", d.train.augment, "the distilled student is not augmented (0 only): "
-              "its teacher samples are already as many as it needs")
+    _check_augment(p, "distill.train.augment", d.train.augment, "the distilled student is not augmented (0 only)")
     _check_scaling(p, "distill.scaling", d.scaling)
-
-
-def pick_view(cfg, kind: str, name: str, key: str = "") -> str:
-    """The view a peer uses: ``name`` when given (it must be of ``kind``), else the only view of
-    that kind; an error naming the config ``key`` (default ``peers.ambient.low_view`` /
-    ``crop_view``) otherwise."""
-    key = key or ("peers.ambient.low_view" if kind == "downsample" else "peers.ambient.crop_view")
-    found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
-    if name:
-        if name not in cfg.views or str(cfg.views[name].kind) != kind:
-            raise ValueError(f"{key}={name!r}: not a {kind} view (the {kind} views: {found or 'none'})")
-        return name
-    if len(found) != 1:
-        raise ValueError(f"{key} is unset and the config has {len(found)} {kind} views "
-                         f"({found}): name the one to use")
-    return found[0]
-
-
-def peers_available(cfg) -> List[str]:
-    """The peers (`bootdiff.peers`) this config's views allow: ``ambient`` needs a downsample and a
-    patch view, ``finetune`` a downsample view, ``patchdiff`` a patch view on image data — the
-    view its ``peers.<name>.*_view`` key names, else the only view of that kind
-    (`pick_view` picks them the same way)."""
-    def has(kind, name):
-        found = [v for v, vc in cfg.views.items() if str(vc.kind) == kind]
-        return (name in found) if name else len(found) == 1
-
-    a, f, d = cfg.peers.ambient, cfg.peers.finetune, cfg.peers.patchdiff
-    ok = {"ambient": has("downsample", a.low_view) and has("patch", a.crop_view),
-          "finetune": has("downsample", f.low_view),
-          "patchdiff": has("patch", d.patch_view) and cfg.data.source.kind not in VIDEO_SOURCES}
-    return [n for n in PEER_NAMES if ok[n]]
-
-
-PEER_NEEDS = {"ambient": "a downsample view and a patch view (of several of a kind, the one peers.ambient.low_view / "
-                         "crop_view names)",
-              "finetune": "a downsample view (of several, the one peers.finetune.low_view names)",
-              "patchdiff": "a patch view on image (not video) data (of several, the one peers.patchdiff.patch_view names)"}
 
 
 def _check_peers(p: _Problems, cfg: ExperimentConfig) -> None:

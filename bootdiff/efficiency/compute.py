@@ -85,7 +85,7 @@ def peer_step_flops(cfg, manifest: dict, name: str) -> float:
     model, loss, _ = peer_training(cfg, manifest, name)
     tcfg = cfg.full_res.train
     if name == "ambient":
-        from bootdiff.config.check import pick_view
+        from bootdiff.config.peer_views import pick_view
         from bootdiff.peers.ambient import group_sizes
 
         acfg = cfg.peers.ambient
@@ -97,7 +97,7 @@ def peer_step_flops(cfg, manifest: dict, name: str) -> float:
         import torch
 
         from bootdiff.peers.patchdiff import crop_sizes, expected_step_flops
-        from bootdiff.config.check import pick_view
+        from bootdiff.config.peer_views import pick_view
 
         p = cfg.peers.patchdiff
         shape = experiment.full_shape(manifest)

@@ -281,7 +281,7 @@ def model_roles(cfg, manifest: dict, samples: dict) -> dict:
 
 def peer_role(cfg, kind: str, n: int) -> str:
     """What peer ``kind`` (`bootdiff.peers`) trained on, naming the views it used."""
-    from bootdiff.config.check import pick_view
+    from bootdiff.config.peer_views import pick_view
 
     p = cfg.peers
     if kind == "ambient":

@@ -56,7 +56,7 @@ def load_peer(cfg, manifest: dict, row: dict):
 
 
 def available(cfg) -> List[str]:
-    """The peers this config's views allow (`bootdiff.config.check.peers_available`)."""
-    from bootdiff.config.check import peers_available
+    """The peers this config's views allow (`bootdiff.config.peer_views.peers_available`)."""
+    from bootdiff.config.peer_views import peers_available
 
     return peers_available(cfg)

@@ -96,7 +96,7 @@ def ambient_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1):
     gives a view's: the full-res baseline's network (``full_res.net``, ``full_res.train``) on the
     σ-gated mix of the full-res images, the lifted low-res view and the patch view's crops."""
     from bootdiff import experiment
-    from bootdiff.config.check import pick_view
+    from bootdiff.config.peer_views import pick_view
     from bootdiff.views import make_view
 
     acfg = cfg.peers.ambient

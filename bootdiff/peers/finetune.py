@@ -58,7 +58,7 @@ def finetune_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1, l
     training (``full_res.net``, ``full_res.train``) on `finetune_data`."""
     from bootdiff import experiment
     from bootdiff.losses import EDMLoss
-    from bootdiff.config.check import pick_view
+    from bootdiff.config.peer_views import pick_view
     from bootdiff.views import make_view
 
     fcfg = cfg.peers.finetune

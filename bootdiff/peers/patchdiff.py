@@ -128,7 +128,7 @@ def build_patchdiff_denoiser(cfg, manifest: dict) -> CoordPrecond:
 def patchdiff_training(cfg, manifest: dict, rank: int = 0, world_size: int = 1):
     """(model, loss_fn, data) of the Patch Diffusion peer, as `bootdiff.experiment.view_training`
     gives a view's."""
-    from bootdiff.config.check import pick_view
+    from bootdiff.config.peer_views import pick_view
 
     p = cfg.peers.patchdiff
     kind_shares(p)
