@@ -22,12 +22,10 @@ from bootdiff.run.layout import RunLayout
 torch.set_num_threads(1)
 
 
-def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path, capsys):
-    """`benchmarks/variants.py`: each variant's overrides applied, the view models it changes
-    trained again on the same partial pool (here a position-aware patch view), the combined
-    denoiser scored and each residual setting's selection run trained again on the same carve-out
-    (here also the σ-gated low-res rows of stage 2), at the benchmark's budgets and patience;
-    "before" is the benchmark's own run; a re-run reads the finished runs instead of training them."""
+def _finished_bench(bench, tmp_path) -> str:
+    """A finished benchmark folder of N = 8 made from the `bench` fixture: untrained view models
+    stand in for stage 1's, and rows stand in for the benchmark's residual selection runs and its
+    rivals' (baseline, Ambient peer)."""
     cfg, out0, plan, manifests = bench
     cfg = copy.deepcopy(cfg)
     out = str(tmp_path / "bench")
@@ -53,6 +51,16 @@ def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path,
     for label, g in (("baseline", 0.95), ("ambient", 0.85)):  # the rivals' selection runs
         row = {"curve": [{"kimg": 0.016, "test_G": g}], "test_G": g, "kimg": 0.016}
         util.atomic_write_bytes(os.path.join(out, "results", f"N8__select-{label}.json"), json.dumps(row).encode())
+    return out
+
+
+def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path, capsys):
+    """`benchmarks/variants.py`: each variant's overrides applied, the view models it changes
+    trained again on the same partial pool (here a position-aware patch view), the combined
+    denoiser scored and each residual setting's selection run trained again on the same carve-out
+    (here also the σ-gated low-res rows of stage 2), at the benchmark's budgets and patience;
+    "before" is the benchmark's own run; a re-run reads the finished runs instead of training them."""
+    out = _finished_bench(bench, tmp_path)
     args = ["--bench", out, "--ns", "8",
             "--variant", "low", "residual.low_ratio=1", "residual.sigma_tn=0.5", "residual.train.checkpoint_every_kimg=0.016",
             "--variant", "coords", "views.patch.coords=true",
@@ -89,3 +97,38 @@ def test_variants_rerun_views_and_selection_runs_with_overrides(bench, tmp_path,
     again = json.loads(capsys.readouterr().out)["ns"]["8"]
     assert again["low"]["settings"] == res["low"]["settings"] and again["coords"]["settings"] == res["coords"]["settings"]
     assert again["aug"]["rivals"] == res["aug"]["rivals"]
+
+
+def test_ensemble_weights_chosen_on_validation_and_the_rival_trained_at_another_seed(bench, tmp_path, capsys):
+    """`benchmarks/ensemble.py`: the Ambient peer's selection run at another seed and each peer
+    network on all N trained to its selection run's validation minimum; each ensemble's weight the
+    one of lowest validation G; every model and both ensembles scored on the test split; a re-run
+    trains nothing."""
+    from benchmarks.ensemble import choose_weight, main as ensemble_main
+    from bootdiff.efficiency.run import run_job
+
+    out = _finished_bench(bench, tmp_path)
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    sel = plan["config"]  # the benchmark's config
+    from bootdiff.efficiency.data import dataset_cfg
+
+    job = {"id": "N8/select-ambient", "kind": "ambient", "data": "N8-select", "stage": 0, "N": 8, "quick": True,
+           "cfg_yaml": to_yaml(dataset_cfg(from_yaml(sel, ExperimentConfig), out, "N8-select"))}
+    row = run_job(job, plan["budgets"], out, 0)  # the benchmark's own selection run of the peer, for real
+    util.atomic_write_bytes(os.path.join(out, "results", "N8__select-ambient.json"), json.dumps(row).encode())
+    capsys.readouterr()
+    args = ["--bench", out, "--n", "8", "--weights", "0.25", "0.5", "--num-samples", "4", "--workers", "1"]
+    assert ensemble_main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["test"]) == {"combined", "ambient-s0", "ambient-s1", "combined+peer", "peer+peer"}
+    for name, grid in res["validation_grid"].items():
+        assert set(grid) == {"0.25", "0.5"} and res["chosen_weight_of_first"][name] == choose_weight(
+            {float(w): g for w, g in grid.items()})
+    for r in res["test"].values():
+        assert math.isfinite(r["test_G"]) and math.isfinite(r["swd"])
+    assert res["validation_G"]["ambient-s0"] != res["validation_G"]["ambient-s1"]  # another network
+    assert 0 < res["kimg"]["ambient-s1"] <= 0.032
+    names = sorted(os.listdir(os.path.join(out, "ensemble")))
+    assert "N8__ambient-s0-best.json" in names and "N8__select-ambient-s1.json" in names
+    assert ensemble_main(args) == 0 and json.loads(capsys.readouterr().out)["test"] == res["test"]  # read back
+    assert choose_weight({0.25: 0.5, 0.5: 0.4, 0.75: 0.4}) == 0.75 and choose_weight({0.25: 0.3, 0.5: 0.4}) == 0.25

@@ -264,21 +264,29 @@ def load_model(job: dict, cfg, manifest: dict, checkpoint: Optional[str]):
 
 
 def evaluate_job(job: dict, b: dict, checkpoint: Optional[str], num_samples: int) -> dict:
-    """Scores of a finished model: test and train G (the manifest's fixed σ_data), and — except
-    for selection runs — SWD to the test split (total and per pyramid level), memorisation rate and
-    nearest-neighbour distance to its own training set, FD when ``eval.features`` is set."""
+    """Scores of a finished job's model (`load_model`), by `score_model`; a selection run
+    (``quick``) gets G only."""
+    cfg = job_cfg(job, b)
+    manifest = experiment.read_manifest(cfg)
+    D = load_model(job, cfg, manifest, checkpoint).to(util.compute_device())
+    return score_model(cfg, manifest, D, num_samples, quick=bool(job.get("quick")))
+
+
+def score_model(cfg, manifest: dict, D, num_samples: int, quick: bool = False) -> dict:
+    """Scores of denoiser ``D``: test and train G (the manifest's fixed σ_data), and — unless
+    ``quick`` — SWD to the test split (total and per pyramid level), memorisation rate and
+    nearest-neighbour distance to its own training set of ``num_samples`` samples, the classifier's
+    FD and confident share (labelled sources), FD when ``eval.features`` is set."""
     from bootdiff.evaluation.evaluate import sample_images
     from bootdiff.evaluation.scores import generalization
     from bootdiff.evaluation.metrics import memorization_rate, nearest_neighbour_distance, sliced_wasserstein_levels
 
-    cfg = job_cfg(job, b)
-    manifest = experiment.read_manifest(cfg)
-    D = load_model(job, cfg, manifest, checkpoint).to(util.compute_device())
     out = {"test_G": generalization(cfg, manifest, D, "test")["total"],
            "train_G": generalization(cfg, manifest, D, "full")["total"],
            "g_sigma_data": experiment.g_sigma_data(manifest)}
-    if job.get("quick"):
+    if quick:
         return out
+    cfg = copy.deepcopy(cfg)
     cfg.eval.num_images = num_samples
     samples = sample_images(cfg, D, experiment.full_shape(manifest), cfg.eval.seed)
     test_x = experiment.load_all(cfg, manifest, "test", cfg.eval.max_samples)
