@@ -34,6 +34,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """``sys.stdout``, and file descriptor 1 (which spawned training processes inherit), pointed at
+    standard error while training, so that the training logs stay out of the JSON on standard output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def kimg_at_best(row: dict) -> float:
     """The kimg of a selection run's lowest validation G (its curve's "test" G on the carve-out)."""
     curve = [p for p in row.get("curve") or [] if p.get("test_G") is not None]
@@ -92,7 +108,7 @@ def main(argv=None) -> int:
                 rows[j["id"]] = json.loads(util.read_bytes(url))
             else:
                 todo.append(j)
-        with contextlib.redirect_stdout(sys.stderr):  # the training log: stdout is the JSON
+        with stdout_to_stderr():  # the training log: stdout is the JSON
             for j, row in process_runner(args.workers)(todo, b, util.join(bench, "ensemble"), args.num_samples):
                 util.atomic_write_bytes(util.join(bench, "ensemble", model_file(j["id"])),
                                         json.dumps(row, default=float).encode())
