@@ -184,8 +184,12 @@ def main_budget(job: dict, results: Dict[str, dict]) -> Optional[float]:
 
 def job_cfg(job: dict, b: dict):
     """The config a job trains with: the budgets ``b`` (the oracle's and the peers' own), patience
-    on selection runs (their "test" split is the validation carve-out), and a model's
-    ``budget_kimg`` (`main_budget`) when its selection run set one."""
+    on selection runs (their "test" split is the validation carve-out) but the oracle's, and a
+    model's ``budget_kimg`` (`main_budget`) when its selection run set one. The oracle, the
+    reference every row is measured against, trains to its cap (at least every row's compute) and
+    is taken at its validation minimum: patience can end a run that still improves slowly, and a
+    row must never beat the reference because the reference stopped early (on 12-06 patience 3
+    stopped it at 33 of 149 kimg on a plateau, and the Ambient peer then beat it on test)."""
     from bootdiff.config import ExperimentConfig, from_yaml
 
     cfg = from_yaml(job["cfg_yaml"], ExperimentConfig)
@@ -206,7 +210,7 @@ def job_cfg(job: dict, b: dict):
 
         fix_finetune_schedule(cfg)
     tcfg = cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train
-    tcfg.patience = int(b.get("patience", 0)) if job.get("quick") else 0
+    tcfg.patience = int(b.get("patience", 0)) if job.get("quick") and job["id"] != "select-oracle" else 0
     if job.get("budget_kimg") is not None:
         tcfg.total_kimg = float(job["budget_kimg"])
     return cfg

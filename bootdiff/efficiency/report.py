@@ -85,7 +85,7 @@ def early_stopped(results: Dict[str, dict], n: Optional[int], model: str = "boot
     or the selected residual's ``select-<label>``), and the model's own checkpoint nearest to it —
     ``{"kimg", "test_G", "train_G", "val_kimg", "val_G", "still_improving"}`` — or None without
     both curves. ``still_improving``: the selection run reached its cap with its best G at its last
-    checkpoint (only said when it ran with patience)."""
+    checkpoint (only said when it ran with patience, or for the oracle, which trains to its cap)."""
     prefix = "" if n is None else f"N{n}/"
     own_row = results.get(f"{prefix}{model}") or {}
     label = model if model != "bootstrap" else (own_row.get("trial") or {}).get("label")
@@ -98,7 +98,7 @@ def early_stopped(results: Dict[str, dict], n: Optional[int], model: str = "boot
     point = min(own, key=lambda p: abs(p["kimg"] - best["kimg"]))
     out = {"kimg": point["kimg"], "test_G": point["test_G"], "train_G": point.get("train_G"),
            "val_kimg": best["kimg"], "val_G": best["test_G"]}
-    if "stopped_early" in sel and sel.get("patience"):  # capped while its last checkpoint was its best
+    if "stopped_early" in sel and (sel.get("patience") or model == "oracle"):  # capped while its last checkpoint was its best
         out["still_improving"] = not sel["stopped_early"] and best is val[-1]
     return out
 
