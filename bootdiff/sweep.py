@@ -23,7 +23,7 @@ from bootdiff.config import ResidualConfig
 from bootdiff.config.choices import PEER_NAMES
 from bootdiff.config.grid import apply_setting, fix_finetune_schedule, setting_label, settings
 
-KINDS = ("residual", "combined", "full_res", *PEER_NAMES)
+KINDS = ("residual", "combined", "full_res", *PEER_NAMES, "ensemble")
 
 
 def num(v) -> float:
@@ -186,10 +186,11 @@ def select_best(trials, best_trial_id=None, baselines: bool = False):
 
 def recommend(trials) -> Optional[dict]:
     """The model the sweep recommends: of every trial with a model (a checkpoint, or the combined
-    denoiser, which needs none) the one with the lowest finite validation G — the bootstrapped
-    residual trials, the combined denoiser, the full-res baseline and the peers alike, each at its
-    own validation minimum (`chosen_report`); the earliest of equals. None when no trial has a
+    denoiser and the ensemble, which need none of their own) the one with the lowest finite
+    validation G — the bootstrapped residual trials, the combined denoiser, the full-res baseline,
+    the peers and the ensemble (`bootdiff.ensemble`) alike, each at its own validation minimum
+    (`chosen_report`); the earliest of equals. None when no trial has a
     finite validation G. The test split never enters the choice."""
-    scored = [t for t in trials if (t.get("checkpoint") or t["kind"] == "combined")
+    scored = [t for t in trials if (t.get("checkpoint") or t["kind"] in ("combined", "ensemble"))
               and math.isfinite(num(t.get("val_G")))]
     return min(scored, key=lambda t: num(t["val_G"])) if scored else None

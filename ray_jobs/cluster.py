@@ -30,6 +30,15 @@ def worker_cpus(cfg) -> float:
     return max(cfg.sweep.trial_cpus - TRIAL_TOKEN_CPU, TRIAL_TOKEN_CPU)
 
 
+def trial_task_options(cfg, **extra) -> dict:
+    """``ray.remote`` options of a task that works like a sweep trial (evaluation, teacher
+    samples, the ensemble's weight): ``sweep.trial_cpus``, ``trial_gpus`` and ``trial_resources``."""
+    opts = {"num_cpus": cfg.sweep.trial_cpus, "num_gpus": cfg.sweep.trial_gpus, **extra}
+    if cfg.sweep.trial_resources:
+        opts["resources"] = dict(cfg.sweep.trial_resources)
+    return opts
+
+
 # (config key of the run's placement, per-worker bundle, label selector, workers)
 Demand = Tuple[str, Dict[str, float], Dict[str, str], int]
 

@@ -43,10 +43,7 @@ def generate_teacher_samples(cfg, cfg_yaml: str) -> dict:
     ray = entry.init_ray(cfg)
     plan = distill.teacher_shard_plan(cfg)
     ntasks = max(1, min(len(plan), int(ray.cluster_resources().get("CPU", 1) // max(cfg.sweep.trial_cpus, 1))))
-    opts = {"num_cpus": cfg.sweep.trial_cpus, "num_gpus": cfg.sweep.trial_gpus, "max_retries": 2}
-    if cfg.sweep.trial_resources:
-        opts["resources"] = dict(cfg.sweep.trial_resources)
-    task = ray.remote(**opts)(sample_shards)
+    task = ray.remote(**cluster.trial_task_options(cfg, max_retries=2))(sample_shards)
     refs = [task.remote(cfg_yaml, plan[k::ntasks]) for k in range(ntasks)]
     print(f"[bootdiff] distill: {cfg.distill.num_teacher_samples} teacher samples in {len(plan)} shard(s), "
           f"{ntasks} task(s)", flush=True)

@@ -17,6 +17,7 @@ from bootdiff.distill.student import student_entry
 from bootdiff.evaluation.evaluate import evaluate
 from bootdiff.run.layout import RunLayout
 from ray_jobs import common, entry
+from ray_jobs.cluster import trial_task_options
 from ray_jobs.sweep_residual import sweep_done
 
 
@@ -27,10 +28,7 @@ def report_done(cfg) -> bool:
 def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
     """Evaluate as one Ray task (resources as a sweep trial's), and return the report's URLs."""
     ray = entry.init_ray(cfg)
-    opts = {"num_cpus": cfg.sweep.trial_cpus, "num_gpus": cfg.sweep.trial_gpus}
-    if cfg.sweep.trial_resources:
-        opts["resources"] = dict(cfg.sweep.trial_resources)
-    urls = ray.get(ray.remote(**opts)(evaluate).remote(cfg, cfg_yaml, outcome, student_entry))
+    urls = ray.get(ray.remote(**trial_task_options(cfg))(evaluate).remote(cfg, cfg_yaml, outcome, student_entry))
     for line in urls.get("verdict") or []:  # the report's answer: did the partial data help?
         print(f"[bootdiff] {line}", flush=True)
     print(f"[bootdiff] report: {urls.get('html')}", flush=True)

@@ -12,8 +12,11 @@ split is reported, never used to choose. The baselines run in the same sweep: th
 denoiser alone (no residual; evaluated, not trained), a full-resolution model trained on the
 scarce set alone, and the peer methods of ``sweep.peers`` (`bootdiff.peers`, full-res networks
 trained on the same data their own way, through the same Train worker as the full-res baseline).
-``sweep.json`` names the best residual trial (``best``) and the model the sweep recommends
-(``recommended``: the lowest validation G of all, `bootdiff.sweep.recommend`).
+When the sweep has a peer, the best bootstrapped trial averaged with the best peer
+(`bootdiff.ensemble`, ``sweep.ensemble``: its weight chosen on validation G) is one more row,
+scored in a Ray task after the trials. ``sweep.json`` names the best residual trial (``best``)
+and the model the sweep recommends (``recommended``: the lowest validation G of all, the
+ensemble included, `bootdiff.sweep.recommend`).
 An interrupted sweep (Ctrl-C / SIGTERM: Tune saves its state, `trial_rows` finds the trials
 it left unfinished) writes no ``sweep.json``; run again, it is restored with ``Tuner.restore``
 and only unfinished trials run (`RestoreSafeASHA`: none is stopped on rungs the restore emptied),
@@ -28,11 +31,13 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from bootdiff import experiment, util
+from bootdiff.ensemble import ensemble_trial, partner
 from bootdiff.errors import deterministic
 from bootdiff.evaluation.scores import generalization_pair, validation_G
 from bootdiff.run.layout import TUNE_NAME, RunLayout
@@ -42,7 +47,7 @@ from bootdiff.sweep import (chosen_report, recommend, select_best, trial_config,
                             trial_row)
 from bootdiff.run.tb import trial_hparams
 from ray_jobs import cluster, common, entry
-from ray_jobs.cluster import TRIAL_TOKEN_CPU, worker_cpus
+from ray_jobs.cluster import TRIAL_TOKEN_CPU, trial_task_options, worker_cpus
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
 
 def residual_worker(config: dict) -> None:
@@ -229,6 +234,28 @@ def sweep_done(cfg) -> bool:
     return util.exists(RunLayout.of(cfg).sweep_json)
 
 
+def _ensemble(cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
+    cfg = common.cfg_from_yaml(cfg_yaml)
+    return ensemble_trial(cfg, experiment.read_manifest(cfg), rows, best_id)
+
+
+def ensemble_row(cfg, cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
+    """The ensemble of the best bootstrapped trial and the best peer (`bootdiff.ensemble.ensemble_trial`:
+    its weight chosen on validation G), scored in one Ray task with a sweep trial's resources; None
+    when there is none to make (no peer, no bootstrapped trial, ``sweep.ensemble=[]``)."""
+    import ray
+
+    if not cfg.sweep.ensemble or partner(rows) is None or best_id is None:
+        return None
+    row = ray.get(ray.remote(**trial_task_options(cfg, max_retries=2))(_ensemble).remote(cfg_yaml, rows, best_id))
+    if row is not None:
+        tried = ", ".join(f"{w} → {g:.4f}" for w, g in row["val_G_by_weight"].items())
+        print(f"[bootdiff] ensemble: {row['weights'][0]:g} × {row['members'][0]} + {row['weights'][1]:g} × "
+              f"{row['members'][1]}, the weight of the lowest validation G (tried: {tried}); validation G "
+              f"{row['val_G']:.4f}, test G {row['test_G']:.4f}", flush=True)
+    return row
+
+
 def run(cfg, cfg_yaml: str) -> dict:
     """Run (or restore and finish) the sweep; write and return ``sweep.json``."""
     ray = entry.init_ray(cfg)
@@ -291,7 +318,11 @@ def run(cfg, cfg_yaml: str) -> dict:
     errors = [r for r in rows if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))
-    best, rec = select_best(rows), recommend(rows)
+    best = select_best(rows)
+    ens = ensemble_row(cfg, cfg_yaml, rows, best["trial_id"] if best else None)
+    if ens is not None:
+        rows.append(ens)
+    rec = recommend(rows)
     outcome = {"trials": rows, "best": best["trial_id"] if best else None,
                "recommended": rec["trial_id"] if rec else None, "tune_path": tune_path}
     common.write_json(out, outcome)

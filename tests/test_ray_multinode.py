@@ -171,6 +171,11 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     sweep = json.load(open(os.path.join(root, "sweep", "sweep.json")))
     kinds = [t["kind"] for t in sweep["trials"]]
     assert kinds.count("residual") == 2 and "combined" in kinds and "full_res" in kinds and "ambient" in kinds
+    # the best bootstrapped trial averaged with the peer, its weight the lowest validation G of sweep.ensemble's
+    ens = next(t for t in sweep["trials"] if t["kind"] == "ensemble")
+    assert ens["members"] == [sweep["best"], "ambient"] and ens["checkpoint"] is None
+    assert ens["val_G"] == min(ens["val_G_by_weight"].values()) and len(ens["val_G_by_weight"]) == 3
+    assert f"[bootdiff] ensemble: {ens['weights'][0]:g} × {sweep['best']} + {ens['weights'][1]:g} × ambient" in out
     assert {(t["mu_var"], t["mu_l1"]) for t in sweep["trials"] if t["kind"] == "residual"} == {(0.0, 0.0), (1.0, 0.0)}
     best = next(t for t in sweep["trials"] if t["trial_id"] == sweep["best"])
     assert best["kind"] == "residual" and best["test_G"] > 0
@@ -180,7 +185,7 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     assert best["val_G"] == min(t["val_G"] for t in chosen)
     # the recommended model: the lowest validation G of every model, the peer and the baselines included
     rec = next(t for t in sweep["trials"] if t["trial_id"] == sweep["recommended"])
-    assert rec["val_G"] == min(t["val_G"] for t in sweep["trials"] if t["checkpoint"] or t["kind"] == "combined")
+    assert rec["val_G"] == min(t["val_G"] for t in sweep["trials"] if t["checkpoint"] or t["kind"] in ("combined", "ensemble"))
 
     # The report: HTML with embedded plots, Markdown twin, CSV of all trials.
     rep = os.path.join(root, "sweep", "report")
@@ -189,7 +194,7 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     assert sweep["best"] in open(os.path.join(rep, "report.md")).read()
     assert len(open(os.path.join(rep, "trials.csv")).read().strip().splitlines()) == 1 + len(sweep["trials"])
     summary = json.load(open(os.path.join(rep, "summary.json")))
-    assert {"bootstrapped", "combined", "full_res", "ambient", "patch only", "low only"} <= set(summary["quality"])
+    assert {"bootstrapped", "combined", "full_res", "ambient", "ensemble", "patch only", "low only"} <= set(summary["quality"])
     assert summary["recommended"]["trial_id"] == rec["trial_id"] and "Recommended model: " + rec["trial_id"] in html
     assert "Ambient Omni" in html  # the peer's row in Figure 1's table
 
@@ -200,7 +205,7 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
 
     tb = read_runs(os.path.join(root, "tb"))
     assert set(tb) == {"view-patch", "view-low", "distill"} | {f"trial-{t['trial_id']}" for t in sweep["trials"]
-                                                    if t["kind"] != "combined"}, sorted(tb)
+                                                    if t["kind"] not in ("combined", "ensemble")}, sorted(tb)
     for name, tags in tb.items():
         assert {"loss", "lr", "grad_norm_max", "img_per_s", "kimg"} <= set(tags), (name, sorted(tags))
         assert name.startswith("view-") or {"val_G", "test_G", "train_G"} <= set(tags), (name, sorted(tags))
@@ -213,7 +218,7 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     # ASHA stops may log a checkpoint or two more to TensorBoard while the stop reaches its worker
     # (seen on a loaded machine); Tune never receives them, so the curve counts to its last result.
     for t in sweep["trials"]:
-        if t["kind"] == "combined":
+        if t["kind"] in ("combined", "ensemble"):  # trained nothing of their own
             continue
         curve = tb[f"trial-{t['trial_id']}"]["val_G"]
         seen = [i for i, k in enumerate(curve["kimg"]) if k <= t["kimg"] + 1e-6]

@@ -71,6 +71,9 @@ def test_recommended_model_is_the_lowest_validation_G_of_every_kind():
     assert recommend([res, full, lost, comb]) is comb and recommend([res, full]) is full
     assert select_best([res, full, amb, comb]) is res  # the best bootstrapped trial stays the residual's
     assert recommend([lost, dict(res, val_G=float("nan"))]) is None
+    ens = {"trial_id": "ensemble", "kind": "ensemble", "val_G": 0.25, "test_G": 0.9, "checkpoint": None}
+    assert recommend([res, full, amb, comb, ens]) is ens  # bootdiff.ensemble: no checkpoint of its own, needs none
+    assert select_best([res, amb, ens]) is res
 
 
 def test_trial_rows_status_and_best():

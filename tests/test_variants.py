@@ -104,7 +104,8 @@ def test_ensemble_weights_chosen_on_validation_and_the_rival_trained_at_another_
     network on all N trained to its selection run's validation minimum; each ensemble's weight the
     one of lowest validation G; every model and both ensembles scored on the test split; a re-run
     trains nothing."""
-    from benchmarks.ensemble import choose_weight, main as ensemble_main
+    from benchmarks.ensemble import main as ensemble_main
+    from bootdiff.ensemble import choose_weight
     from bootdiff.efficiency.run import run_job
 
     out = _finished_bench(bench, tmp_path)

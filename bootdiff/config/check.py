@@ -262,6 +262,8 @@ def _check_sweep(p: _Problems, cfg: ExperimentConfig) -> None:
     p.at_least("sweep.max_concurrent", s.max_concurrent, 0, "must be >= 0 (0: as resources allow)")
     for k, v in s.trial_resources.items():
         p.at_least(f"sweep.trial_resources.{k}", v, 0)
+    if any(not 0 < float(w) < 1 for w in s.ensemble):
+        p.bad("sweep.ensemble", list(s.ensemble), "each weight of the bootstrapped model must be in (0, 1)")
     settings = {(str(a), str(b), bool(c)) for a in s.mu_var for b in s.mu_l1 for c in s.range_adapter}
     if len(settings) > 1 and int(cfg.data.num_val) < 1:
         p.bad("data.num_val", cfg.data.num_val, f"the sweep chooses among {len(settings)} residual settings on a "

@@ -235,6 +235,10 @@ class SweepConfig:
     # patchdiff), each at every setting of its ``peers.<name>.grid``, with ``full_res``'s net and
     # training (its patience too); the sweep recommends the model with the lowest validation G
     peers: List[str] = field(default_factory=list)
+    # the bootstrapped model averaged with the best peer (`bootdiff.ensemble`): the weights of the
+    # bootstrapped model tried, the one of lowest validation G kept; the ensemble is one more
+    # candidate for the recommendation. [] for none; without a peer or a validation split there is none.
+    ensemble: List[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 
 @dataclass

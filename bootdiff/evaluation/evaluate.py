@@ -87,6 +87,12 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
         if isinstance(models[r["trial_id"]], EDMPrecond):  # patchdiff's coordinate network has no diffusers twin
             save_view_model(models[r["trial_id"]], layout.model(r["trial_id"]), cfg.full_res,
                             extra={"shape": list(shape), "peer": r["kind"], "setting": r.get("setting")})
+    ens = next((r for r in outcome["trials"] if r["kind"] == "ensemble"), None)
+    if ens is not None:  # the best bootstrapped trial and the best peer, averaged (bootdiff.ensemble)
+        from bootdiff.ensemble import load_ensemble
+
+        members = {**models, outcome.get("best"): models.get("bootstrapped")}  # by trial id
+        models["ensemble"] = load_ensemble(cfg, manifest, ens, {k: v for k, v in members.items() if v is not None})
     distilled, step_cost = student(cfg, models, shape) if student is not None else (None, None)
     if distilled is not None:
         models["student"] = distilled
@@ -128,7 +134,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     trials = []
     for r in outcome["trials"]:
         row = dict(r)
-        key = {"combined": "combined", "full_res": "full_res"}.get(r["kind"])
+        key = {"combined": "combined", "full_res": "full_res", "ensemble": "ensemble"}.get(r["kind"])
         key = key or ("bootstrapped" if r["trial_id"] == outcome.get("best") else r["trial_id"])
         if key in quality:
             row.update({k: v for k, v in quality[key].items() if k in ROW_METRICS})
@@ -178,7 +184,7 @@ def recommended_model(outcome: dict) -> Optional[dict]:
     row = next((r for r in outcome["trials"] if r["trial_id"] == rid), None)
     if row is None:
         return None
-    name = {"combined": "combined", "full_res": "full_res"}.get(row["kind"]) or \
+    name = {"combined": "combined", "full_res": "full_res", "ensemble": "ensemble"}.get(row["kind"]) or \
         ("bootstrapped" if rid == outcome.get("best") else rid)
     return {"trial_id": rid, "kind": row["kind"], "val_G": num(row.get("val_G")), "test_G": num(row.get("test_G")),
             "chosen_kimg": num(row.get("chosen_kimg")), "samples": name}
@@ -267,7 +273,8 @@ def model_roles(cfg, manifest: dict, samples: dict) -> dict:
     roles = {"combined": "the view models fused, no full-res training",
              "bootstrapped": f"the view models + a residual on the {n} full-res samples",
              "full_res": f"the {n} full-res samples alone",
-             "student": "one network distilled from the bootstrapped model"}
+             "student": "one network distilled from the bootstrapped model",
+             "ensemble": "the bootstrapped model and the best peer, averaged (weight chosen on validation G)"}
     for name in samples:
         kind = str(name).split("-")[0]
         if kind in ("ambient", "finetune", "patchdiff") and name not in roles:

@@ -44,8 +44,12 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         if len(v) <= 6 and all(isinstance(e, (int, float, np.number)) for e in v):
             return "×".join(_fmt(e) for e in v)
+        if 0 < len(v) <= 3 and all(isinstance(e, str) for e in v):
+            return ", ".join(v)
         return f"[{len(v)} item{'s' if len(v) != 1 else ''}]"
     if isinstance(v, dict):
+        if 0 < len(v) <= 6 and all(isinstance(e, (int, float, np.number)) for e in v.values()):
+            return "; ".join(f"{k}: {_fmt(e)}" for k, e in v.items())
         return f"{{{len(v)} keys}}"
     return str(v)
 
@@ -394,7 +398,7 @@ def training_figures(trials, training, best=None) -> list:
                "train": xy(f"trial-{t['trial_id']}", "train_G"),
                "stopped": str(t.get("status", "")).lower() in ("stopped_early", "stopped"), "best": t is best,
                "note": " (full-res baseline)" if t["kind"] == "full_res" else ""}
-              for t in trials if t["kind"] != "combined"]
+              for t in trials if t["kind"] not in ("combined", "ensemble")]  # no training curve of their own
     refs = {str(t["trial_id"]): (t["test_G"], t["train_G"]) for t in trials if t["kind"] == "combined"}
     png = plot_training_G(series, refs)
     if png:

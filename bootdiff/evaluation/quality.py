@@ -22,7 +22,7 @@ def _change(g, ref) -> str:
     return f"{abs(g - ref) / ref * 100:.1f}% {'lower' if g < ref else 'higher'}"
 
 
-MODEL_LABEL = {"bootstrapped": "bootstrapped", "combined": "combined", "full_res": "full-res only",
+MODEL_LABEL = {"bootstrapped": "bootstrapped", "combined": "combined", "full_res": "full-res only", "ensemble": "ensemble",
                "ambient": "Ambient Omni", "finetune": "pre-train + fine-tune", "patchdiff": "Patch Diffusion"}
 
 
@@ -137,4 +137,10 @@ def budget_lines(budget, trials) -> list:
                      f"({_fmt(b['full_res'])} kimg){' and patience' if pat else ''} on the same full-res samples "
                      "and partial views: " + ", ".join(f"{k} trained {_fmt(v)} kimg"
                                                        for k, v in b["peers"].items() if v is not None) + ".")
+    ens = next((t for t in trials if t["kind"] == "ensemble"), None)
+    if ens is not None:  # bootdiff.ensemble: no training of its own, both members' compute
+        peer = (b.get("peers") or {}).get(ens["members"][1])
+        lines.append(f"The ensemble trains nothing of its own: it stands on both of its members, the bootstrapped "
+                     f"model's {_fmt(boot)} kimg and {ens['members'][1]}'s"
+                     + (f" {_fmt(peer)} kimg" if peer is not None else "") + ", and samples at the cost of both.")
     return lines

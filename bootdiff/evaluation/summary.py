@@ -19,15 +19,20 @@ from bootdiff.sweep import num as _num
 
 KIND_LABEL = {"residual": "bootstrapped (residual)", "combined": "combined denoiser (baseline)",
               "full_res": "full-res only (baseline)", "ambient": "Ambient Omni peer (baseline)",
-              "finetune": "pre-train + fine-tune peer (baseline)", "patchdiff": "Patch Diffusion peer (baseline)"}
+              "finetune": "pre-train + fine-tune peer (baseline)", "patchdiff": "Patch Diffusion peer (baseline)",
+              "ensemble": "ensemble of the bootstrapped model and a peer"}
 
 
 # each kind by name, in a sentence (the verdict's)
 KIND_NAME = {"residual": "bootstrapped model", "combined": "combined denoiser", "ambient": "Ambient Omni peer",
-             "finetune": "pre-train + fine-tune peer", "patchdiff": "Patch Diffusion peer"}
+             "finetune": "pre-train + fine-tune peer", "patchdiff": "Patch Diffusion peer",
+             "ensemble": "ensemble of the bootstrapped model and a peer"}
 
 
 def _settings(t) -> str:
+    if t["kind"] == "ensemble":
+        (a, b), (wa, wb) = t["members"], t["weights"]
+        return f"{KIND_LABEL['ensemble']}: {_fmt(wa)} × {a} + {_fmt(wb)} × {b}"
     if t["kind"] != "residual":
         setting = t.get("setting") or {}
         return KIND_LABEL[t["kind"]] + ("" if not setting else
@@ -141,7 +146,7 @@ def verdict(budget, trials, best=None, rec=None) -> tuple:
     n = budget["n_full"]
     fr = next((t for t in trials if t["kind"] == "full_res" and math.isfinite(_num(t["test_G"]))), None)
     cands = [t for t in trials if t["kind"] != "full_res" and math.isfinite(_num(t.get("val_G")))
-             and math.isfinite(_num(t["test_G"])) and (t.get("checkpoint") or t["kind"] == "combined")]
+             and math.isfinite(_num(t["test_G"])) and (t.get("checkpoint") or t["kind"] in ("combined", "ensemble"))]
     pd = rec if rec is not None and rec["kind"] != "full_res" and rec in cands else \
         min(cands, key=lambda t: _num(t["val_G"]), default=None)
     if fr is None or pd is None:
