@@ -56,11 +56,6 @@ def kimg_at_best(row: dict) -> float:
     return min(curve, key=lambda p: p["test_G"])["kimg"] if curve else row["kimg"]
 
 
-def choose_weight(val_G: dict) -> float:
-    """The weight of the lowest validation G (``{w: G}``); the larger w on a tie."""
-    return min(sorted(val_G, reverse=True), key=lambda w: val_G[w])
-
-
 def main(argv=None) -> int:
     import torch
 
@@ -69,7 +64,7 @@ def main(argv=None) -> int:
     from bootdiff.efficiency.data import dataset_cfg
     from bootdiff.efficiency.models import best_val_G, job_cfg, load_model, model_file, score_model
     from bootdiff.efficiency.run import process_runner
-    from bootdiff.ensemble import EnsembleDenoiser
+    from bootdiff.ensemble import EnsembleDenoiser, choose_weight
     from bootdiff.evaluation.scores import generalization
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
