@@ -100,12 +100,13 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     for name, D in models.items():
         print(f"[bootdiff] evaluating {name} ...", flush=True)
         D.to(device)
-        memo = memoized(D, layout.eval_cache) if name == "combined" else memoize_combined(D, layout.eval_cache)
+        boot = D.members[0] if name == "ensemble" else D  # the ensemble's bootstrapped member holds D_comb
+        memo = memoized(D, layout.eval_cache) if name == "combined" else memoize_combined(boot, layout.eval_cache)
         test, train = generalization_pair(cfg, manifest, memo if name == "combined" else D)
         if memo is not None:  # outputs the sweep computed for the same weights are reused
             memo.save()
             if name != "combined":
-                D.combined = memo.denoiser
+                boot.combined = memo.denoiser
         curves[name] = {"sigma": test["sigma"], "test_mean": test["mean"], "train_mean": train["mean"],
                         "test_quantile": test["quantile"]}
         samples[name] = sample_images(cfg, D, shape, cfg.eval.seed)
