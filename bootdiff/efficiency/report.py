@@ -177,9 +177,10 @@ def markdown(summary: dict) -> str:
     b = summary["budgets"]
     peers_txt = "".join(f"; {p} {b[p + '_kimg']:g} kimg (the bootstrap's training FLOPs)" for p in PEERS if p + "_kimg" in b)
     if b.get("patience"):
-        budget_txt = (f"Every model stopped when its validation G had not improved for {b['patience']} checkpoints, "
-                      f"up to a cap: baselines {b['full_res_kimg']:g} kimg (the bootstrap's training FLOPs), residual "
-                      f"{b['residual_kimg']:g} kimg, view models {b['view_kimg']:g} kimg, oracle {b['oracle_kimg']:g} kimg")
+        budget_txt = (f"Every model but the oracle stopped when its validation G had not improved for {b['patience']} "
+                      f"checkpoints, up to a cap: baselines {b['full_res_kimg']:g} kimg (the bootstrap's training FLOPs), "
+                      f"residual {b['residual_kimg']:g} kimg, view models {b['view_kimg']:g} kimg; the oracle trained to "
+                      f"its cap, {b['oracle_kimg']:g} kimg, and is taken at its validation minimum")
     else:
         budget_txt = (f"Budgets: baseline and residual {b['full_res_kimg']:g} kimg each; view models and oracle "
                       f"{b['view_kimg']:g} kimg")

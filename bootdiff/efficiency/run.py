@@ -13,7 +13,7 @@ import torch
 from bootdiff import experiment, util
 from bootdiff.config import to_object, to_yaml
 from bootdiff.efficiency.data import dataset_cfg, prepare
-from bootdiff.efficiency.models import (budgets, evaluate_job, jobs, main_budget, model_file, peer_budgets, peers,
+from bootdiff.efficiency.models import (budgets, evaluate_job, job_cfg, jobs, main_budget, model_file, peer_budgets, peers,
                                         pick_candidate, raise_caps, select, share_view_models)
 
 DEFAULT_NS = (16, 64, 256, 1024)
@@ -34,12 +34,20 @@ def run_job(job: dict, b: dict, out: str, num_samples: int, train_fn: Optional[C
     if job["kind"] != "combined":
         trained = train_fn(job, b, out)
     row = {k: v for k, v in job.items() if k != "cfg_yaml"}
-    row.update(trained, train_wall_s=time.time() - start,
-               patience=int(b.get("patience", 0)) if job.get("quick") else 0)
+    row.update(trained, train_wall_s=time.time() - start, patience=trained_patience(job, b))
     if job["kind"] != "view":
         row.update(evaluate_job(job, b, trained["checkpoint"], num_samples))
     row["wall_s"] = time.time() - start
     return row
+
+
+def trained_patience(job: dict, b: dict) -> int:
+    """The patience a job trained with (`bootdiff.efficiency.models.job_cfg`: selection runs only,
+    the oracle's never); 0 for view models and the combined denoiser."""
+    if job["kind"] in ("view", "combined"):
+        return 0
+    cfg = job_cfg(job, b)
+    return int((cfg.residual.train if job["kind"] == "residual" else cfg.full_res.train).patience)
 
 
 def local_runner(todo: List[dict], b: dict, out: str, num_samples: int):
