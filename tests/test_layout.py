@@ -112,7 +112,7 @@ ROWS = [("bootdiff.config",), ("bootdiff.views",), ("bootdiff.data",),
         ("bootdiff.precond", "bootdiff.nets", "bootdiff.losses", "bootdiff.augment", "bootdiff.schedules", "bootdiff.train",
          "bootdiff.checkpoint", "bootdiff.stopping"),
         ("bootdiff.fusion",), ("bootdiff.residual", "bootdiff.sweep", "bootdiff.memo"), ("bootdiff.export",),
-        ("bootdiff.samplers",), ("bootdiff.experiment",), ("bootdiff.peers",), ("bootdiff.evaluation",), ("bootdiff.distill",),
+        ("bootdiff.samplers",), ("bootdiff.experiment",), ("bootdiff.peers",), ("bootdiff.evaluation", "bootdiff.ensemble"), ("bootdiff.distill",),
         ("bootdiff.efficiency",)]
 SHARED = ("bootdiff.util", "bootdiff.run", "bootdiff.errors")  # URLs and atomic writes, a run's files
 
