@@ -160,7 +160,8 @@ def verdict(budget, trials, best=None, rec=None) -> tuple:
     g, gf, kind = _num(pd["test_G"]), _num(fr["test_G"]), KIND_NAME.get(pd["kind"], pd["kind"])
     helped = g < gf
     lines = [f"At N = {n} full-res samples the partial data {'helped' if helped else 'did not help'}: "
-             f"the {kind} {pd['trial_id']}, the model trained on it with the lowest validation G, reaches "
+             f"the {kind}{'' if pd['trial_id'] == pd['kind'] else ' ' + pd['trial_id']}, the model trained on it with "
+             "the lowest validation G, reaches "
              f"{_vs(pd, fr)}. {stop}"]
     bt = best if best is not None and best["kind"] == "residual" and best is not pd else None
     if bt is not None and math.isfinite(_num(bt["test_G"])):
