@@ -50,19 +50,13 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-def kimg_at_best(row: dict) -> float:
-    """The kimg of a selection run's lowest validation G (its curve's "test" G on the carve-out)."""
-    curve = [p for p in row.get("curve") or [] if p.get("test_G") is not None]
-    return min(curve, key=lambda p: p["test_G"])["kimg"] if curve else row["kimg"]
-
-
 def main(argv=None) -> int:
     import torch
 
     from bootdiff import experiment, util
     from bootdiff.config import ExperimentConfig, from_yaml, to_yaml
     from bootdiff.efficiency.data import dataset_cfg
-    from bootdiff.efficiency.models import best_val_G, job_cfg, load_model, model_file, score_model
+    from bootdiff.efficiency.models import job_cfg, kimg_at_best, load_model, model_file, score_model
     from bootdiff.efficiency.run import process_runner
     from bootdiff.ensemble import EnsembleDenoiser, choose_weight
     from bootdiff.evaluation.scores import generalization

@@ -65,17 +65,12 @@ def _copy_tree(src: str, dst: str) -> None:
     shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
 
 
-def _kimg_at_best(row: dict):
-    curve = [p for p in row.get("curve") or [] if p.get("test_G") is not None]
-    return min(curve, key=lambda p: p["test_G"])["kimg"] if curve else row.get("kimg")
-
-
 def main(argv=None) -> int:
     from bootdiff import experiment, util
     from bootdiff.config import from_yaml, to_yaml, ExperimentConfig
     from bootdiff.efficiency.compute import residual_step_flops, view_step_flops
     from bootdiff.efficiency.data import dataset_cfg
-    from bootdiff.efficiency.models import best_val_G, model_file
+    from bootdiff.efficiency.models import best_val_G, kimg_at_best, model_file
     from bootdiff.efficiency.run import run_job
     from bootdiff.run.layout import RunLayout
     from bootdiff.sweep import trial_list
@@ -122,7 +117,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{url}: the benchmark's selection run of N={n}, {t['label']}, has not finished")
             row = json.loads(util.read_bytes(url))
             labels[t["label"]] = row["trial"]
-            before[t["label"]] = {"val_G": best_val_G(row), "kimg_at_best": _kimg_at_best(row)}
+            before[t["label"]] = {"val_G": best_val_G(row), "kimg_at_best": kimg_at_best(row)}
         comb = run({"id": f"N{n}/variant-before/combined", "kind": "combined", "data": f"N{n}-select", "N": n,
                     "quick": True, "cfg_yaml": to_yaml(sel)})
         res = {"before": {"combined_val_G": comb["test_G"], "settings": before,
@@ -149,7 +144,7 @@ def main(argv=None) -> int:
             for label, row0 in sorted(before.items()):
                 row = run({"id": f"N{n}/variant-{name}/select-{label}", "kind": "residual", "data": vsel.name,
                            "stage": 1, "N": n, "trial": labels[label], "quick": True, "cfg_yaml": y})
-                settings[label] = {"val_G": best_val_G(row), "kimg_at_best": _kimg_at_best(row),
+                settings[label] = {"val_G": best_val_G(row), "kimg_at_best": kimg_at_best(row),
                                    "wall_s": round(row["wall_s"], 1)}
                 print(f"[variants] N={n} {name} {label}: validation G {settings[label]['val_G']:.4f} "
                       f"(before {row0['val_G']:.4f})", file=sys.stderr, flush=True)
@@ -166,8 +161,8 @@ def main(argv=None) -> int:
                     row0 = json.loads(util.read_bytes(url))
                     row = run({"id": f"N{n}/variant-{name}/select-{label}", "kind": kind, "data": vsel.name,
                                "stage": 0, "N": n, "quick": True, "peer_setting": {}, "cfg_yaml": y})
-                    rivals[label] = {"val_G": best_val_G(row), "kimg_at_best": _kimg_at_best(row),
-                                     "before_val_G": best_val_G(row0), "before_kimg_at_best": _kimg_at_best(row0),
+                    rivals[label] = {"val_G": best_val_G(row), "kimg_at_best": kimg_at_best(row),
+                                     "before_val_G": best_val_G(row0), "before_kimg_at_best": kimg_at_best(row0),
                                      "wall_s": round(row["wall_s"], 1)}
                     print(f"[variants] N={n} {name} {label}: validation G {rivals[label]['val_G']:.4f} "
                           f"(before {rivals[label]['before_val_G']:.4f})", file=sys.stderr, flush=True)

@@ -64,8 +64,8 @@ def ensemble_trial(cfg, manifest: dict, trials, best_id: Optional[str]) -> Optio
     peer (`partner`), its weight the one of ``sweep.ensemble`` with the lowest validation G
     (`choose_weight`; the test split never chooses), then scored like every trial (validation,
     test and train G). None when ``sweep.ensemble`` is empty, there is no bootstrapped trial or
-    peer to average, or no validation split (``data.num_val = 0``) to choose the weight on. Each member's outputs at G's fixed inputs are computed once for all the
-    weights (`bootdiff.memo`; D_comb's from the run's ``eval_cache``, as the trials left them)."""
+    peer to average, or no validation split (``data.num_val = 0``) to choose the weight on. Each
+    member's outputs at G's fixed inputs are computed once for all the weights (`bootdiff.memo`; D_comb's from the run's ``eval_cache``, as the trials left them)."""
     from bootdiff import experiment, util
     from bootdiff.evaluation.scores import generalization_pair, validation_G
     from bootdiff.memo import memoize_combined, memoized
@@ -94,7 +94,7 @@ def ensemble_trial(cfg, manifest: dict, trials, best_id: Optional[str]) -> Optio
             "checkpoint": None, "error": None}
 
 
-def load_ensemble(cfg, manifest: dict, row: dict, members: dict) -> EnsembleDenoiser:
+def load_ensemble(row: dict, members: dict) -> EnsembleDenoiser:
     """The ensemble of a ``sweep.json`` row (`ensemble_trial`) from its members' models,
     ``members``: {trial id: denoiser} (the report's loaded models)."""
     missing = [m for m in row["members"] if m not in members]

@@ -223,6 +223,13 @@ def best_val_G(row: dict) -> float:
     return min(vals) if vals else row["test_G"]
 
 
+def kimg_at_best(row: dict) -> float:
+    """The kimg of a selection run's lowest validation G (its curve's "test" G on the carve-out);
+    its last kimg without a curve."""
+    curve = [p for p in row.get("curve") or [] if p.get("test_G") is not None]
+    return min(curve, key=lambda p: p["test_G"])["kimg"] if curve else row.get("kimg")
+
+
 def select(results: Dict[str, dict], n: int) -> dict:
     """The residual setting with the lowest validation G among N's selection runs (each at its own
     validation minimum)."""

@@ -92,7 +92,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
         from bootdiff.ensemble import load_ensemble
 
         members = {**models, outcome.get("best"): models.get("bootstrapped")}  # by trial id
-        models["ensemble"] = load_ensemble(cfg, manifest, ens, {k: v for k, v in members.items() if v is not None})
+        models["ensemble"] = load_ensemble(ens, {k: v for k, v in members.items() if v is not None})
     distilled, step_cost = student(cfg, models, shape) if student is not None else (None, None)
     if distilled is not None:
         models["student"] = distilled
