@@ -49,6 +49,7 @@ from bootdiff.run.tb import trial_hparams
 from ray_jobs import cluster, common, entry
 from ray_jobs.cluster import TRIAL_TOKEN_CPU, trial_task_options, worker_cpus
 from ray_jobs.train_views import fit_retrying, make_trainer, train_worker  # noqa: F401  (train_worker: pickled by name)
+from ray_jobs.tune_report import fit_reporting
 
 def residual_worker(config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` of one residual trial."""
@@ -103,7 +104,6 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
     sweep ``session`` (`RunLayout.trial_final_error`), so Tune's retries of the trial fail at once
     with its message instead of training again; a new run of the sweep (a new session) tries again."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     config = {**config, "cfg_yaml": cfg_yaml}
     cfg = common.cfg_from_yaml(cfg_yaml)
@@ -131,15 +131,16 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
         tcfg = trial_config(cfg, trial)
         tyaml = config["cfg_yaml"] if tcfg is cfg else to_yaml(tcfg)
 
-        def make():
+        def make(callbacks):
             return make_trainer(tcfg, tyaml, trial["kind"], f"trial-{trial['label']}", runs,
-                                callbacks=[TuneReportCallback()], evaluate=True, cpus_per_worker=worker_cpus(cfg))
+                                callbacks=callbacks, evaluate=True, cpus_per_worker=worker_cpus(cfg))
     else:
-        def make():
-            return residual_trainer(cfg, config["cfg_yaml"], trial, runs, callbacks=[TuneReportCallback()])
-    try:
-        fit_retrying(make, cfg.ray.max_failures, f"trial '{trial['label']}'",
-                     cluster.placeable(cfg, cluster.placement_key(trial["kind"])))
+        def make(callbacks):
+            return residual_trainer(cfg, config["cfg_yaml"], trial, runs, callbacks=callbacks)
+    try:  # the Train run's reports reach Tune through this thread (`tune_report`: Ray's bridge can hang)
+        fit_reporting(lambda callbacks: fit_retrying(lambda: make(callbacks), cfg.ray.max_failures,
+                                                     f"trial '{trial['label']}'",
+                                                     cluster.placeable(cfg, cluster.placement_key(trial["kind"]))))
     except Exception as exc:
         if session and deterministic(exc):
             common.write_json(final, {"error": f"{type(exc).__name__}: {exc}"[:2000]})

@@ -1,3 +1,7 @@
+import os
+import sys
+import tempfile
+
 import pytest
 
 
@@ -39,3 +43,25 @@ def bench(tmp_path_factory):
     manifests = {k: read_manifest(RunLayout.of(from_yaml(y, ExperimentConfig)).data)
                  for k, y in plan["datasets"].items()}
     return cfg, out, plan, manifests
+
+
+@pytest.fixture
+def local_ray(request):
+    """A local Ray cluster of 2 CPUs for one test (``ray.init``, its files in a short temp dir of
+    its own), the test's module pickled by value (Ray's workers cannot import tests/)."""
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[request.module.__name__])
+    tmp = tempfile.mkdtemp(prefix="bdrl-", dir="/tmp")  # socket paths must stay short
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old

@@ -54,29 +54,6 @@ def loop(config: dict) -> None:
                        "hook_calls": len(calls), "ray_reports": hooks.ray_reports}, f)
 
 
-@pytest.fixture
-def local_ray(tmp_path):
-    import ray
-
-    import sys
-
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    tmp = tempfile.mkdtemp(prefix="bdrl-", dir="/tmp")  # socket paths must stay short
-    old = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = old
-
-
 def test_dataloader_workers_under_ray_train_start_with_forkserver(local_ray, mnist_wheel, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
