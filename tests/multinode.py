@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def processes_of(marker: str) -> list:
+    """Pids of the processes that belong to a test's Ray cluster: ``marker`` (its temp dir) on the
+    command line, in the environment (``RAY_TMPDIR``) or in the working directory. Ray's agents
+    rename themselves (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and outlive a killed
+    raylet, so a match on command lines alone leaves them running, and using CPU, for the rest of
+    the test session."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found = marker.encode() in f.read()
+            if not found:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    found = marker.encode() in f.read()
+            found = found or os.readlink(f"/proc/{pid}/cwd").startswith(marker)
+        except OSError:  # gone, or not ours to read
+            continue
+        if found:
+            pids.append(int(pid))
+    return pids
+
+
+def kill_processes_of(marker: str, grace_s: float = 5.0) -> None:
+    """SIGTERM every process of `processes_of(marker)`, SIGKILL what is left after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_of(marker):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + (grace_s if sig == signal.SIGTERM else 0)
+        while time.time() < deadline and processes_of(marker):
+            time.sleep(0.5)
 
 
 class LocalCluster:
@@ -119,11 +157,7 @@ class LocalCluster:
         self.nodes[name]["lost"] = True
 
     def _kill(self, pattern: str) -> None:
-        subprocess.run(["pkill", "-TERM", "-f", pattern], capture_output=True)
-        deadline = time.time() + 5
-        while time.time() < deadline and subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
-            time.sleep(0.5)
-        subprocess.run(["pkill", "-KILL", "-f", pattern], capture_output=True)
+        kill_processes_of(pattern)
 
     def stop(self) -> None:
         self._kill(self.root)

@@ -13,6 +13,8 @@ import tempfile
 import time
 import uuid
 
+from multinode import kill_processes_of
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 RAY = os.path.join(os.path.dirname(PY), "ray")
@@ -70,13 +72,10 @@ def _env(tmp: str, **extra) -> dict:
 
 
 def _stop(tmp: str, env: dict) -> None:
-    """Stop this test's cluster only: its processes carry its temp dir on their command lines
-    (`ray stop` would stop every Ray cluster on the machine). TERM first, then KILL what is left."""
-    subprocess.run(["pkill", "-TERM", "-f", tmp], capture_output=True)
-    deadline = time.time() + 5
-    while time.time() < deadline and subprocess.run(["pgrep", "-f", tmp], capture_output=True).returncode == 0:
-        time.sleep(0.5)
-    subprocess.run(["pkill", "-KILL", "-f", tmp], capture_output=True)
+    """Stop this test's cluster only: its processes carry its temp dir on their command lines or
+    in their environment (`ray stop` would stop every Ray cluster on the machine). TERM first,
+    then KILL what is left (`multinode.kill_processes_of`)."""
+    kill_processes_of(tmp)
 
 
 def _submit(cmd, env, timeout):
