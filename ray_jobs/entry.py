@@ -175,6 +175,8 @@ RAY_WARNINGS_IGNORED = ("ignore:`ExecutionOptions.exclude_resources` is deprecat
 RAY_LINES_DROPPED = (
     re.compile(r"PYTHON worker processes have been started on node: .*maximum expected startup concurrency"),
     re.compile(r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
+    # on a cluster the driver joins, Train's preemption watcher stays on and its actor logs this C++ line each run
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*max_restarts > 0"),
 )
 
 

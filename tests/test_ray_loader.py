@@ -101,8 +101,8 @@ def test_ray_report_due_by_time_or_checkpoint(monkeypatch):
 
 
 def test_drivers_printer_drops_rays_worker_pool_and_cleaner_lines_and_keeps_the_rest(capsys):
-    """Ray's driver-side printer, as `entry.quiet_ray` wraps it: the raylet's worker-pool warning
-    and the placement-group cleaner's line are dropped; a worker's own lines, its errors and
+    """Ray's driver-side printer, as `entry.quiet_ray` wraps it: the raylet's worker-pool warning,
+    the placement-group cleaner's line and the preemption watcher's C++ line are dropped; a worker's own lines, its errors and
     Ray's other warnings are printed as before (here through Ray's real printer)."""
     import ray._private.worker as ray_worker
 
@@ -114,7 +114,12 @@ def test_drivers_printer_drops_rays_worker_pool_and_cleaner_lines_and_keeps_the_
             "of actors, tasks blocked in ray.get() calls, or tasks with fractional CPU requests.")
     cleaner = ("Detected that the Ray Train controller actor (f33cafae8249d5a72a329e5701000000) is dead. Cleaning up "
                "placement group = [PlacementGroupID(a6401b250c8e1bbdc1fb69c62c8a01000000)] created by this run.")
+    watcher = ("[2026-12-06 18:13:24,693 E 14413 14485] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+               "and ID: '565b045b97c0e47f0638e7f902000000' has constructor arguments in the object store and "
+               "max_restarts > 0")  # as a job's log showed it (the rest of the line cut)
     printer({"lines": [pool], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    printer({"lines": [watcher], "pid": 14413, "actor_name": "TrainController", "is_err": True, "ip": "192.0.2.2"},
+            ignore_prefix=False)
     printer({"lines": [cleaner, "[bootdiff] step 4 kimg 0.256"], "pid": 31827, "actor_name": "PlacementGroupCleaner",
              "is_err": False, "ip": "192.0.2.2"}, ignore_prefix=False)
     printer({"lines": ["RuntimeError: injected failure at step 4"], "pid": 9, "is_err": True, "ip": "192.0.2.2",
@@ -123,6 +128,7 @@ def test_drivers_printer_drops_rays_worker_pool_and_cleaner_lines_and_keeps_the_
     out = capsys.readouterr()
     assert "worker processes have been started" not in out.out + out.err
     assert "Detected that the Ray Train controller" not in out.out + out.err
+    assert "PreemptionWatcher" not in out.out + out.err  # on a cluster the driver joins (docs/RAY.md §4)
     assert "[bootdiff] step 4 kimg 0.256" in out.out and "injected failure at step 4" in out.err
     assert "the object store is full" in out.out
 

@@ -114,6 +114,8 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     # Train's per-report / per-checkpoint INFO lines stay off the console (ray.train_log_level)
     assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
     assert "RayDeprecationWarning" not in out  # Ray's own deprecation noise (entry.quiet_ray)
+    # the preemption watcher stays on on a cluster the driver joins; its actor's C++ error line does not reach the job's log
+    assert "PreemptionWatcher" not in out and "core_worker.cc" not in out, out[-6000:]
     # the raylet's worker-pool warning and each Train run's placement-group cleaner line: dropped by the driver
     assert "worker processes have been started" not in out and "Cleaning up placement group" not in out, out[-6000:]
     assert "tensorboard --logdir" not in out  # Tune's own TensorBoard logger is off: the runs' curves are tb/'s
