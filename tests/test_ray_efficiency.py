@@ -13,7 +13,6 @@ from bootdiff.config import ExperimentConfig, from_yaml, load_config, to_object,
 from bootdiff.efficiency.data import prepare
 from bootdiff.efficiency.models import budgets
 from tests.datagen import RandomSource, bench_overrides
-from test_ray_loader import local_ray  # noqa: F401  (the fixture: one local Ray cluster)
 
 pytestmark = pytest.mark.ray
 
