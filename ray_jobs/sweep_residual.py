@@ -137,10 +137,13 @@ def sweep_trial(config: dict, cfg_yaml: str = "", session: str = "") -> None:
     else:
         def make(callbacks):
             return residual_trainer(cfg, config["cfg_yaml"], trial, runs, callbacks=callbacks)
+
+    def fit(callbacks):
+        return fit_retrying(lambda: make(callbacks), cfg.ray.max_failures, f"trial '{trial['label']}'",
+                            cluster.placeable(cfg, cluster.placement_key(trial["kind"])))
+
     try:  # the Train run's reports reach Tune through this thread (`tune_report`: Ray's bridge can hang)
-        fit_reporting(lambda callbacks: fit_retrying(lambda: make(callbacks), cfg.ray.max_failures,
-                                                     f"trial '{trial['label']}'",
-                                                     cluster.placeable(cfg, cluster.placement_key(trial["kind"]))))
+        fit_reporting(fit)
     except Exception as exc:
         if session and deterministic(exc):
             common.write_json(final, {"error": f"{type(exc).__name__}: {exc}"[:2000]})

@@ -102,8 +102,9 @@ def test_ray_report_due_by_time_or_checkpoint(monkeypatch):
 
 def test_drivers_printer_drops_rays_worker_pool_and_cleaner_lines_and_keeps_the_rest(capsys):
     """Ray's driver-side printer, as `entry.quiet_ray` wraps it: the raylet's worker-pool warning,
-    the placement-group cleaner's line and the preemption watcher's C++ line are dropped; a worker's own lines, its errors and
-    Ray's other warnings are printed as before (here through Ray's real printer)."""
+    the placement-group cleaner's line and the preemption watcher's C++ line are dropped; a
+    worker's own lines, its errors and Ray's other warnings are printed as before (here through
+    Ray's real printer)."""
     import ray._private.worker as ray_worker
 
     from ray_jobs.entry import drop_ray_lines
