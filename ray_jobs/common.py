@@ -40,20 +40,19 @@ def read_json(url: str):
     return json.loads(util.read_bytes(url))
 
 
-def checkpoint_evaluator(cfg, manifest: dict, model):
-    """``extra_metrics`` for `RayReportHooks`: validation, held-out test and training G of the EMA
-    weights at each checkpoint (`bootdiff.evaluation.scores.evaluate_checkpoint`), reported as ``val_G``
-    (without a ``val`` split: not reported) / ``test_G`` / ``train_G``. ``val_G`` is what the sweep
-    chooses on: ASHA, the checkpoint of each trained model (`checkpoint_config`) and the best
-    trial; ``test_G`` is only reported."""
+def checkpoint_evaluator(cfg, manifest: dict, model, test: bool = False):
+    """``extra_metrics`` for `RayReportHooks`: validation and training G of the EMA weights at
+    each checkpoint (`bootdiff.evaluation.scores.evaluate_checkpoint`), reported as ``val_G`` /
+    ``train_G``. ``val_G`` is what the sweep follows and chooses on: ASHA, the checkpoint of each
+    trained model (`checkpoint_config`), the best trial; the test split's G is computed once, at
+    the checkpoint chosen (`bootdiff.evaluation.scores.trial_test_G`). ``test_G`` is reported at
+    every checkpoint too with ``test`` (a data-efficiency job's curve) or when the run has no
+    ``val`` split (nothing then chooses, and the held-out curve is the test split's)."""
     from bootdiff.evaluation.scores import evaluate_checkpoint
 
     def extra(checkpoint_dir: str) -> dict:
-        m = evaluate_checkpoint(cfg, manifest, model, checkpoint_dir)
-        out = {"test_G": m["test_G"], "train_G": m["train_G"]}
-        if math.isfinite(m["val_G"]):
-            out["val_G"] = m["val_G"]
-        return out
+        m = evaluate_checkpoint(cfg, manifest, model, checkpoint_dir, test=test)
+        return {k: m[k] for k in ("val_G", "test_G", "train_G") if math.isfinite(m[k])}
 
     return extra
 

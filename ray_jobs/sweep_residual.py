@@ -5,10 +5,11 @@
 Each trial is a plain function that launches its own TorchTrainer (Ray 2.60 Train V2: no
 ``Tuner(trainer)``), trains `D_boot = D_comb + r(σ)·R_θ` on the scarce full-resolution shards
 against the frozen, exported view models of stage 1, and reports generalization error on the
-held-out validation split ``val_G`` (with ``test_G`` and ``train_G``) at each checkpoint. ASHA
+held-out validation split ``val_G`` (with ``train_G``) at each checkpoint. ASHA
 stops poor residual trials early on ``val_G`` against reported ``kimg``; each trained trial is
-taken at its lowest-``val_G`` checkpoint, and the best trial is the lowest ``val_G``: the test
-split is reported, never used to choose. The baselines run in the same sweep: the combined
+taken at its lowest-``val_G`` checkpoint, and the best trial is the lowest ``val_G``. The test
+split never chooses: after the trials, each trained trial's ``test_G`` is computed once, at the
+checkpoint it is taken at (`score_on_test`). The baselines run in the same sweep: the combined
 denoiser alone (no residual; evaluated, not trained), a full-resolution model trained on the
 scarce set alone, and the peer methods of ``sweep.peers`` (`bootdiff.peers`, full-res networks
 trained on the same data their own way, through the same Train worker as the full-res baseline).
@@ -22,7 +23,7 @@ it left unfinished) writes no ``sweep.json``; run again, it is restored with ``T
 and only unfinished trials run (`RestoreSafeASHA`: none is stopped on rungs the restore emptied),
 each trial's Train run resuming from its own latest checkpoint. The outcome goes to
 ``{storage}/{name}/sweep/sweep.json``. The trials, their rows and the best trial are
-`bootdiff.sweep`'s; the G reported at checkpoints is `bootdiff.evaluation.evaluate`'s.
+`bootdiff.sweep`'s; the G reported at checkpoints is `bootdiff.evaluation.scores`'.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from ray.tune.schedulers import ASHAScheduler
 from bootdiff import experiment, util
 from bootdiff.ensemble import ensemble_trial, partner
 from bootdiff.errors import deterministic
-from bootdiff.evaluation.scores import generalization_pair, validation_G
+from bootdiff.evaluation.scores import generalization_pair, trial_test_G, validation_G
 from bootdiff.run.layout import TUNE_NAME, RunLayout
 from bootdiff.memo import memoized
 from bootdiff.config import to_yaml
-from bootdiff.sweep import (chosen_report, recommend, select_best, trial_config, trial_list, trial_residual_config,
+from bootdiff.sweep import (chosen_report, num, recommend, select_best, trial_config, trial_list, trial_residual_config,
                             trial_row)
 from bootdiff.run.tb import trial_hparams
 from ray_jobs import cluster, common, entry
@@ -63,7 +64,7 @@ def residual_worker(config: dict) -> None:
         resume = common.resume_dir(run_dir)  # a resumed run takes its fitted constants from the checkpoint
         model, loss, data = experiment.residual_training(cfg, manifest, rcfg, rank, world, run_dir=run_dir,
                                                          resume_from=resume, device=device)
-        extra = common.checkpoint_evaluator(cfg, manifest, model) if rank == 0 else None
+        extra = common.checkpoint_evaluator(cfg, manifest, model, test=bool(config.get("curve_url"))) if rank == 0 else None
         hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
                                       report_every_s=rcfg.train.report_every_s,
                                       tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])),
@@ -243,6 +244,31 @@ def _ensemble(cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
     return ensemble_trial(cfg, experiment.read_manifest(cfg), rows, best_id)
 
 
+def _trials_test_G(cfg_yaml: str, rows: list) -> list:
+    cfg = common.cfg_from_yaml(cfg_yaml)
+    manifest = experiment.read_manifest(cfg)
+    return [trial_test_G(cfg, manifest, r) for r in rows]
+
+
+def score_on_test(cfg, cfg_yaml: str, rows: list) -> None:
+    """Fill in ``test_G`` of every trained trial at the checkpoint it is taken at
+    (`bootdiff.evaluation.scores.trial_test_G`): during training the trials report validation
+    and training G only, so the test split is met once per trial, after every choice was made on
+    validation. One Ray task with a sweep trial's resources scores them one after another: a
+    task per trial would pay a worker's start-up (imports) for each, more than a tiny sweep's
+    evaluations cost."""
+    import ray
+
+    todo = [r for r in rows if r.get("checkpoint") and r["kind"] not in ("combined", "ensemble")
+            and not math.isfinite(num(r.get("test_G")))]
+    if not todo:
+        return
+    print(f"[bootdiff] test G of {len(todo)} trained trial(s) at the checkpoint each is taken at ...", flush=True)
+    task = ray.remote(**trial_task_options(cfg, max_retries=2))(_trials_test_G)
+    for r, g in zip(todo, ray.get(task.remote(cfg_yaml, todo))):
+        r["test_G"] = g
+
+
 def ensemble_row(cfg, cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
     """The ensemble of the best bootstrapped trial and the best peer (`bootdiff.ensemble.ensemble_trial`:
     its weight chosen on validation G), scored in one Ray task with a sweep trial's resources; None
@@ -273,7 +299,7 @@ def run(cfg, cfg_yaml: str) -> dict:
     trials = trial_list(cfg)
     # Only reports made at checkpoints carry G (evaluating costs time); the others show training
     # progress. ASHA acts on the reports that carry its metric, val_G, and skips the rest; the
-    # test split's G is reported beside it and never chooses anything.
+    # test split's G is computed after the trials, at each one's chosen checkpoint (score_on_test).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's own result files (result.json, progress.csv: the sweep's records read them), without
     # its TensorBoard logger: the runs' curves are bootdiff's (tb/), and that logger makes Tune print
@@ -322,6 +348,7 @@ def run(cfg, cfg_yaml: str) -> dict:
     errors = [r for r in rows if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))
+    score_on_test(cfg, cfg_yaml, rows)
     best = select_best(rows)
     ens = ensemble_row(cfg, cfg_yaml, rows, best["trial_id"] if best else None)
     if ens is not None:

@@ -50,7 +50,7 @@ def train_worker(config: dict) -> None:
     extra = None
     if config.get("evaluate") and rank == 0:  # a view: G on its held-out samples; else full-res G
         extra = (common.view_checkpoint_evaluator(cfg, manifest, view, model) if view in cfg.views
-                 else common.checkpoint_evaluator(cfg, manifest, model))
+                 else common.checkpoint_evaluator(cfg, manifest, model, test=bool(config.get("curve_url"))))
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
                                   report_every_s=vcfg.train.report_every_s,

@@ -3,6 +3,7 @@ as a user's SD VAE would be) → latent ingest of real MNIST → view models tra
 `bootdiff.train` and exported → one residual trial → `bootdiff.evaluation.evaluate.evaluate` (stage 3),
 whose report shows VAE-decoded pictures."""
 
+import math
 import os
 
 import torch
@@ -12,7 +13,7 @@ from bootdiff.checkpoint import load_checkpoint
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
 from bootdiff.evaluation.evaluate import evaluate
-from bootdiff.evaluation.scores import evaluate_checkpoint, generalization, generalization_pair
+from bootdiff.evaluation.scores import evaluate_checkpoint, generalization, generalization_pair, trial_test_G
 from bootdiff.experiment import export_result, load_trial
 from bootdiff.export import load_bootstrap_model, load_view_model
 from bootdiff.run.layout import RunLayout
@@ -80,6 +81,14 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     # D_comb at G's inputs was kept (bootdiff.memo): a later checkpoint reads it, same numbers
     assert len([f for f in os.listdir(layout.eval_cache) if f.startswith("dcomb-")]) == 1
     assert evaluate_checkpoint(cfg, manifest, model, res.checkpoint_url) == at_ckpt
+    # a sweep's runs: validation and training G at checkpoints, the test split left alone; the
+    # trial's test G is computed once, at the checkpoint it is taken at, from that checkpoint alone
+    swept = evaluate_checkpoint(cfg, manifest, model, res.checkpoint_url, test=False)
+    assert math.isnan(swept["test_G"]) and math.isfinite(swept["val_G"])
+    assert (swept["val_G"], swept["train_G"]) == (at_ckpt["val_G"], at_ckpt["train_G"])
+    row = {"trial_id": "residual-a", "kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True,
+           "checkpoint": res.checkpoint_url}
+    assert abs(trial_test_G(cfg, manifest, row) - G["total"]) < 1e-6 * G["total"]
 
     outcome = {"best": "residual-a", "trials": [
         {"trial_id": "residual-a", "kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True,

@@ -144,9 +144,8 @@ def _write_run(url, loss_steps, g_steps=(), scale=1.0):
     for s in loss_steps:
         run.log({"step": s // 64, "kimg": s / 1000, "loss": scale * (0.05 + 1.0 / (1 + s / 200)), "lr": 1e-3})
     for s in g_steps:
-        run.log({"kimg": s / 1000, "test_G": 0.2 + 40 / (s + 50), "train_G": 0.15 + 30 / (s + 50),
-                 "val_G": 0.21 + 40 / (s + 50)},
-                upload=True)
+        run.log({"kimg": s / 1000, "train_G": 0.15 + 30 / (s + 50), "val_G": 0.21 + 40 / (s + 50)},
+                upload=True)  # a sweep's run: its test G is computed once, at the checkpoint chosen
     run.close()
 
 
@@ -167,7 +166,7 @@ def test_report_draws_training_curves_from_event_files(tmp_path):
         run = TensorBoardRun(layout.tb_run(f"trial-{label}"), trial_hparams(
             {"kind": "residual", "mu_var": mv, "mu_l1": 0.0, "range_adapter": True})).open(0)
         for s in range(1600, stop + 1, 1600):
-            run.log({"kimg": s / 1000, "test_G": 0.1 + 0.05 * k + 20 / (s + 50),
+            run.log({"kimg": s / 1000, "val_G": 0.11 + 0.05 * k + 20 / (s + 50),
                      "train_G": 0.08 + 0.04 * k + 18 / (s + 50)}, upload=True)
         run.close()
         trials.append({"trial_id": label, "kind": "residual", "mu_var": mv, "mu_l1": 0.0,
@@ -179,9 +178,9 @@ def test_report_draws_training_curves_from_event_files(tmp_path):
     training = read_runs(layout.tb)
     assert set(training) == {"view-patch", "view-low", "trial-full_res", "trial-residual-mv0-ml0-ra1",
                              "trial-residual-mv1-ml0-ra1", "trial-residual-mv0.1-ml0-ra1"}
-    assert list(training["trial-full_res"]["test_G"]["kimg"]) == [1.6, 3.2, 4.8, 6.4]
     assert list(training["trial-full_res"]["val_G"]["kimg"]) == [1.6, 3.2, 4.8, 6.4]
-    assert training["trial-residual-mv1-ml0-ra1"]["test_G"]["kimg"][-1] == 1.6  # stopped: shorter
+    assert "test_G" not in training["trial-full_res"]
+    assert training["trial-residual-mv1-ml0-ra1"]["val_G"]["kimg"][-1] == 1.6  # stopped: shorter
 
     out = str(tmp_path / "report")
     urls = report.write_report(out, trials, {}, {}, "a: 1\n", {}, training=training)
@@ -192,11 +191,17 @@ def test_report_draws_training_curves_from_event_files(tmp_path):
     html = open(urls["html"]).read()
     assert "<h2>Training curves</h2>" in html
     assert 'alt="Generalization error G of every trial during training"' in html
+    assert "Held-out (validation split, left)" in html  # what the sweep chose on; test G only at the choice
     from PIL import Image
 
     for name in ("training_loss.png", "training_G.png"):
         img = np.asarray(Image.open(urls["images"][name]).convert("RGB"))
         assert img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 10  # a drawn figure
+
+    # runs without a validation split (data.num_val = 0) report test G at checkpoints: that is the curve
+    no_val = {run: {("test_G" if k == "val_G" else k): v for k, v in tags.items()} for run, tags in training.items()}
+    urls = report.write_report(str(tmp_path / "r1"), trials, {}, {}, "", {}, training=no_val)
+    assert "Held-out (test split, left)" in open(urls["html"]).read()
 
     # the same trials without event files: no training section, nothing invented
     urls = report.write_report(str(tmp_path / "r2"), trials, {}, {}, "", {}, training={})

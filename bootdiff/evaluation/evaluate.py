@@ -148,7 +148,7 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     urls = write_report(layout.report, trials, curves, pictures, cfg_yaml, manifest,
                         best_trial_id=outcome.get("best"), recommended=outcome.get("recommended"), worth=worth, title=f"bootdiff sweep report — {cfg.name}",
                         quality=quality, roles=roles, fd_note=fd_off, budget=budget,
-                        training=read_runs(layout.tb, ("loss", "test_G", "train_G")),
+                        training=read_runs(layout.tb, ("loss", "val_G", "test_G", "train_G")),
                         extra={"Distillation: sampling-step cost": step_cost} if step_cost else None)
     summary = {"best": outcome.get("best"), "recommended": recommended_model(outcome), "quality": quality, "budget_kimg": budget,
                "fd": {"kind": str(cfg.eval.features.kind), "path": cfg.eval.features.path, "note": fd_off},

@@ -322,13 +322,14 @@ def plot_training_loss(runs):
     return _fig_png(fig)
 
 
-def plot_training_G(series, references=None):
-    """PNG of held-out (left) and training (right) G vs kimg for every trial, or None.
+def plot_training_G(series, references=None, held_out: str = "validation"):
+    """PNG of held-out (left: the ``held_out`` split's) and training (right) G vs kimg for every
+    trial, or None.
 
-    ``series``: [{"name", "test": (kimg, G), "train": (kimg, G), "stopped": bool, "best": bool}];
+    ``series``: [{"name", "held_out": (kimg, G), "train": (kimg, G), "stopped": bool, "best": bool}];
     a stopped trial (ASHA) ends in a large ×, a finished one in a dot, the best is drawn thick.
-    ``references``: {name: (test G, train G)} of untrained baselines, drawn as dashed lines."""
-    series = [s for s in series if len(s["test"][0]) or len(s["train"][0])]
+    ``references``: {name: (held-out G, train G)} of untrained baselines, drawn as dashed lines."""
+    series = [s for s in series if len(s["held_out"][0]) or len(s["train"][0])]
     if not series:
         return None
     references = references or {}
@@ -343,7 +344,7 @@ def plot_training_G(series, references=None):
     values = []
     for k, s in enumerate(series):
         c, lw = colours[k % len(colours)], 2.8 if s.get("best") else 1.5
-        for ax, key in zip(axes, ("test", "train")):
+        for ax, key in zip(axes, ("held_out", "train")):
             kimg, g = (np.asarray(a, dtype=float) for a in s[key])
             if not kimg.size:
                 continue
@@ -357,7 +358,7 @@ def plot_training_G(series, references=None):
                 ax.axhline(_num(g), color="0.35", ls=(0, (5, 3 + 2 * j)), lw=1.2)
                 values.append(_num(g))
     _log_if_wide(axes[0], values)
-    for ax, what in zip(axes, ("held-out (test) G", "training G")):
+    for ax, what in zip(axes, (f"held-out ({held_out}) G", "training G")):
         ax.set_xlabel("kimg (thousands of training images)")
         ax.set_title(what)
         ax.grid(True, which="both", alpha=0.25)
@@ -378,7 +379,9 @@ def training_figures(trials, training, best=None) -> list:
     """The report's training-curve figures ``[(file name, title, caption, png, False, "training")]``
     from the runs of a ``tb`` tree (`bootdiff.run.tb.read_runs`: ``view-<v>`` runs and one
     ``trial-<trial_id>`` run per trained trial): the loss of each view model and of the full-res
-    baseline, and test/train G of every trial. Nothing is re-computed."""
+    baseline, and held-out/train G of every trial: validation G, what the sweep chose on, when the
+    runs report it (a sweep meets the test split only at the checkpoint it chose), else test G.
+    Nothing is re-computed."""
     training = training or {}
     figures = []
 
@@ -394,16 +397,19 @@ def training_figures(trials, training, best=None) -> list:
         figures.append(("training_loss.png", "Training loss of the view models and the full-res baseline",
                         "Read from each run's TensorBoard event files (tb/<run>/); the mean loss of each "
                         "report window.", png, False, "training"))
-    series = [{"name": str(t["trial_id"]), "test": xy(f"trial-{t['trial_id']}", "test_G"),
+    trained = [t for t in trials if t["kind"] not in ("combined", "ensemble")]  # no training curve of their own
+    key = "val_G" if any(len(xy(f"trial-{t['trial_id']}", "val_G")[0]) for t in trained) else "test_G"
+    series = [{"name": str(t["trial_id"]), "held_out": xy(f"trial-{t['trial_id']}", key),
                "train": xy(f"trial-{t['trial_id']}", "train_G"),
                "stopped": str(t.get("status", "")).lower() in ("stopped_early", "stopped"), "best": t is best,
                "note": " (full-res baseline)" if t["kind"] == "full_res" else ""}
-              for t in trials if t["kind"] not in ("combined", "ensemble")]  # no training curve of their own
-    refs = {str(t["trial_id"]): (t["test_G"], t["train_G"]) for t in trials if t["kind"] == "combined"}
-    png = plot_training_G(series, refs)
+              for t in trained]
+    refs = {str(t["trial_id"]): (t.get(key), t["train_G"]) for t in trials if t["kind"] == "combined"}
+    png = plot_training_G(series, refs, "validation" if key == "val_G" else "test")
     if png:
         figures.append(("training_G.png", "Generalization error G of every trial during training",
-                        "Held-out (left) and training (right) G at each checkpoint, from the event files. "
+                        f"Held-out ({'validation' if key == 'val_G' else 'test'} split, left) and training (right) G "
+                        "at each checkpoint, from the event files. "
                         "Trials stopped early by ASHA end in ×; the best trial is drawn thick.",
                         png, False, "training"))
     return figures

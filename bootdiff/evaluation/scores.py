@@ -1,12 +1,14 @@
 """Generalization error G of a denoiser on a full-resolution split (docs/METHOD.md §6), as every
 stage measures it: the held-out ``test`` and training ``full`` pair, the ``val`` score the sweep
-chooses on, and the three of a checkpoint's EMA weights that the Ray jobs report at each
-checkpoint. The metric itself is `bootdiff.evaluation.metrics.generalization_error`.
+chooses on, those of a checkpoint's EMA weights that the Ray jobs report at each checkpoint, and
+a sweep trial's test G at the checkpoint it is taken at. The metric itself is
+`bootdiff.evaluation.metrics.generalization_error`.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -74,18 +76,39 @@ def evaluate_view_checkpoint(cfg, manifest: dict, view: str, model, checkpoint_u
     return {"val_G": view_validation_G(cfg, manifest, view, ema), "kimg": state["nimg"] / 1000}
 
 
-def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str) -> dict:
+def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str, test: bool = True) -> dict:
     """``val_G``, ``test_G``, ``train_G`` and ``kimg`` of a checkpoint's EMA weights, loaded into a copy of
     ``model`` on its device (the training run's GPU when it has one; its own weights are left
-    untouched). A bootstrapped model's frozen
-    D_comb outputs are reused from, and added to, the run's ``eval_cache`` (`bootdiff.memo`):
-    they are the same at every checkpoint and in every trial with the same fusion weights."""
+    untouched). ``test`` False leaves the test split alone (``test_G`` NaN) when the run has a
+    ``val`` split: a sweep's runs are followed and chosen on validation G at every checkpoint, and
+    scored on the test split once, at the checkpoint chosen (`trial_test_G`). A bootstrapped
+    model's frozen D_comb outputs are reused from, and added to, the run's ``eval_cache``
+    (`bootdiff.memo`): they are the same at every checkpoint and in every trial with the same
+    fusion weights."""
     from bootdiff.memo import memoize_combined
 
     ema, state = checkpoint_ema(model, checkpoint_url)
     memo = memoize_combined(ema, RunLayout.of(cfg).eval_cache)
-    test, train = generalization_pair(cfg, manifest, ema)
     val = validation_G(cfg, manifest, ema)
+    test_G = generalization(cfg, manifest, ema, "test")["total"] if test or math.isnan(val) else math.nan
+    train = generalization(cfg, manifest, ema, "full")
     if memo is not None:
         memo.save()
-    return {"val_G": val, "test_G": test["total"], "train_G": train["total"], "kimg": state["nimg"] / 1000}
+    return {"val_G": val, "test_G": test_G, "train_G": train["total"], "kimg": state["nimg"] / 1000}
+
+
+def trial_test_G(cfg, manifest: dict, row: dict) -> float:
+    """Total G on the test split (docs/METHOD.md §6) of a sweep trial's model at the checkpoint it
+    is taken at (the row's ``checkpoint``: its validation minimum, `bootdiff.sweep.chosen_report`).
+    This is the one time a trained trial meets the test split. Residual trials reuse D_comb's
+    outputs from the run's ``eval_cache`` (`bootdiff.memo`)."""
+    from bootdiff.memo import memoize_combined
+    from bootdiff.peers import NAMES, load_peer
+
+    D = load_peer(cfg, manifest, row) if row["kind"] in NAMES else experiment.load_trial(cfg, manifest, row)
+    D = D.to(util.compute_device()).eval()
+    memo = memoize_combined(D, RunLayout.of(cfg).eval_cache)
+    g = generalization(cfg, manifest, D, "test")["total"]
+    if memo is not None:
+        memo.save()
+    return g
