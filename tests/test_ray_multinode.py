@@ -65,6 +65,16 @@ def _fs():
     return fs
 
 
+def _reuse_data(submitted, storage: str) -> None:
+    """Copy the pipeline test's ingested data (the same ``data`` config) under ``storage``, so a
+    later test's pipeline finds it ingested and spends its time on what it tests; without it (the
+    pipeline test failed) the test ingests its own."""
+    fs, src = _fs(), f"{submitted['key']}/data"
+    if fs.exists(f"{src}/manifest.json"):
+        for f in fs.find(src):
+            fs.copy(f, f"{storage[len('s3://'):]}/quickstart/data{f[len(src):]}")
+
+
 def _jobs(cluster) -> list:
     """The dashboard's job API: every job the cluster ran."""
     req = urllib.request.Request(cluster.address + "/api/jobs/",
@@ -316,7 +326,7 @@ def test_local_storage_and_unplaceable_runs_fail_at_load_naming_the_key(cluster,
     assert not _fs().exists(prefix[len("s3://"):])
 
 
-def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3):
+def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3, submitted):
     """SIGKILL the raylet of the node training the low-res view once its run has a registered
     checkpoint: Train's worker group fails, `fit_retrying` starts it again on a node left from
     that checkpoint (or a later one). A fresh node d joins meanwhile; the raylet of the node running the
@@ -325,6 +335,7 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     pipeline finishes with the trial complete. Runs after the tests that need both a and b."""
 
     storage = f"{s3[0]}/nodeloss"
+    _reuse_data(submitted, storage)
     views = ["views.patch.train.total_kimg=1.28", "views.low.train.total_kimg=1.28",
              "views.patch.train.checkpoint_every_kimg=0.32", "views.low.train.checkpoint_every_kimg=0.32",
              "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false",
@@ -366,12 +377,13 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     assert fs.exists(f"{root}/sweep/report/report.html")
 
 
-def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(cluster, s3):
+def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(cluster, s3, submitted):
     """The low-res view may run only on node c (its label selector); c is lost after the view's first
     checkpoint. No node left can take the retry, so the job fails — within a worker-group start
     timeout, not a hang — with the project's message naming the key and the nodes there are."""
     cluster.add_node("c", {"cpus": 1})
     storage = f"{s3[0]}/nodeless"
+    _reuse_data(submitted, storage)
     views = ["ray.worker_start_timeout_s=20", "views.low.scaling.label_selector={node: c}", "views.low.train.total_kimg=1.28",
              "views.low.train.checkpoint_every_kimg=0.32"]
     proc = _submit(cluster, f"storage={storage}", *views, wait=False)
