@@ -65,14 +65,16 @@ def _fs():
     return fs
 
 
-def _reuse_data(submitted, storage: str) -> None:
+def _reuse_data(submitted, storage: str) -> bool:
     """Copy the pipeline test's ingested data (the same ``data`` config) under ``storage``, so a
     later test's pipeline finds it ingested and spends its time on what it tests; without it (the
     pipeline test failed) the test ingests its own."""
     fs, src = _fs(), f"{submitted['key']}/data"
-    if fs.exists(f"{src}/manifest.json"):
-        for f in fs.find(src):
-            fs.copy(f, f"{storage[len('s3://'):]}/quickstart/data{f[len(src):]}")
+    if not fs.exists(f"{src}/manifest.json"):
+        return False
+    for f in fs.find(src):
+        fs.copy(f, f"{storage[len('s3://'):]}/quickstart/data{f[len(src):]}")
+    return True
 
 
 def _jobs(cluster) -> list:
@@ -335,7 +337,7 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     pipeline finishes with the trial complete. Runs after the tests that need both a and b."""
 
     storage = f"{s3[0]}/nodeloss"
-    _reuse_data(submitted, storage)
+    reused = _reuse_data(submitted, storage)
     views = ["views.patch.train.total_kimg=1.28", "views.low.train.total_kimg=1.28",
              "views.patch.train.checkpoint_every_kimg=0.32", "views.low.train.checkpoint_every_kimg=0.32",
              "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false",
@@ -355,6 +357,7 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
         fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual", deadline, since)
     status, logs = cluster.wait_job(sub_id, timeout=max(deadline - time.time(), 60))
     assert status == "SUCCEEDED", logs[-6000:]
+    assert not reused or "data already ingested" in logs
     assert "view 'low': worker failure 1 of at most 2, retrying from the latest checkpoint" in logs, logs[-6000:]
     resumed = [int(s) for s in re.findall(r"resuming from step (\d+) \(\S*view-low", logs)]
     assert resumed and resumed[-1] >= at_step, (resumed, at_step)  # at most one checkpoint interval redone
