@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from bootdiff.sweep import chosen_report
 from rayhead import PY, RAY, REPO, TINY, _env, _free_port, _ray_tmp, _stop
 
 OVERRIDES = [o for o in TINY if not o.startswith("views.patch")]
@@ -185,7 +186,8 @@ def test_sigint_during_sweep_resumes_only_unfinished_trials(head, run, tmp_path)
     rows = {t["trial_id"]: t for t in sweep["trials"]}
     assert sorted(rows) == ["residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1"]
     assert {t["status"] for t in rows.values()} == {"complete"} and all(t["checkpoint"] for t in rows.values())
-    assert rows[finished]["step"] == before["step"] and rows[finished]["val_G"] in {r.get("val_G") for r in reported}
+    # the finished trial's row is as it was: its last step, and the checkpoint of its lowest validation G
+    assert rows[finished]["step"] == before["step"] and rows[finished]["val_G"] == chosen_report(reported)["val_G"]
     assert all(math.isfinite(t["test_G"]) for t in rows.values())  # each at its chosen checkpoint
     starts = [os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sweep_root, "events", "*.start"))]
     assert starts.count(finished) == 1, starts  # the finished trial never ran again
