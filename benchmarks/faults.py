@@ -35,8 +35,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from test_ray_faults import _terminated_trial, start_head  # noqa: E402
-from rayhead import PY, TINY, _stop  # noqa: E402
+from rayhead import PY, TINY, _stop, start_head, terminated_trial  # noqa: E402
 
 STEP_LINE = re.compile(r"\bstep (\d+)\s+kimg ")
 
@@ -140,7 +139,7 @@ def faulted(run: Run, config: str, extra) -> dict:
                           "--verify", "--repair"], env=run.env, cwd=REPO, capture_output=True, text=True, timeout=600)
     faults["repair"] = {"rc": rep.returncode, "repaired": json.loads(rep.stdout[rep.stdout.index("{"):]).get("repaired")}
     # 4. SIGINT during the sweep, once a trial finished.
-    run.start().until(lambda: _terminated_trial(os.path.join(run.root, "sweep", "tune")) is not None,
+    run.start().until(lambda: terminated_trial(os.path.join(run.root, "sweep", "tune")) is not None,
                       what="a finished trial")
     run.interrupt()
     faults["sweep_sigint"] = run.wait("SIGINT during sweep_residual")

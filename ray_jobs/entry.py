@@ -164,6 +164,24 @@ SHARED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "
               "BOOTDIFF_CACHE", "RAY_TRAIN_ENABLE_STATE_TRACKING", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
               "PYTHONWARNINGS", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
+# The credentials Ray Tune copies from the driver's environment into every trial actor's runtime_env
+# (`ray/tune/execution/class_cache.py`, 2.60) — and so into the Train run each trial starts (a
+# child inherits its parent's runtime_env). Ray publishes a runtime_env: each node's
+# runtime_env_agent.log held the keys of the head that ran the sweep's driver.
+TUNE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Take `TUNE_CREDENTIALS` out of the variables Ray Tune sends its trials: the trials and their
+    Train workers take credentials from the cluster's own environment, as every other worker does
+    (`SHARED_ENV`; cluster/README.md). A local ``ray.init()`` cluster's workers inherit the
+    driver's environment, so nothing changes there."""
+    from ray.tune.execution import class_cache
+
+    if hasattr(class_cache, "ENV_VARS_TO_PROPAGATE"):
+        class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - set(TUNE_CREDENTIALS)
+
+
 # Ray's own console lines that a newcomer takes for failures and that ask nothing of them: Ray
 # Data's deprecation of an option Ray Train itself passes (every Train controller prints it).
 RAY_WARNINGS_IGNORED = ("ignore:`ExecutionOptions.exclude_resources` is deprecated",)

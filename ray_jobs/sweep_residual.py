@@ -305,6 +305,7 @@ def run(cfg, cfg_yaml: str) -> dict:
     # its TensorBoard logger: the runs' curves are bootdiff's (tb/), and that logger makes Tune print
     # a `tensorboard --logdir <Ray session folder>` line that points a newcomer at the wrong place.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    entry.keep_credentials_out_of_tune()  # Tune would publish the driver's cloud keys in its trials' runtime_env
     # A token share per trial: the trial's own Train workers hold the real resources (docs/RAY.md).
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, cfg_yaml=cfg_yaml, session=str(time.time_ns())),
                                     {"CPU": TRIAL_TOKEN_CPU})

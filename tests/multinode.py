@@ -67,13 +67,17 @@ def kill_processes_of(marker: str, grace_s: float = 5.0) -> None:
 
 
 class LocalCluster:
-    """``LocalCluster({"a": {"cpus": 2}, "b": {"cpus": 2, "resources": {"fake_gpu": 1}}}, env)``:
+    """``LocalCluster({"a": {"cpus": 2}, "b": {"cpus": 2, "resources": {"fake_gpu": 1}}}, env,
+    node_env)``:
     ``start()`` brings up the head and the nodes and waits until every node is alive;
     ``address`` (dashboard URL, for ``ray job submit``), ``gcs`` (for ``RAY_ADDRESS``), ``env``
-    (token auth, for drivers and the CLI), ``node_ids()`` (name -> Ray node id)."""
+    (token auth, for drivers and the CLI), ``node_ids()`` (name -> Ray node id). ``node_env``:
+    variables only the nodes' ``ray start`` gets (e.g. the cloud credentials a cluster is given,
+    which the CLI's and the drivers' ``env`` then lack)."""
 
-    def __init__(self, nodes: Dict[str, dict], env: Optional[dict] = None):
+    def __init__(self, nodes: Dict[str, dict], env: Optional[dict] = None, node_env: Optional[dict] = None):
         self.nodes = nodes
+        self.node_env = dict(node_env or {})
         self.root = tempfile.mkdtemp(prefix="bdmn-", dir="/tmp")  # Ray's socket paths stay short
         token = uuid.uuid4().hex
         self.env = dict(env or os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
@@ -92,8 +96,8 @@ class LocalCluster:
         d = self._dir(name)
         for attempt in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait
             proc = subprocess.run([RAY, "start", f"--temp-dir={d}/t", "--disable-usage-stats", *args],
-                                  env=self.env, cwd=os.path.join(d, "work"), capture_output=True, text=True,
-                                  timeout=180)
+                                  env=dict(self.env, **self.node_env), cwd=os.path.join(d, "work"),
+                                  capture_output=True, text=True, timeout=180)
             if proc.returncode == 0:
                 return
             self._kill(f"{d}/t")

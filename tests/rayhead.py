@@ -1,16 +1,17 @@
 """What the Ray integration tests share: the tiny quickstart's overrides (`TINY`, and the
-`PATIENT` baseline and `DISTILL` stage the job-submitted pipeline adds), Ray's temp dir and
-environment for a head of a test's own (token auth with a fresh token), stopping only that head's
-processes, `ray job submit` retried while a new head's job agent comes up, and TensorBoard's raw
-steps. The job-submitted pipeline itself runs on the simulated multi-node cluster
-(tests/test_ray_multinode.py); a sweep interrupted and restored is tests/test_ray_faults.py's."""
+`PATIENT` baseline and `DISTILL` stage the job-submitted pipeline adds), TensorBoard's raw steps,
+and the trial Tune's saved state records as finished (`terminated_trial`); for
+benchmarks/faults.py, a local head of its own (`start_head`: token auth with a fresh token, Ray's
+files in a temp dir) and stopping only that head's processes (`_stop`). The job-submitted
+pipeline itself, and the faults tests (SIGINT during the sweep, two submissions at once, nodes
+lost), run on the simulated multi-node cluster (tests/test_ray_multinode.py)."""
 
+import glob
+import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 
 from multinode import kill_processes_of
@@ -55,11 +56,6 @@ def _free_port() -> int:
 AUTH_TOKEN = uuid.uuid4().hex
 
 
-def _ray_tmp() -> str:
-    """A short temp dir for Ray (its socket paths must stay under 107 bytes)."""
-    return tempfile.mkdtemp(prefix="bdray-", dir="/tmp")
-
-
 def _env(tmp: str, **extra) -> dict:
     # Token auth (new local heads use it): one fresh token for the head, the CLI and the drivers, so
     # the test does not depend on a ~/.ray/auth_token left on the machine.
@@ -78,19 +74,41 @@ def _stop(tmp: str, env: dict) -> None:
     kill_processes_of(tmp)
 
 
-def _submit(cmd, env, timeout):
-    """`ray job submit`, retried while a just-started head's job agent is not up yet."""
-    for _ in range(30):
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        if "No available agent to submit job" not in proc.stdout + proc.stderr:
-            return proc
-        time.sleep(3)
-    return proc
-
-
 def tb_raw_steps(folder, tag):
     """Every step of ``tag`` in a TensorBoard run folder's event files, read raw (no purge)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     return [e.step for f in sorted(os.listdir(folder)) if "tfevents" in f
             for e in EventFileLoader(os.path.join(folder, f)).Load() for v in e.summary.value if v.tag == tag]
+
+
+def start_head(tmp: str, tries: int = 3) -> dict:
+    """`ray start --head` (2 CPUs, dashboard, free ports, token auth) with Ray's files under
+    ``tmp``; retried because Ray gives a new node only 30 s to register, which a loaded machine can
+    miss. Returns the environment for drivers (``RAY_ADDRESS`` set); stop with `_stop`."""
+    env = _env(tmp)
+    for attempt in range(tries):
+        port = _free_port()
+        ports = [f"--{n}={_free_port()}" for n in ("dashboard-port", "dashboard-agent-listen-port",
+                                                   "dashboard-agent-grpc-port", "ray-client-server-port",
+                                                   "runtime-env-agent-port", "metrics-export-port")]
+        proc = subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                               "--disable-usage-stats", *ports], env=env, capture_output=True, text=True, timeout=180)
+        if proc.returncode == 0:
+            return dict(env, RAY_ADDRESS=f"127.0.0.1:{port}")
+        _stop(tmp, env)
+    raise RuntimeError(f"ray start --head failed {tries} times: {proc.stderr[-2000:]}")
+
+
+def terminated_trial(tune_dir: str):
+    """Label of a trial that Tune's saved experiment state records as TERMINATED, if any."""
+    for path in glob.glob(os.path.join(tune_dir, "experiment_state-*.json")):
+        try:
+            state = json.load(open(path))
+        except ValueError:  # being rewritten
+            continue
+        for data, _ in state["trial_data"]:
+            trial = json.loads(data)
+            if trial["status"] == "TERMINATED":
+                return trial["config"]["trial"]["label"]
+    return None

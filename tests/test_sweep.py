@@ -1,8 +1,11 @@
 """The sweep's bookkeeping (`bootdiff.sweep`): the trial list and each trial's config, peers as
 baselines, the trial rows and best trial, each trained trial taken at its validation minimum, and the
-recommended model (docs/CONTRACTS.md, `bootdiff/sweep.py`)."""
+recommended model (docs/CONTRACTS.md, `bootdiff/sweep.py`); the four trial statuses and ASHA after a
+restore (`ray_jobs.sweep_residual.RestoreSafeASHA`)."""
 
 import math
+import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -133,3 +136,56 @@ def test_each_trained_trial_is_taken_at_its_validation_minimum():
     assert chosen_report([dict(h, val_G=nan) for h in history]) is None and chosen_report(None) is None
     last = trial_row(cfg, res, history[-1], "/ck/3", None, chosen=None)
     assert last["checkpoint"] == "/ck/3" and last["chosen_kimg"] == 3.0
+
+
+def test_trial_statuses_distinct_and_asha_after_restore():
+    """complete / stopped_early / interrupted / error are four statuses; a trial restored with
+    results is never stopped by ASHA's emptied rungs, a trial started after the restore still is."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from bootdiff.config import load_config, to_object
+    from bootdiff.sweep import STATUSES, trial_status
+    from ray_jobs.sweep_residual import RestoreSafeASHA
+
+    cfg = to_object(load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml"), ["residual.train.total_kimg=2"]))
+    res = {"kind": "residual"}
+    got = [trial_status(cfg, res, {"kimg": 2.0}, None),
+           trial_status(cfg, res, {"kimg": 1.0}, None),
+           trial_status(cfg, res, {"kimg": 1.0}, None, finished=False),
+           trial_status(cfg, res, {"kimg": 1.0}, RuntimeError("boom"), finished=False)]
+    assert got == list(STATUSES) == ["complete", "stopped_early", "interrupted", "error"]
+
+    def asha():
+        return RestoreSafeASHA(time_attr="kimg", metric="val_G", mode="min", max_t=4, grace_period=1,
+                               reduction_factor=2)
+
+    def trial(tid, last=None, kind="residual"):
+        return SimpleNamespace(trial_id=tid, last_result=last or {}, config={"trial": {"kind": kind}})
+
+    # A fresh scheduler (as Tuner.restore builds it): trial "good" started after the restore and
+    # reports a low G at kimg 1 and 2; trial "bad" reports a worse G at kimg 2.
+    for restored, expect in ((False, TrialScheduler.STOP), (True, TrialScheduler.CONTINUE)):
+        s = asha()
+        good, bad = trial("good"), trial("bad", {"kimg": 1.0, "val_G": 0.9} if restored else None)
+        s.on_trial_add(None, good)
+        s.on_trial_add(None, bad)
+        assert s.on_trial_result(None, good, {"kimg": 1.0, "val_G": 0.1}) == TrialScheduler.CONTINUE
+        assert s.on_trial_result(None, good, {"kimg": 2.0, "val_G": 0.1}) == TrialScheduler.CONTINUE
+        # "bad" resumes at kimg 2: plain ASHA judges it on the rungs "good" alone filled and stops it
+        assert s.on_trial_result(None, bad, {"kimg": 2.0, "val_G": 0.9}) == expect, restored
+    # ASHA still acts on trials that start after the restore.
+    late = trial("late")
+    s.on_trial_add(None, late)
+    assert s.on_trial_result(None, late, {"kimg": 2.0, "val_G": 0.95}) == TrialScheduler.STOP
+    # The baselines are never judged: a full-res baseline far worse than every residual trial at
+    # the same kimg runs on, and its results do not enter the rungs (a later trial is not judged on them).
+    s = asha()
+    base, r1 = trial("full_res", kind="full_res"), trial("r1")
+    s.on_trial_add(None, base)
+    s.on_trial_add(None, r1)
+    assert s.on_trial_result(None, r1, {"kimg": 2.0, "val_G": 0.1}) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, base, {"kimg": 2.0, "val_G": 5.0}) == TrialScheduler.CONTINUE
+    s.on_trial_complete(None, base, {"kimg": 14.0, "val_G": 0.01})
+    r2 = trial("r2")
+    s.on_trial_add(None, r2)
+    assert s.on_trial_result(None, r2, {"kimg": 2.0, "val_G": 0.5}) == TrialScheduler.STOP  # judged on r1 alone
