@@ -67,7 +67,7 @@ def ensemble_trial(cfg, manifest: dict, trials, best_id: Optional[str]) -> Optio
     peer to average, or no validation split (``data.num_val = 0``) to choose the weight on. Each
     member's outputs at G's fixed inputs are computed once for all the weights (`bootdiff.memo`; D_comb's from the run's ``eval_cache``, as the trials left them)."""
     from bootdiff import experiment, util
-    from bootdiff.evaluation.scores import generalization_pair, validation_G
+    from bootdiff.evaluation.scores import curve_settings, generalization_pair, validation_G
     from bootdiff.memo import memoize_combined, memoized
     from bootdiff.peers import load_peer
     from bootdiff.run.layout import RunLayout
@@ -90,6 +90,7 @@ def ensemble_trial(cfg, manifest: dict, trials, best_id: Optional[str]) -> Optio
     return {"trial_id": "ensemble", "kind": "ensemble", "mu_var": None, "mu_l1": None, "range_adapter": None,
             "members": [best["trial_id"], peer["trial_id"]], "weights": [w, 1 - w],
             "val_G_by_weight": {f"{k:g}": v for k, v in val.items()}, "val_G": val[w], "test_G": test["total"],
+            "test_curve": {**test, "settings": curve_settings(cfg, manifest, "test")},  # reused by evaluation
             "train_G": train["total"], "kimg": None, "chosen_kimg": None, "step": 0, "status": "complete",
             "checkpoint": None, "error": None}
 

@@ -251,8 +251,8 @@ def _trials_test_G(cfg_yaml: str, rows: list) -> list:
 
 
 def score_on_test(cfg, cfg_yaml: str, rows: list) -> None:
-    """Fill in ``test_G`` of every trained trial at the checkpoint it is taken at
-    (`bootdiff.evaluation.scores.trial_test_G`): during training the trials report validation
+    """Fill in ``test_G`` (and its curve, ``test_curve``) of every trained trial at the checkpoint
+    it is taken at (`bootdiff.evaluation.scores.trial_test_G`): during training the trials report validation
     and training G only, so the test split is met once per trial, after every choice was made on
     validation. One Ray task with a sweep trial's resources scores them one after another: a
     task per trial would pay a worker's start-up (imports) for each, more than a tiny sweep's
@@ -266,7 +266,7 @@ def score_on_test(cfg, cfg_yaml: str, rows: list) -> None:
     print(f"[bootdiff] test G of {len(todo)} trained trial(s) at the checkpoint each is taken at ...", flush=True)
     task = ray.remote(**trial_task_options(cfg, max_retries=2))(_trials_test_G)
     for r, g in zip(todo, ray.get(task.remote(cfg_yaml, todo))):
-        r["test_G"] = g
+        r["test_G"], r["test_curve"] = g["total"], g  # the curve: evaluation reuses it (scores.reusable_curve)
 
 
 def ensemble_row(cfg, cfg_yaml: str, rows: list, best_id) -> Optional[dict]:

@@ -3,9 +3,12 @@ as a user's SD VAE would be) → latent ingest of real MNIST → view models tra
 `bootdiff.train` and exported → one residual trial → `bootdiff.evaluation.evaluate.evaluate` (stage 3),
 whose report shows VAE-decoded pictures."""
 
+import copy
+import json
 import math
 import os
 
+import pytest
 import torch
 
 from bootdiff import experiment, util
@@ -13,7 +16,8 @@ from bootdiff.checkpoint import load_checkpoint
 from bootdiff.config import load_config, to_object, to_yaml
 from bootdiff.data.ingest import ingest
 from bootdiff.evaluation.evaluate import evaluate
-from bootdiff.evaluation.scores import evaluate_checkpoint, generalization, generalization_pair, trial_test_G
+from bootdiff.evaluation.scores import (curve_settings, evaluate_checkpoint, generalization, generalization_pair,
+                                        reusable_curve, trial_test_G)
 from bootdiff.experiment import export_result, load_trial
 from bootdiff.export import load_bootstrap_model, load_view_model
 from bootdiff.run.layout import RunLayout
@@ -88,12 +92,19 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     assert (swept["val_G"], swept["train_G"]) == (at_ckpt["val_G"], at_ckpt["train_G"])
     row = {"trial_id": "residual-a", "kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True,
            "checkpoint": res.checkpoint_url}
-    assert abs(trial_test_G(cfg, manifest, row) - G["total"]) < 1e-6 * G["total"]
+    g = trial_test_G(cfg, manifest, row)
+    assert abs(g["total"] - G["total"]) < 1e-6 * G["total"] and g["settings"] == curve_settings(cfg, manifest, "test")
+    # evaluation reuses the curve a row keeps under the same settings, and only then
+    assert reusable_curve(cfg, manifest, {**row, "test_curve": g}) == g
+    other = copy.deepcopy(cfg)
+    other.eval.num_sigma += 1
+    assert reusable_curve(other, manifest, {**row, "test_curve": g}) is None and reusable_curve(cfg, manifest, row) is None
+    kept = {**g, "mean": [2 * m for m in g["mean"]]}  # a kept curve told apart from a recomputed one
 
     outcome = {"best": "residual-a", "trials": [
         {"trial_id": "residual-a", "kind": "residual", "mu_var": 0.1, "mu_l1": 0.0, "range_adapter": True,
          "test_G": G["total"], "train_G": G["total"], "kimg": res.kimg, "step": res.step, "status": "complete",
-         "checkpoint": res.checkpoint_url},
+         "checkpoint": res.checkpoint_url, "test_curve": kept},
         {"trial_id": "combined", "kind": "combined", "mu_var": None, "mu_l1": None, "range_adapter": None,
          "test_G": G_comb["total"], "train_G": G_comb["total"], "kimg": 0, "step": 0, "status": "complete",
          "checkpoint": None}]}
@@ -101,7 +112,9 @@ def test_latent_experiment_without_ray(tmp_path, mnist_wheel):
     assert urls["html"] == f"{layout.report}/report.html" and os.path.exists(layout.summary)
     html = open(urls["html"]).read()
     assert "32×32" in html and "16×16" not in html.split("Samples")[1].split("Trials")[0]  # decoded pictures
-    assert html.count("data:image/png;base64,") >= 5
+    assert html.count("data:image/png;base64,") >= 5 and "test_curve" not in html  # a curve, not a column
+    total = json.load(open(layout.summary))["total_G"]["bootstrapped"]["test"]
+    assert total == pytest.approx(2 * g["total"], rel=1e-9)  # the row's curve, not computed again
 
     # The exported bootstrapped model is the evaluated one, and the trained one.
     loaded = load_bootstrap_model(layout.model("bootstrap"))

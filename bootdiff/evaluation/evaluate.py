@@ -2,7 +2,9 @@
 
 For the best residual trial (bootstrapped denoiser), the combined denoiser alone, the full-res
 baseline and each view model alone: per-σ generalization error G on the held-out and the
-training full-resolution sets (mean and 1−δ quantile, docs/METHOD.md §6), samples with the
+training full-resolution sets (mean and 1−δ quantile, docs/METHOD.md §6; the held-out curve of a
+model the sweep already scored on the test split — a trial at the checkpoint it is taken at, the
+ensemble — is the sweep's, `bootdiff.evaluation.scores.reusable_curve`), samples with the
 configured sampler (§7), and their sliced Wasserstein distance to held-out data (in total and per
 pyramid level: Figure 1 of the paper as numbers — which model lacks fine detail, which lacks
 coarse structure), memorisation rate and nearest-neighbour distance to the training set, and the
@@ -27,7 +29,7 @@ import torch
 
 from bootdiff import experiment, util
 from bootdiff.evaluation import fd
-from bootdiff.evaluation.scores import generalization_pair
+from bootdiff.evaluation.scores import generalization, reusable_curve
 from bootdiff.run.layout import RunLayout
 from bootdiff.sweep import num
 
@@ -97,12 +99,18 @@ def evaluate(cfg, cfg_yaml: str, outcome: dict, student: Optional[Callable] = No
     if distilled is not None:
         models["student"] = distilled
 
+    # the sweep's rows of the models it scored on the test split (their curves are reused)
+    row_of = {"bootstrapped": rows.get(outcome.get("best")), "full_res": full[0] if full else None,
+              "ensemble": ens, **{r["trial_id"]: r for r in best_peers(outcome["trials"])}}
     for name, D in models.items():
         print(f"[bootdiff] evaluating {name} ...", flush=True)
         D.to(device)
         boot = D.members[0] if name == "ensemble" else D  # the ensemble's bootstrapped member holds D_comb
         memo = memoized(D, layout.eval_cache) if name == "combined" else memoize_combined(boot, layout.eval_cache)
-        test, train = generalization_pair(cfg, manifest, memo if name == "combined" else D)
+        scored = memo if name == "combined" else D
+        # test G as the sweep computed it, for the same weights and settings (scores.reusable_curve)
+        test = reusable_curve(cfg, manifest, row_of.get(name)) or generalization(cfg, manifest, scored, "test")
+        train = generalization(cfg, manifest, scored, "full")
         if memo is not None:  # outputs the sweep computed for the same weights are reused
             memo.save()
             if name != "combined":

@@ -67,7 +67,8 @@ def _columns(trials) -> list:
     cols = list(REQUIRED)
     if any("val_G" in t for t in trials):  # the score the sweep chose on, beside the test G
         cols.insert(cols.index("test_G"), "val_G")
-    extra = sorted({k for t in trials for k in t} - set(cols), key=str)
+    # a row's test-split G curve (``test_curve``, kept for evaluation to reuse) is drawn, not tabled
+    extra = sorted({k for t in trials for k in t} - set(cols) - {"test_curve"}, key=str)
     return cols[:-1] + extra + ["checkpoint"]
 
 

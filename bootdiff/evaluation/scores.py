@@ -1,7 +1,8 @@
 """Generalization error G of a denoiser on a full-resolution split (docs/METHOD.md §6), as every
 stage measures it: the held-out ``test`` and training ``full`` pair, the ``val`` score the sweep
 chooses on, those of a checkpoint's EMA weights that the Ray jobs report at each checkpoint, and
-a sweep trial's test G at the checkpoint it is taken at. The metric itself is
+a sweep trial's test G at the checkpoint it is taken at, its curve kept for evaluation to reuse
+under the same settings (`reusable_curve`). The metric itself is
 `bootdiff.evaluation.metrics.generalization_error`.
 """
 
@@ -97,10 +98,24 @@ def evaluate_checkpoint(cfg, manifest: dict, model, checkpoint_url: str, test: b
     return {"val_G": val, "test_G": test_G, "train_G": train["total"], "kimg": state["nimg"] / 1000}
 
 
-def trial_test_G(cfg, manifest: dict, row: dict) -> float:
-    """Total G on the test split (docs/METHOD.md §6) of a sweep trial's model at the checkpoint it
-    is taken at (the row's ``checkpoint``: its validation minimum, `bootdiff.sweep.chosen_report`).
-    This is the one time a trained trial meets the test split. Residual trials reuse D_comb's
+def curve_settings(cfg, manifest: dict, split: str) -> dict:
+    """What G's curve on ``split`` depends on besides the model (docs/METHOD.md §6): the split
+    (name and image count), the samples scored, the σ grid, the noise seed, δ and σ_data of λ(σ).
+    A curve computed under equal settings, for the same weights, is the same curve."""
+    from bootdiff.evaluation.metrics import sigma_grid
+
+    ecfg = cfg.eval
+    count = int(experiment.view_info(manifest, split)["count"])
+    return {"split": split, "count": count, "n": min(count, int(ecfg.max_samples)), "sigma": sigma_grid(ecfg),
+            "seed": int(ecfg.seed), "delta": float(ecfg.delta), "sigma_data": experiment.g_sigma_data(manifest)}
+
+
+def trial_test_G(cfg, manifest: dict, row: dict) -> dict:
+    """G on the test split (docs/METHOD.md §6: its per-σ curve and ``total``, with the
+    ``settings`` it was computed under, `curve_settings`) of a sweep trial's model at the checkpoint
+    it is taken at (the row's ``checkpoint``: its validation minimum, `bootdiff.sweep.chosen_report`).
+    This is the one time a trained trial meets the test split; the row keeps the curve
+    (``test_curve``), which evaluation reuses (`reusable_curve`). Residual trials reuse D_comb's
     outputs from the run's ``eval_cache`` (`bootdiff.memo`)."""
     from bootdiff.memo import memoize_combined
     from bootdiff.peers import NAMES, load_peer
@@ -108,7 +123,18 @@ def trial_test_G(cfg, manifest: dict, row: dict) -> float:
     D = load_peer(cfg, manifest, row) if row["kind"] in NAMES else experiment.load_trial(cfg, manifest, row)
     D = D.to(util.compute_device()).eval()
     memo = memoize_combined(D, RunLayout.of(cfg).eval_cache)
-    g = generalization(cfg, manifest, D, "test")["total"]
+    g = generalization(cfg, manifest, D, "test")
     if memo is not None:
         memo.save()
-    return g
+    return {**g, "settings": curve_settings(cfg, manifest, "test")}
+
+
+def reusable_curve(cfg, manifest: dict, row: Optional[dict]) -> Optional[dict]:
+    """The test-split G curve a sweep row keeps (``test_curve``: `trial_test_G`, or the ensemble's,
+    `bootdiff.ensemble.ensemble_trial`) when it was computed under this run's `curve_settings`;
+    None otherwise (no such row or curve, or evaluation settings changed since: G is computed
+    again)."""
+    curve = (row or {}).get("test_curve")
+    if not curve or curve.get("settings") != curve_settings(cfg, manifest, "test"):
+        return None
+    return curve
