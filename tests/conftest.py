@@ -65,3 +65,26 @@ def local_ray(request):
             os.environ.pop("RAY_TMPDIR", None)
         else:
             os.environ["RAY_TMPDIR"] = old
+
+
+@pytest.fixture(scope="session")
+def cluster(s3, mnist_wheel):
+    """The three-node Ray cluster the Ray tests share (`raycluster.start_cluster`). The last module
+    that uses it (tests/test_ray_multinode_faults.py, whose tests lose nodes) stops it when it is
+    done, so no cluster idles beside the tests after it; stopping again here is harmless."""
+    from raycluster import start_cluster
+
+    c = start_cluster()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def submitted(cluster, s3, tmp_path_factory):
+    """The job-submitted pipeline on `cluster`, run once for the tests that read it or reuse its
+    data and view models (`raycluster.run_pipeline`)."""
+    from raycluster import run_pipeline
+
+    return run_pipeline(cluster, s3, tmp_path_factory)

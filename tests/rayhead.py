@@ -4,7 +4,7 @@ and the trial Tune's saved state records as finished (`terminated_trial`); for
 benchmarks/faults.py, a local head of its own (`start_head`: token auth with a fresh token, Ray's
 files in a temp dir) and stopping only that head's processes (`_stop`). The job-submitted
 pipeline itself, and the faults tests (SIGINT during the sweep, two submissions at once, nodes
-lost), run on the simulated multi-node cluster (tests/test_ray_multinode.py)."""
+lost), run on the simulated multi-node cluster the Ray tests share (tests/raycluster.py)."""
 
 import glob
 import json

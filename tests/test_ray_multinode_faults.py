@@ -1,0 +1,212 @@
+"""Faults on the three-node Ray cluster the Ray tests share (tests/raycluster.py), after
+tests/test_ray_multinode.py's pipeline (its data and view models are reused where a test's would
+be the same: `raycluster.reuse`). Deterministic failures (a non-finite loss, a corrupt shard) are
+not retried. From a terminal joined to the cluster (drivers with ``RAY_ADDRESS``, storage a local
+path every node shares): two submissions of one run at once, exactly one runs (the run's lease);
+SIGINT during the sweep, and the same command restores it and runs only the unfinished trials.
+Then nodes are lost: a worker node lost mid-stage-1 or mid-sweep costs at most one checkpoint
+interval and the run finishes on the nodes left; a run with no node left for it fails naming what
+is missing. This module uses the cluster last and stops it when done."""
+
+import glob
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from bootdiff.sweep import chosen_report
+from raycluster import driver, job, one_view_config, reuse, s3fs, submission_id, submit
+from rayhead import REPO, terminated_trial
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_cluster_after(cluster):
+    """The shared cluster's last user (its tests lose nodes): stop it when this module is done,
+    not at the end of the session, so no cluster idles beside the tests after it."""
+    yield
+    cluster.stop()
+
+
+def test_deterministic_failures_fail_at_once_naming_their_cause(cluster, tmp_path):
+    """A non-finite loss (lr=1e6) and a corrupt shard, two view jobs submitted at once: each fails
+    after one attempt with its own error, not retried (a Train worker that dies is: the nodes lost
+    below take their workers with them, and each run resumes from its checkpoint through the same
+    `fit_retrying`). The data error reaches the driver as itself (it pickles with its own
+    arguments): before, Ray's controller got a TypeError from ChecksumError's constructor inside a
+    system error, and every attempt was retried."""
+    nan = one_view_config(tmp_path, "nan", ["views.low.train.lr=1e6"])
+    bad = one_view_config(tmp_path, "bad")
+    shard = tmp_path / "store" / "bad" / "data" / "low" / "low-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    ids = [submission_id(job(cluster, "ray_jobs.train_views", path, wait=False)) for path in (nan, bad)]
+    (status, out), (bad_status, bad_out) = [cluster.wait_job(i, timeout=600) for i in ids]
+    assert status == "FAILED", out[-6000:]
+    assert re.search(r"FloatingPointError: non-finite (loss|gradient norm) at step \d", out), out[-6000:]
+    assert out.count("not retried") >= 1 and "worker failure 1" not in out
+    assert "FailurePolicy] RETRY" not in out
+    assert len(re.findall(r"step 1 +kimg", out)) == 1, out[-6000:]  # one attempt
+
+    assert bad_status == "FAILED", bad_out[-6000:]
+    assert re.search(r"ChecksumError: shard \S*low-000000\.tar checksum mismatch", bad_out), bad_out[-6000:]
+    assert "not retried" in bad_out and "worker failure 1" not in bad_out, bad_out[-6000:]
+    assert "missing 2 required positional arguments" not in bad_out
+
+
+def test_two_submissions_at_once_exactly_one_runs(cluster, tmp_path):
+    """Two ingest drivers of the same run started together: one takes the lease and ingests, the
+    other fails at once naming the first (pid, Ray job submission id) and touches nothing."""
+    root, procs = tmp_path / "quickstart", []
+    for i in range(2):
+        cmd, env = driver(cluster, "ingest", str(tmp_path))
+        job = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": f"raysubmit_fault{i}"}})
+        procs.append(subprocess.Popen(cmd, env=dict(env, RAY_JOB_CONFIG_JSON_ENV_VAR=job), cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=170)[0] for p in procs]
+    rcs = [p.returncode for p in procs]
+    assert sorted(rcs) == [0, 75], (rcs, [o[-3000:] for o in outs])
+    win, lose = (0, 1) if rcs[0] == 0 else (1, 0)
+    msg = outs[lose]
+    assert f"pid {procs[win].pid}" in msg and f"raysubmit_fault{win}" in msg and "ray_jobs.ingest" in msg, msg
+    assert "ingested" in outs[win] and "ingested" not in msg
+    assert (root / "data" / "manifest.json").exists()
+    assert not (root / "lease.json").exists()  # released by the winner
+
+
+def test_sigint_during_sweep_resumes_only_unfinished_trials(cluster, submitted, tmp_path):
+    """SIGINT to the sweep driver (on the pipeline test's data and view models) after one of two
+    residual trials finished: exit 130 naming the sweep, no sweep.json; the same command then
+    restores Tune's experiment, runs only the unfinished trial, and writes what an uninterrupted
+    sweep writes (both trials complete, the finished one's row as it was, the best trial the one
+    of the lowest validation G)."""
+    storage = str(tmp_path / "storage")
+    root = os.path.join(storage, "quickstart")
+    if not reuse(submitted, storage, models=("patch", "low")):
+        for stage in ("ingest", "train_views"):
+            cmd, env = driver(cluster, stage, storage)
+            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    sweep_root = os.path.join(root, "sweep")
+    cmd, env = driver(cluster, "sweep_residual", storage, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
+                       "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false")
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline, finished = time.time() + 300, None
+        while time.time() < deadline and finished is None and first.poll() is None:
+            time.sleep(0.5)
+            finished = terminated_trial(os.path.join(sweep_root, "tune"))
+        assert finished is not None, open(tmp_path / "first.log").read()[-4000:]
+        first.send_signal(signal.SIGINT)  # what Ctrl-C sends the driver
+        first.wait(timeout=120)
+    out = open(tmp_path / "first.log").read()
+    assert first.returncode == 130, out[-4000:]
+    assert "INTERRUPTED (SIGINT)" in out and "the sweep (1 of 2 trials unfinished" in out, out[-4000:]
+    assert not os.path.exists(os.path.join(sweep_root, "sweep.json"))
+    reported = [json.loads(line) for line in open(glob.glob(os.path.join(sweep_root, "tune", f"trial-{finished}",
+                                                                          "result.json"))[0])]
+    assert not any("test_G" in r for r in reported)  # validation and training G only: test G once, at the end
+    before = reported[-1]
+
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "restoring interrupted sweep" in out and "sweep already complete" not in out
+    sweep = json.load(open(os.path.join(sweep_root, "sweep.json")))
+    rows = {t["trial_id"]: t for t in sweep["trials"]}
+    assert sorted(rows) == ["residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1"]
+    assert {t["status"] for t in rows.values()} == {"complete"} and all(t["checkpoint"] for t in rows.values())
+    # the finished trial's row is as it was: its last step, and the checkpoint of its lowest validation G
+    assert rows[finished]["step"] == before["step"] and rows[finished]["val_G"] == chosen_report(reported)["val_G"]
+    assert all(math.isfinite(t["test_G"]) for t in rows.values())  # each at its chosen checkpoint
+    assert rows[sweep["best"]]["val_G"] == min(t["val_G"] for t in rows.values())  # chosen on validation G
+    starts = [os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sweep_root, "events", "*.start"))]
+    assert starts.count(finished) == 1, starts  # the finished trial never ran again
+    other = next(t for t in rows if t != finished)
+    assert 1 <= starts.count(other) <= 2, starts
+
+
+def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3, submitted):
+    """With the pipeline test's patch view reused, SIGKILL the raylet of the node training the
+    low-res view once its run has a registered
+    checkpoint: Train's worker group fails, `fit_retrying` starts it again on a node left from
+    that checkpoint (or a later one). A fresh node d joins meanwhile; the raylet of the node running the
+    residual trial is killed in turn once the trial has a checkpoint: the trial (its Train workers,
+    and its Tune driver if it was there) resumes from that checkpoint on a node left, and the
+    pipeline finishes with the trial complete. Runs after the tests that need both a and b."""
+
+    storage = f"{s3[0]}/nodeloss"
+    reused = reuse(submitted, storage, models=("patch",))  # stage 1 trains the low-res view alone
+    views = ["views.low.train.total_kimg=1.28", "views.low.train.checkpoint_every_kimg=0.32",
+             "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false",
+             "residual.train.total_kimg=0.96", "residual.train.checkpoint_every_kimg=0.24"]
+    since = time.time_ns()
+    sub_id = submission_id(submit(cluster, f"storage={storage}", *views, wait=False))
+    fs, root = s3fs(), storage[len("s3://"):] + "/quickstart"
+    deadline = time.time() + 900
+    lost, at_step, _ = cluster.kill_after_checkpoint(fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
+                                                     "view-low", deadline, since)
+    left = "b" if lost == "a" else "a"
+    cluster.add_node("d", {"cpus": 2})  # the sweep gets two nodes again
+    lost2, trial_step, trial_run = cluster.kill_after_checkpoint(
+        fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual", deadline, since)
+    status, logs = cluster.wait_job(sub_id, timeout=max(deadline - time.time(), 60))
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert not reused or ("data already ingested" in logs and "view 'patch': already exported" in logs)
+    assert "view 'low': worker failure 1 of at most 2, retrying from the latest checkpoint" in logs, logs[-6000:]
+    resumed = [int(s) for s in re.findall(r"resuming from step (\d+) \(\S*view-low", logs)]
+    assert resumed and resumed[-1] >= at_step, (resumed, at_step)  # at most one checkpoint interval redone
+    runs = cluster.train_runs()
+    last = max((r for r in runs if r["name"] == "view-low"), key=lambda r: r["start_time_ns"])
+    ids = {v: k for k, v in cluster.node_ids(alive=False).items()}
+    # on a node left: the other one, or d if it had joined by the retry
+    assert {ids.get(w["node_id"]) for a in last["attempts"] for w in a["workers"]} <= {left, "d"}
+    info = json.loads(fs.cat(f"{root}/views/view-low.json"))
+    assert info["metrics"]["step"] == 20  # 1.28 kimg / 64 per step, all of it trained
+    # the sweep: the residual trial resumed from its checkpoint on a node left, and completed
+    label = trial_run[len("trial-"):]
+    resumed = [int(s) for s in re.findall(rf"resuming from step (\d+) \(\S*{trial_run}/", logs)]
+    assert resumed and resumed[-1] >= trial_step, (resumed, trial_step, logs[-6000:])
+    last = max((r for r in runs if r["name"] == trial_run), key=lambda r: r["start_time_ns"])
+    assert lost2 not in {ids.get(w["node_id"]) for a in last["attempts"] for w in a["workers"]}
+    sweep = json.loads(fs.cat(f"{root}/sweep/sweep.json"))
+    trial = next(t for t in sweep["trials"] if t["trial_id"] == label)
+    assert trial["status"] == "complete" and sweep["best"] == label, sweep["trials"]
+    assert fs.exists(f"{root}/sweep/report/report.html")
+
+
+def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(cluster, s3, submitted):
+    """The low-res view may run only on node c (its label selector); c is lost after the view's first
+    checkpoint. No node left can take the retry, so the job fails — within a worker-group start
+    timeout, not a hang — with the project's message naming the key and the nodes there are."""
+    cluster.add_node("c", {"cpus": 1})
+    storage = f"{s3[0]}/nodeless"
+    reuse(submitted, storage, models=("patch",))
+    views = ["ray.worker_start_timeout_s=20", "views.low.scaling.label_selector={node: c}", "views.low.train.total_kimg=1.28",
+             "views.low.train.checkpoint_every_kimg=0.32"]
+    sub_id = submission_id(submit(cluster, f"storage={storage}", *views, wait=False))
+    fs = s3fs()
+    snapshot = f"{storage[len('s3://'):]}/quickstart/views/view-low/checkpoint_manager_snapshot.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not fs.exists(snapshot):
+        fs.invalidate_cache()
+        time.sleep(0.5)
+    assert fs.exists(snapshot), "the low-res view never registered a checkpoint"
+    cluster.kill_node("c")
+    lost_at = time.time()
+    status, logs = cluster.wait_job(sub_id, timeout=300)
+    failed_after = time.time() - lost_at
+    assert status == "FAILED", (status, logs[-6000:])
+    assert failed_after < 150, failed_after  # a start timeout of 20 s (ray.worker_start_timeout_s) at most
+    msg = "ERROR: views.low: no live node of the Ray cluster can run it any more (a node was lost?): " \
+          "views.low.scaling.label_selector={'node': 'c'} selects no node of the Ray cluster"
+    assert msg in logs, logs[-6000:]
+    assert re.search(r"labels node=[abd]\b", logs)  # the nodes left (which of a, b, d: the test before decides)
