@@ -145,6 +145,9 @@ class RayReportHooks:
     ``extra_metrics(checkpoint_dir)`` (rank 0, at checkpoints) adds e.g. held-out G, and
     ``eval_s``, its time. Reports to Ray carry ``worker_start_time`` and ``report_time`` (epoch
     seconds) for the pipeline's time breakdown (`ray_jobs.pipeline.time_breakdown`).
+    ``pause_s`` (test hook, ``ray.inject_pause_s``; the caller passes 0 on a resumed attempt):
+    rank 0 waits that long once, after its first checkpoint report, so a test can lose the run's
+    node while it is mid-run however fast the machine trains.
     ``fail_at_step`` injects one failure (test hook): rank 0 raises once, after its report,
     remembered by a marker URL. Only rank 0: its report, the one with the checkpoint, is put on
     Ray's queue after the other ranks' (it uploads first), so the controller has every rank's report
@@ -156,7 +159,7 @@ class RayReportHooks:
     """
 
     def __init__(self, tag: dict, extra_metrics=None, fail_at_step: int = -1, fail_marker: str = "",
-                 report_every_s: float = 5.0, tb=None, hooks=None):
+                 report_every_s: float = 5.0, tb=None, hooks=None, pause_s: float = 0.0):
         self.tag = tag
         self.hooks = hooks
         self.extra_metrics = extra_metrics
@@ -167,8 +170,9 @@ class RayReportHooks:
         self.last_ray_report = time.monotonic()
         self.worker_start_time = time.time()  # for the pipeline's time breakdown (ray_jobs/pipeline.py)
         self.ray_reports = 0  # reports passed on to Ray (all of them carry the same steps on every rank)
-        self.rank = None  # only rank 0 injects the failure (see above); read from Train only then
-        if fail_at_step >= 0:
+        self.pause_s = pause_s
+        self.rank = None  # only rank 0 injects the failure or pauses (see above); read from Train only then
+        if fail_at_step >= 0 or pause_s > 0:
             import ray.train
 
             self.rank = ray.train.get_context().get_world_rank()
@@ -183,6 +187,9 @@ class RayReportHooks:
             self.hooks.on_report(metrics, checkpoint_url)
         self.to_tensorboard(metrics, checkpoint_url)
         self.report_to_ray(metrics, checkpoint_url)
+        if checkpoint_url and self.pause_s > 0 and self.rank == 0:
+            time.sleep(self.pause_s)  # the test hook above: once
+            self.pause_s = 0.0
         if 0 <= self.fail_at_step <= int(metrics.get("step", -1)) and self.rank == 0 and not util.exists(self.fail_marker):
             util.atomic_write_bytes(self.fail_marker, f"failed at step {metrics.get('step')}\n".encode())
             raise RuntimeError(f"injected failure at step {metrics.get('step')} (ray.inject_failure_step)")

@@ -67,6 +67,7 @@ def residual_worker(config: dict) -> None:
         extra = common.checkpoint_evaluator(cfg, manifest, model, test=bool(config.get("curve_url"))) if rank == 0 else None
         hooks = common.RayReportHooks({"label": config["trial"]["label"]}, extra_metrics=extra,
                                       report_every_s=rcfg.train.report_every_s,
+                                      pause_s=cfg.ray.inject_pause_s if resume is None else 0.0,
                                       tb=common.tensorboard_run(cfg, rank, trial_hparams(config["trial"])),
                                       **common.stopping_hooks(config, rcfg.train, rank))
         train(model, loss, data, rcfg.train, run_dir=run_dir, hooks=hooks, device=device,

@@ -51,15 +51,17 @@ def train_worker(config: dict) -> None:
     if config.get("evaluate") and rank == 0:  # a view: G on its held-out samples; else full-res G
         extra = (common.view_checkpoint_evaluator(cfg, manifest, view, model) if view in cfg.views
                  else common.checkpoint_evaluator(cfg, manifest, model, test=bool(config.get("curve_url"))))
+    resume = common.resume_dir(run_dir)
     hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
+                                  pause_s=cfg.ray.inject_pause_s if resume is None else 0.0,
                                   report_every_s=vcfg.train.report_every_s,
                                   tb=common.tensorboard_run(cfg, rank, {"kind": view} if view in ("full_res", *PEER_NAMES) else None),
                                   **(common.stopping_hooks(config, vcfg.train, rank, "val_G" if view in cfg.views else "test_G")
                                      if config.get("evaluate") else {}))
     try:
         train(model, loss, data, vcfg.train, run_dir=run_dir, hooks=hooks, device=device,
-              resume_from=common.resume_dir(run_dir), config_yaml=config["cfg_yaml"])
+              resume_from=resume, config_yaml=config["cfg_yaml"])
     finally:
         common.cleanup(run_dir)
 

@@ -136,8 +136,9 @@ def test_sigint_during_sweep_resumes_only_unfinished_trials(cluster, submitted, 
 
 def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3, submitted):
     """With the pipeline test's patch view reused, SIGKILL the raylet of the node training the
-    low-res view once its run has a registered
-    checkpoint: Train's worker group fails, `fit_retrying` starts it again on a node left from
+    low-res view once its run has a registered checkpoint (each run's rank 0 waits there on its
+    first attempt, `ray.inject_pause_s`, so the loss lands mid-run however fast the machine
+    trains: before, an idle machine finished the view first): Train's worker group fails, `fit_retrying` starts it again on a node left from
     that checkpoint (or a later one). A fresh node d joins meanwhile; the raylet of the node running the
     residual trial is killed in turn once the trial has a checkpoint: the trial (its Train workers,
     and its Tune driver if it was there) resumes from that checkpoint on a node left, and the
@@ -145,9 +146,9 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
 
     storage = f"{s3[0]}/nodeloss"
     reused = reuse(submitted, storage, models=("patch",))  # stage 1 trains the low-res view alone
-    views = ["views.low.train.total_kimg=1.28", "views.low.train.checkpoint_every_kimg=0.32",
+    views = ["views.low.train.total_kimg=0.64", "views.low.train.checkpoint_every_kimg=0.32", "ray.inject_pause_s=60",
              "sweep.mu_var=[0.0]", "sweep.baseline_full_res=false",
-             "residual.train.total_kimg=0.96", "residual.train.checkpoint_every_kimg=0.24"]
+             "residual.train.total_kimg=0.48", "residual.train.checkpoint_every_kimg=0.24"]
     since = time.time_ns()
     sub_id = submission_id(submit(cluster, f"storage={storage}", *views, wait=False))
     fs, root = s3fs(), storage[len("s3://"):] + "/quickstart"
@@ -170,7 +171,7 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     # on a node left: the other one, or d if it had joined by the retry
     assert {ids.get(w["node_id"]) for a in last["attempts"] for w in a["workers"]} <= {left, "d"}
     info = json.loads(fs.cat(f"{root}/views/view-low.json"))
-    assert info["metrics"]["step"] == 20  # 1.28 kimg / 64 per step, all of it trained
+    assert info["metrics"]["step"] == 10  # 0.64 kimg / 64 per step, all of it trained
     # the sweep: the residual trial resumed from its checkpoint on a node left, and completed
     label = trial_run[len("trial-"):]
     resumed = [int(s) for s in re.findall(rf"resuming from step (\d+) \(\S*{trial_run}/", logs)]
@@ -185,13 +186,13 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
 
 def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(cluster, s3, submitted):
     """The low-res view may run only on node c (its label selector); c is lost after the view's first
-    checkpoint. No node left can take the retry, so the job fails — within a worker-group start
+    checkpoint (where its rank 0 waits, `ray.inject_pause_s`). No node left can take the retry, so the job fails — within a worker-group start
     timeout, not a hang — with the project's message naming the key and the nodes there are."""
     cluster.add_node("c", {"cpus": 1})
     storage = f"{s3[0]}/nodeless"
     reuse(submitted, storage, models=("patch",))
-    views = ["ray.worker_start_timeout_s=20", "views.low.scaling.label_selector={node: c}", "views.low.train.total_kimg=1.28",
-             "views.low.train.checkpoint_every_kimg=0.32"]
+    views = ["ray.worker_start_timeout_s=20", "views.low.scaling.label_selector={node: c}", "views.low.train.total_kimg=0.64",
+             "views.low.train.checkpoint_every_kimg=0.32", "ray.inject_pause_s=60"]
     sub_id = submission_id(submit(cluster, f"storage={storage}", *views, wait=False))
     fs = s3fs()
     snapshot = f"{storage[len('s3://'):]}/quickstart/views/view-low/checkpoint_manager_snapshot.json"

@@ -292,6 +292,10 @@ class RayConfig:
     ingest_tasks: int = 0  # 0 = one task per shard range
     train_state_tracking: bool = True
     inject_failure_step: int = -1  # testing FailureConfig: a worker raises once at this step
+    # testing node loss: rank 0 of each Train run (views, baselines, peers, residual trials) waits
+    # this many seconds after its first checkpoint report, on its first attempt only, so that a
+    # test can lose the run's node mid-run however fast the machine trains; 0 = never
+    inject_pause_s: float = 0
     # >0: seconds Ray Train waits for a worker group to be placed before `fit_retrying` checks
     # whether any live node can take it (fails naming the key if none can, else waits again);
     # 0 keeps Ray's 60 s (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
