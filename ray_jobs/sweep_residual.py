@@ -15,7 +15,7 @@ scarce set alone, and the peer methods of ``sweep.peers`` (`bootdiff.peers`, ful
 trained on the same data their own way, through the same Train worker as the full-res baseline).
 When the sweep has a peer, the best bootstrapped trial averaged with the best peer
 (`bootdiff.ensemble`, ``sweep.ensemble``: its weight chosen on validation G) is one more row,
-scored in a Ray task after the trials. ``sweep.json`` names the best residual trial (``best``)
+scored in a Ray task after the trials, beside their test-G tasks. ``sweep.json`` names the best residual trial (``best``)
 and the model the sweep recommends (``recommended``: the lowest validation G of all, the
 ensemble included, `bootdiff.sweep.recommend`).
 An interrupted sweep (Ctrl-C / SIGTERM: Tune saves its state, `trial_rows` finds the trials
@@ -245,40 +245,38 @@ def _ensemble(cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
     return ensemble_trial(cfg, experiment.read_manifest(cfg), rows, best_id)
 
 
-def _trials_test_G(cfg_yaml: str, rows: list) -> list:
+def _trial_test_G(cfg_yaml: str, row: dict) -> dict:
     cfg = common.cfg_from_yaml(cfg_yaml)
-    manifest = experiment.read_manifest(cfg)
-    return [trial_test_G(cfg, manifest, r) for r in rows]
+    return trial_test_G(cfg, experiment.read_manifest(cfg), row)
 
 
-def score_on_test(cfg, cfg_yaml: str, rows: list) -> None:
+def score_on_test(cfg, cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
     """Fill in ``test_G`` (and its curve, ``test_curve``) of every trained trial at the checkpoint
-    it is taken at (`bootdiff.evaluation.scores.trial_test_G`): during training the trials report validation
-    and training G only, so the test split is met once per trial, after every choice was made on
-    validation. One Ray task with a sweep trial's resources scores them one after another: a
-    task per trial would pay a worker's start-up (imports) for each, more than a tiny sweep's
-    evaluations cost."""
+    it is taken at (`bootdiff.evaluation.scores.trial_test_G`), and return the ensemble row of the
+    best bootstrapped trial ``best_id`` and the best peer (`bootdiff.ensemble.ensemble_trial`: its
+    weight chosen on validation G), or None when there is none to make (no peer, no bootstrapped
+    trial, ``sweep.ensemble=[]``). During training the trials report validation and training G
+    only, so the test split is met once per trial, after every choice was made on validation.
+
+    One Ray task per trial and one for the ensemble, each with a sweep trial's resources, all
+    submitted at once: they run side by side on the cluster the trials had (the ensemble, the
+    longest, first), and Ray reuses a finished task's worker process for the next, so the workers'
+    start-up (imports) is paid once per concurrent task, not once per trial."""
     import ray
 
     todo = [r for r in rows if r.get("checkpoint") and r["kind"] not in ("combined", "ensemble")
             and not math.isfinite(num(r.get("test_G")))]
-    if not todo:
-        return
-    print(f"[bootdiff] test G of {len(todo)} trained trial(s) at the checkpoint each is taken at ...", flush=True)
-    task = ray.remote(**trial_task_options(cfg, max_retries=2))(_trials_test_G)
-    for r, g in zip(todo, ray.get(task.remote(cfg_yaml, todo))):
-        r["test_G"], r["test_curve"] = g["total"], g  # the curve: evaluation reuses it (scores.reusable_curve)
-
-
-def ensemble_row(cfg, cfg_yaml: str, rows: list, best_id) -> Optional[dict]:
-    """The ensemble of the best bootstrapped trial and the best peer (`bootdiff.ensemble.ensemble_trial`:
-    its weight chosen on validation G), scored in one Ray task with a sweep trial's resources; None
-    when there is none to make (no peer, no bootstrapped trial, ``sweep.ensemble=[]``)."""
-    import ray
-
-    if not cfg.sweep.ensemble or partner(rows) is None or best_id is None:
+    want_ensemble = bool(cfg.sweep.ensemble) and partner(rows) is not None and best_id is not None
+    if not todo and not want_ensemble:
         return None
-    row = ray.get(ray.remote(**trial_task_options(cfg, max_retries=2))(_ensemble).remote(cfg_yaml, rows, best_id))
+    print(f"[bootdiff] test G of {len(todo)} trained trial(s) at the checkpoint each is taken at"
+          f"{' and the ensemble' if want_ensemble else ''} ...", flush=True)
+    options = trial_task_options(cfg, max_retries=2)
+    ens_ref = ray.remote(**options)(_ensemble).remote(cfg_yaml, rows, best_id) if want_ensemble else None
+    refs = [ray.remote(**options)(_trial_test_G).remote(cfg_yaml, r) for r in todo]
+    for r, g in zip(todo, ray.get(refs)):
+        r["test_G"], r["test_curve"] = g["total"], g  # the curve: evaluation reuses it (scores.reusable_curve)
+    row = ray.get(ens_ref) if ens_ref is not None else None
     if row is not None:
         tried = ", ".join(f"{w} → {g:.4f}" for w, g in row["val_G_by_weight"].items())
         print(f"[bootdiff] ensemble: {row['weights'][0]:g} × {row['members'][0]} + {row['weights'][1]:g} × "
@@ -350,9 +348,8 @@ def run(cfg, cfg_yaml: str) -> dict:
     errors = [r for r in rows if r["error"]]
     if errors:
         raise RuntimeError(f"{len(errors)} sweep trial(s) failed: " + "; ".join(f"{r['trial_id']}: {r['error']}" for r in errors))
-    score_on_test(cfg, cfg_yaml, rows)
-    best = select_best(rows)
-    ens = ensemble_row(cfg, cfg_yaml, rows, best["trial_id"] if best else None)
+    best = select_best(rows)  # on validation G: the test split is scored after every choice
+    ens = score_on_test(cfg, cfg_yaml, rows, best["trial_id"] if best else None)
     if ens is not None:
         rows.append(ens)
     rec = recommend(rows)
