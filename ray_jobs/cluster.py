@@ -39,6 +39,9 @@ def trial_task_options(cfg, **extra) -> dict:
     return opts
 
 
+# Demands whose key names their resources itself (placed by sweep.trial_label_selector)
+OWN_KEYS = ("sweep.trial_resources", "eval.num_cpus")
+
 # (config key of the run's placement, per-worker bundle, label selector, workers)
 Demand = Tuple[str, Dict[str, float], Dict[str, str], int]
 
@@ -59,7 +62,8 @@ def _scaling_demand(key: str, sc, cpus=None) -> Demand:
 def demands(cfg) -> List[Demand]:
     """Every Train run this config starts and what one of its workers needs: each view
     (``views.<v>.scaling``), the residual trials (``sweep.trial_*``), the full-res baseline and the
-    peers (``full_res.scaling`` at the trial's CPU share), the distilled student (``distill.scaling``)."""
+    peers (``full_res.scaling`` at the trial's CPU share), the distilled student (``distill.scaling``),
+    and the evaluation task when it has CPUs of its own (``eval.num_cpus``)."""
     out = [_scaling_demand(f"views.{v}.scaling", vc.scaling) for v, vc in cfg.views.items()]
     sw = cfg.sweep
     need = {"CPU": worker_cpus(cfg), "GPU": sw.trial_gpus, **dict(sw.trial_resources)}
@@ -68,6 +72,9 @@ def demands(cfg) -> List[Demand]:
         out.append(_scaling_demand("full_res.scaling", cfg.full_res.scaling, cpus=worker_cpus(cfg)))
     if cfg.distill.enabled:
         out.append(_scaling_demand("distill.scaling", cfg.distill.scaling))
+    if cfg.eval.num_cpus > 0:  # the evaluation task: a trial's resources, its own CPU count
+        need = {**need, "CPU": cfg.eval.num_cpus}
+        out.append(("eval.num_cpus", {k: v for k, v in need.items() if v > 0}, dict(sw.trial_label_selector), 1))
     return out
 
 
@@ -120,12 +127,13 @@ def check(cfg, nodes: List[dict], keys: Optional[Tuple[str, ...]] = None) -> Non
         where = f"{key} (label_selector {selector})" if selector else key
         match = [n for n in nodes if _selects(selector, n["labels"])]
         if not match:
-            sel_key = "sweep.trial_label_selector" if key == "sweep.trial_resources" else f"{key}.label_selector"
+            sel_key = "sweep.trial_label_selector" if key in OWN_KEYS else f"{key}.label_selector"
             raise ConfigError(f"{sel_key}={selector} selects no node of the Ray cluster; its nodes: {_describe(nodes)}")
         room = sum(_fits(bundle, n["resources"]) for n in match)
         if room == 0:
-            res_key = key if key == "sweep.trial_resources" else f"{key}.resources_per_worker"
-            raise ConfigError(f"{res_key}: one worker of {where} needs {bundle} on one node, and no node "
+            res_key = key if key in OWN_KEYS else f"{key}.resources_per_worker"
+            what = "the evaluation task" if key == "eval.num_cpus" else "one worker"
+            raise ConfigError(f"{res_key}: {what} of {where} needs {bundle} on one node, and no node "
                               f"{'it selects ' if selector else ''}has that much; nodes: {_describe(match)}")
         if room < workers:
             raise ConfigError(f"{key}.num_workers={workers}: the nodes {'it selects ' if selector else ''}hold only "

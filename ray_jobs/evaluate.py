@@ -5,7 +5,7 @@
 Scores and samples the sweep's best trial and the baselines and writes the sweep report to
 ``{storage}/{name}/sweep/report/`` (`bootdiff.run.layout.RunLayout.report`), exporting the
 bootstrapped model and the full-res baseline under ``models/``. The task asks for a sweep
-trial's resources (a GPU when the trials have one).
+trial's resources (a GPU when the trials have one), with ``eval.num_cpus`` CPUs when set.
 """
 
 from __future__ import annotations
@@ -25,10 +25,22 @@ def report_done(cfg) -> bool:
     return util.exists(RunLayout.of(cfg).summary)
 
 
+def _evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
+    """The task: `evaluate` with as many torch threads as CPUs Ray gave it (a reused worker
+    process keeps the thread count of the task it first ran)."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    return evaluate(cfg, cfg_yaml, outcome, student_entry)
+
+
 def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
-    """Evaluate as one Ray task (resources as a sweep trial's), and return the report's URLs."""
+    """Evaluate as one Ray task (resources as a sweep trial's, ``eval.num_cpus`` CPUs when set),
+    and return the report's URLs."""
     ray = entry.init_ray(cfg)
-    urls = ray.get(ray.remote(**trial_task_options(cfg))(evaluate).remote(cfg, cfg_yaml, outcome, student_entry))
+    options = trial_task_options(cfg, **({"num_cpus": cfg.eval.num_cpus} if cfg.eval.num_cpus > 0 else {}))
+    urls = ray.get(ray.remote(**options)(_evaluate).remote(cfg, cfg_yaml, outcome))
     for line in urls.get("verdict") or []:  # the report's answer: did the partial data help?
         print(f"[bootdiff] {line}", flush=True)
     print(f"[bootdiff] report: {urls.get('html')}", flush=True)

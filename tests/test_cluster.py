@@ -43,7 +43,7 @@ def test_local_storage_is_refused_on_a_multi_node_cluster_unless_declared_shared
 def test_every_run_of_the_config_is_a_demand_with_its_key():
     keys = [d[0] for d in demands(_cfg("distill.enabled=true"))]
     assert keys == ["views.patch.scaling", "views.low.scaling", "sweep.trial_resources", "full_res.scaling",
-                    "distill.scaling"]
+                    "distill.scaling", "eval.num_cpus"]  # the quickstart gives its evaluation task 2 CPUs
     keys = [d[0] for d in demands(_cfg("sweep.baseline_full_res=false", "sweep.peers=[]"))]
     assert "full_res.scaling" not in keys and "distill.scaling" not in keys
     key, bundle, selector, workers = demands(_cfg("views.low.scaling.num_workers=2",
@@ -78,6 +78,11 @@ def test_placements_no_node_can_take_fail_naming_the_key():
     check(_cfg("views.patch.scaling.num_workers=4"), nodes)  # 2 on each worker node
     with pytest.raises(ConfigError, match=r"^sweep.trial_resources: one worker"):
         check(_cfg("sweep.trial_gpus=1"), nodes)
+    # the evaluation task's own CPUs (eval.num_cpus): 3 on nodes of 2; without them, a trial's
+    with pytest.raises(ConfigError, match=r"^eval.num_cpus: the evaluation task of eval.num_cpus needs \{'CPU': 3.0\}"):
+        check(_cfg("eval.num_cpus=3"), nodes)
+    check(_cfg("eval.num_cpus=0"), nodes)
+    assert "eval.num_cpus" not in [d[0] for d in demands(_cfg("eval.num_cpus=0"))]
 
 
 def test_label_selector_semantics_follow_ray():

@@ -282,6 +282,7 @@ def _check_eval(p: _Problems, cfg: ExperimentConfig) -> None:
     p.at_least("eval.max_samples", e.max_samples, 1, "must be an integer >= 1")
     p.at_least("eval.batch_size", e.batch_size, 1, "must be an integer >= 1")
     p.at_least("eval.num_images", e.num_images, 0, "must be an integer >= 0")
+    p.at_least("eval.num_cpus", e.num_cpus, 0)
     p.at_least("eval.sampler.steps", s.steps, 1, "must be an integer >= 1")
     p.positive("eval.sampler.rho", s.rho)
     p.at_least("eval.sampler.S_churn", s.S_churn, 0)

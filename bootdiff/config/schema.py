@@ -277,6 +277,9 @@ class EvalConfig:
     max_samples: int = 256  # held-out / train samples scored
     batch_size: int = 64
     num_images: int = 16  # samples drawn per model for the report
+    # CPUs of the evaluation task (ray_jobs/evaluate.py; its torch threads): 0 = a sweep trial's
+    # (sweep.trial_cpus). It runs alone after the sweep, so a one-machine run can give it the machine
+    num_cpus: float = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     # a data-efficiency benchmark's output folder (benchmarks/data_efficiency.py --out) measured on
