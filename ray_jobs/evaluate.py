@@ -14,7 +14,7 @@ import sys
 
 from bootdiff import util
 from bootdiff.distill.student import student_entry
-from bootdiff.evaluation.evaluate import evaluate
+from bootdiff.evaluation import evaluate as evaluation
 from bootdiff.run.layout import RunLayout
 from ray_jobs import common, entry
 from ray_jobs.cluster import trial_task_options
@@ -25,14 +25,15 @@ def report_done(cfg) -> bool:
     return util.exists(RunLayout.of(cfg).summary)
 
 
-def _evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
-    """The task: `evaluate` with as many torch threads as CPUs Ray gave it (a reused worker
-    process keeps the thread count of the task it first ran)."""
+def evaluate(cfg, cfg_yaml: str, outcome: dict) -> dict:
+    """The task (its log lines show as ``(evaluate pid=…)``): `bootdiff.evaluation.evaluate.evaluate`
+    with as many torch threads as CPUs Ray gave it (a reused worker process keeps the thread count
+    of the task it first ran)."""
     import ray
     import torch
 
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return evaluate(cfg, cfg_yaml, outcome, student_entry)
+    return evaluation.evaluate(cfg, cfg_yaml, outcome, student_entry)
 
 
 def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
@@ -40,7 +41,7 @@ def run(cfg, cfg_yaml: str, outcome: dict) -> dict:
     and return the report's URLs."""
     ray = entry.init_ray(cfg)
     options = trial_task_options(cfg, **({"num_cpus": cfg.eval.num_cpus} if cfg.eval.num_cpus > 0 else {}))
-    urls = ray.get(ray.remote(**options)(_evaluate).remote(cfg, cfg_yaml, outcome))
+    urls = ray.get(ray.remote(**options)(evaluate).remote(cfg, cfg_yaml, outcome))
     for line in urls.get("verdict") or []:  # the report's answer: did the partial data help?
         print(f"[bootdiff] {line}", flush=True)
     print(f"[bootdiff] report: {urls.get('html')}", flush=True)
