@@ -378,6 +378,19 @@ def test_the_verdict_stands_on_the_strongest_baseline_early_stopped_with_patienc
                              "so its budget is a cap (2.4× the bootstrapped model's), not a match."), lines
     assert lines[1].startswith("The peers train with the full-res baseline's network, budget cap (34 kimg) and "
                                "patience on the same")
+    # where each peer stopped, said as for the baseline: here at the cap, taken at its minimum (30 of 34 kimg)
+    line = report.budget_lines({**b, "peers": {"ambient-sigma_tn0.5": 34.0}}, trials + [peer])[1]
+    assert line.endswith("ambient-sigma_tn0.5 trained 34 kimg, to the cap, taken at its validation minimum "
+                         "(30 kimg)."), line
+    peer.update(chosen_kimg=34.0)  # its last checkpoint its best: it might do better, and the report says so
+    line = report.budget_lines({**b, "peers": {"ambient-sigma_tn0.5": 34.0}}, trials + [peer])[1]
+    assert line.endswith("ambient-sigma_tn0.5 trained 34 kimg and reached the cap still improving (its last "
+                         "checkpoint was its best): a longer cap (full_res.train.total_kimg) could lower its G, so a "
+                         "comparison with it may favour the bootstrap."), line
+    peer.update(kimg=12.0, chosen_kimg=8.0, status="stopped_early")
+    line = report.budget_lines({**b, "peers": {"ambient-sigma_tn0.5": 12.0}}, trials + [peer])[1]
+    assert line.endswith("ambient-sigma_tn0.5 trained 12 kimg, stopped by patience, taken at its validation minimum "
+                         "(8 kimg)."), line
 
 
 def test_report_recommends_the_lowest_validation_G_a_peer_included(tmp_path):

@@ -104,10 +104,26 @@ def figure1_sentence(quality) -> str:
     return text[0].upper() + text[1:]
 
 
+def _peer_stop(row, patience: int) -> str:
+    """How a peer's row ended under the baseline's patience, said as for the baseline: stopped by
+    patience, or at the cap still improving (its last checkpoint its best: the comparison may then
+    favour the bootstrapped model), or at the cap, taken at its validation minimum."""
+    if not patience or not row:
+        return ""
+    ran, at = _num(row.get("kimg")), _num(row.get("chosen_kimg"))
+    if row.get("status") == "stopped_early":
+        return f", stopped by patience, taken at its validation minimum ({_fmt(at)} kimg)"
+    if math.isfinite(at) and math.isfinite(ran) and at >= ran - 1e-6:
+        return (" and reached the cap still improving (its last checkpoint was its best): a longer cap "
+                "(full_res.train.total_kimg) could lower its G, so a comparison with it may favour the bootstrap")
+    return f", to the cap, taken at its validation minimum ({_fmt(at)} kimg)" if math.isfinite(at) else ""
+
+
 def budget_lines(budget, trials) -> list:
     """The training budgets of the bootstrapped model and of the full-res baseline side by side
     (kimg; ``budget`` as `bootdiff.evaluation.evaluate.budgets` returns it) — with patience the
-    baseline's budget is a cap and the sentence says so — and, with peers, theirs."""
+    baseline's budget is a cap and the sentence says so — and, with peers, theirs and where each
+    stopped (`_peer_stop`)."""
     b, n = budget, budget["n_full"]
     boot = b["bootstrapped"]
     full = b["full_res_trained"] if b.get("full_res_trained") is not None else b["full_res"]
@@ -133,9 +149,10 @@ def budget_lines(budget, trials) -> list:
                 f"(not in this sweep: sweep.baseline_full_res) would train {_fmt(full)} kimg")
              + f" on the {n} full-res samples" + tail]
     if b.get("peers"):
+        rows = {t["trial_id"]: t for t in trials}
         lines.append("The peers train with the full-res baseline's network, budget cap "
                      f"({_fmt(b['full_res'])} kimg){' and patience' if pat else ''} on the same full-res samples "
-                     "and partial views: " + ", ".join(f"{k} trained {_fmt(v)} kimg"
+                     "and partial views: " + "; ".join(f"{k} trained {_fmt(v)} kimg{_peer_stop(rows.get(k), pat)}"
                                                        for k, v in b["peers"].items() if v is not None) + ".")
     ens = next((t for t in trials if t["kind"] == "ensemble"), None)
     if ens is not None:  # bootdiff.ensemble: no training of its own, both members' compute
