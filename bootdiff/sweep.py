@@ -133,6 +133,16 @@ def chosen_report(history) -> Optional[dict]:
     return best
 
 
+def how_it_stopped(row: dict) -> str:
+    """How an early-stopped trial's row (`trial_row`) ended: ``"patience"`` (its validation G had
+    stopped improving), ``"cap_improving"`` (it reached its budget with its last checkpoint its best,
+    `chosen_report`: a longer budget could lower its G) or ``"cap"`` (taken at an earlier minimum)."""
+    if row.get("status") == "stopped_early":
+        return "patience"
+    ran, at = num(row.get("kimg")), num(row.get("chosen_kimg"))
+    return "cap_improving" if math.isfinite(at) and math.isfinite(ran) and at >= ran - 1e-6 else "cap"
+
+
 def trial_row(cfg, trial: dict, metrics: dict, checkpoint, error, finished: bool = True,
               chosen: Optional[dict] = None) -> dict:
     """A trial's row in ``sweep.json`` (the report's trial table reads these keys); ``finished``:

@@ -39,7 +39,7 @@ def trial_task_options(cfg, **extra) -> dict:
     return opts
 
 
-# Demands whose key names their resources itself (placed by sweep.trial_label_selector)
+# Demands whose key names their resources itself (not ``<key>.resources_per_worker``)
 OWN_KEYS = ("sweep.trial_resources", "eval.num_cpus")
 
 # (config key of the run's placement, per-worker bundle, label selector, workers)
@@ -74,7 +74,7 @@ def demands(cfg) -> List[Demand]:
         out.append(_scaling_demand("distill.scaling", cfg.distill.scaling))
     if cfg.eval.num_cpus > 0:  # the evaluation task: a trial's resources, its own CPU count
         need = {**need, "CPU": cfg.eval.num_cpus}
-        out.append(("eval.num_cpus", {k: v for k, v in need.items() if v > 0}, dict(sw.trial_label_selector), 1))
+        out.append(("eval.num_cpus", {k: v for k, v in need.items() if v > 0}, {}, 1))  # no selector: as the task
     return out
 
 
@@ -127,7 +127,7 @@ def check(cfg, nodes: List[dict], keys: Optional[Tuple[str, ...]] = None) -> Non
         where = f"{key} (label_selector {selector})" if selector else key
         match = [n for n in nodes if _selects(selector, n["labels"])]
         if not match:
-            sel_key = "sweep.trial_label_selector" if key in OWN_KEYS else f"{key}.label_selector"
+            sel_key = "sweep.trial_label_selector" if key == "sweep.trial_resources" else f"{key}.label_selector"
             raise ConfigError(f"{sel_key}={selector} selects no node of the Ray cluster; its nodes: {_describe(nodes)}")
         room = sum(_fits(bundle, n["resources"]) for n in match)
         if room == 0:

@@ -83,6 +83,8 @@ def test_placements_no_node_can_take_fail_naming_the_key():
         check(_cfg("eval.num_cpus=3"), nodes)
     check(_cfg("eval.num_cpus=0"), nodes)
     assert "eval.num_cpus" not in [d[0] for d in demands(_cfg("eval.num_cpus=0"))]
+    # the task is placed by its resources alone (trial_task_options), so no trial label selector limits it
+    assert demands(_cfg("sweep.trial_label_selector={node: a}"))[-1] == ("eval.num_cpus", {"CPU": 2.0}, {}, 1)
 
 
 def test_label_selector_semantics_follow_ray():

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from bootdiff.evaluation.plots import _fmt
-from bootdiff.sweep import num as _num
+from bootdiff.sweep import how_it_stopped, num as _num
 
 
 def _change(g, ref) -> str:
@@ -110,10 +110,10 @@ def _peer_stop(row, patience: int) -> str:
     favour the bootstrapped model), or at the cap, taken at its validation minimum."""
     if not patience or not row:
         return ""
-    ran, at = _num(row.get("kimg")), _num(row.get("chosen_kimg"))
-    if row.get("status") == "stopped_early":
+    at, how = _num(row.get("chosen_kimg")), how_it_stopped(row)
+    if how == "patience":
         return f", stopped by patience, taken at its validation minimum ({_fmt(at)} kimg)"
-    if math.isfinite(at) and math.isfinite(ran) and at >= ran - 1e-6:
+    if how == "cap_improving":
         return (" and reached the cap still improving (its last checkpoint was its best): a longer cap "
                 "(full_res.train.total_kimg) could lower its G, so a comparison with it may favour the bootstrap")
     return f", to the cap, taken at its validation minimum ({_fmt(at)} kimg)" if math.isfinite(at) else ""

@@ -15,7 +15,7 @@ import math
 
 from bootdiff.evaluation.plots import _fmt, _ok
 from bootdiff.evaluation.quality import _change
-from bootdiff.sweep import num as _num
+from bootdiff.sweep import how_it_stopped, num as _num
 
 KIND_LABEL = {"residual": "bootstrapped (residual)", "combined": "combined denoiser (baseline)",
               "full_res": "full-res only (baseline)", "ambient": "Ambient Omni peer (baseline)",
@@ -105,10 +105,11 @@ def _baseline_stop(fr, b) -> tuple:
     ran, at = _num(fr.get("kimg")), _num(fr.get("chosen_kimg"))
     taken = f"taken at its validation minimum ({_fmt(at)} kimg)"
     if pat > 0:
-        if fr.get("status") == "stopped_early":
+        how = how_it_stopped(fr)
+        if how == "patience":
             return (f"The full-res-only baseline stopped when its validation G had not improved for {pat} "
                     f"checkpoint{'s' if pat > 1 else ''}, at {_fmt(ran)} of its {_fmt(cap)}-kimg cap, {taken}."), True
-        if math.isfinite(at) and math.isfinite(ran) and at >= ran - 1e-6:
+        if how == "cap_improving":
             return (f"The full-res-only baseline reached its {_fmt(cap)}-kimg cap still improving (its last "
                     f"checkpoint was its best): a longer cap (full_res.train.total_kimg) could lower its G, so "
                     f"the comparison may favour the partial data."), True
