@@ -266,9 +266,9 @@ def test_override_adds_a_view_only_with_a_kind():
     with pytest.raises(ConfigError, match="unknown view 'ptach'"):
         load_config(QUICK, ["views.ptach={patch_size: 8}"])
     with pytest.raises(ConfigError, match=r"sweep.peers=\[ambient\].*the one peers.ambient.low_view"):
-        load_config(QUICK, ["views.lwo.kind=downsample", "views.lwo.factor=4"])  # two downsample views: which one?
-    cfg = load_config(QUICK, ["views.lwo.kind=downsample", "views.lwo.factor=4", "views.lwo.train.total_kimg=1",
-                              "peers.ambient.low_view=low"])
+        load_config(QUICK, ["sweep.peers=[ambient]", "views.lwo.kind=downsample", "views.lwo.factor=4"])  # which one?
+    cfg = load_config(QUICK, ["sweep.peers=[ambient]", "views.lwo.kind=downsample", "views.lwo.factor=4",
+                              "views.lwo.train.total_kimg=1", "peers.ambient.low_view=low"])
     assert set(cfg.views) == {"patch", "low", "lwo"} and cfg.views.lwo.kind == "downsample"
     assert cfg.views.lwo.train.total_kimg == 1
     cfg = load_config(QUICK, ["views.low.train.total_kimg=1"])  # an existing view: no kind needed
