@@ -358,4 +358,5 @@ def test_full_res_budget_defaults_to_the_bootstrapped_models(tmp_path):
     assert b == {"n_full": 64, "views": {n: v.train.total_kimg for n, v in cfg.views.items()},
                  "residual": cfg.residual.train.total_kimg, "bootstrapped": full_res_budget(cfg),
                  "full_res": 3.0, "full_res_trained": None, "residual_trained": 1.5, "patience": 2,
-                 "peers": {"ambient-sigma_tn1": 2.5}, "views_early_stopped": []}  # no view-<v>.json: as planned
+                 "peers": {"ambient-sigma_tn1": 2.5}, "views_early_stopped": [],  # no view-<v>.json: as planned
+                 "augment": cfg.full_res.train.augment, "augmentable": True}  # the baseline's augmentation, said

@@ -357,6 +357,14 @@ def test_the_verdict_stands_on_the_strongest_baseline_early_stopped_with_patienc
     base.update(chosen_kimg=20.0)
     assert verdict(b, trials, trials[0])[0][0].endswith("trained to its 34-kimg cap, taken at its validation minimum "
                                                         "(20 kimg).")
+    # the baseline's non-leaking augmentation said after how it stopped; without it, that it may be weaker than it can be
+    said = verdict({**b, "augment": 0.25, "augmentable": True}, trials, trials[0])[0][0]
+    assert said.endswith("(20 kimg). It trained with non-leaking augmentation (full_res.train.augment = 0.25)."), said
+    said = verdict({**b, "augment": 0.0, "augmentable": True}, trials, trials[0])[0][0]
+    assert said.endswith("(20 kimg). It trained without augmentation (full_res.train.augment = 0): on a few full-res "
+                         "images non-leaking augmentation usually makes it stronger, so the comparison may favour the "
+                         "partial data."), said
+    assert verdict({**b, "augment": 0.0, "augmentable": False}, trials, trials[0])[0][0].endswith("(20 kimg).")  # video
     # a peer recommended: it is the answer, the bootstrapped model beside it; classifier metrics when both have them
     peer = {"trial_id": "ambient-sigma_tn0.5", "kind": "ambient", "val_G": 0.15, "test_G": 0.2, "train_G": 0.1,
             "kimg": 34.0, "chosen_kimg": 30.0, "status": "complete", "checkpoint": "s3://b/amb",

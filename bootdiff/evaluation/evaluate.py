@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from bootdiff import experiment, util
+from bootdiff.config import VIDEO_SOURCES
 from bootdiff.evaluation import fd
 from bootdiff.evaluation.scores import generalization, reusable_curve
 from bootdiff.run.layout import RunLayout
@@ -323,7 +324,8 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
     configured and as the sweep's rows (``outcome``: ``sweep.json``) say they trained
     (``*_trained``: None when unknown), the baseline's (and peers') early-stopping patience
     (``patience``, checkpoints; 0: none, then its budget is not a cap), and what each peer the report
-    scores trained (``peers``: {trial id: kimg}; their cap is the full-res baseline's). An
+    scores trained (``peers``: {trial id: kimg}; their cap is the full-res baseline's), the baseline's
+    non-leaking augmentation (``augment``; ``augmentable``: False for video, which takes none). An
     early-stopped view (``views_early_stopped``) counts the kimg it trained, from its ``view-<v>.json``."""
     rows = {r["trial_id"]: r for r in outcome["trials"]}
     full = next((r for r in outcome["trials"] if r["kind"] == "full_res"), None)
@@ -340,5 +342,6 @@ def budgets(cfg, manifest: dict, outcome: dict) -> dict:
             "bootstrapped": float(sum(views.values()) + cfg.residual.train.total_kimg),
             "full_res": float(cfg.full_res.train.total_kimg), "full_res_trained": _kimg(full),
             "patience": int(cfg.full_res.train.patience),
+            "augment": float(cfg.full_res.train.augment), "augmentable": cfg.data.source.kind not in VIDEO_SOURCES,
             "residual_trained": _kimg(rows.get(outcome.get("best"))),
             "peers": {r["trial_id"]: _kimg(r) for r in best_peers(outcome["trials"])}}

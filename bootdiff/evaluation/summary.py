@@ -100,7 +100,27 @@ def _baseline_stop(fr, b) -> tuple:
     """(how the full-res baseline ended, whether it is the strongest baseline this run can give):
     with patience (``full_res.train.patience``) it is, taken at its validation minimum — stopped
     by patience, or at its cap (then said "still improving" when its last checkpoint was its best:
-    a longer cap could lower its G); without patience only at the bootstrapped model's budget."""
+    a longer cap could lower its G); without patience only at the bootstrapped model's budget.
+    Then whether it trained with non-leaking augmentation (`_augmented`)."""
+    said, fair = _stopped(fr, b)
+    return said + _augmented(b), fair
+
+
+def _augmented(b) -> str:
+    """Whether the baseline had non-leaking augmentation (``full_res.train.augment``; `bootdiff.augment`):
+    on a few images it over-fits without it, so a baseline without it flatters the partial data.
+    Nothing when the budgets do not say (``augment`` absent) or the data takes none (video)."""
+    p = b.get("augment")
+    if p is None or not b.get("augmentable", True):
+        return ""
+    if p > 0:
+        return f" It trained with non-leaking augmentation (full_res.train.augment = {_fmt(p)})."
+    return (" It trained without augmentation (full_res.train.augment = 0): on a few full-res images non-leaking "
+            "augmentation usually makes it stronger, so the comparison may favour the partial data.")
+
+
+def _stopped(fr, b) -> tuple:
+    """`_baseline_stop`'s first sentence and its verdict on fairness."""
     pat, cap = int(b.get("patience") or 0), _num(b["full_res"])
     ran, at = _num(fr.get("kimg")), _num(fr.get("chosen_kimg"))
     taken = f"taken at its validation minimum ({_fmt(at)} kimg)"
