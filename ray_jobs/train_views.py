@@ -52,7 +52,8 @@ def train_worker(config: dict) -> None:
         extra = (common.view_checkpoint_evaluator(cfg, manifest, view, model) if view in cfg.views
                  else common.checkpoint_evaluator(cfg, manifest, model, test=bool(config.get("curve_url"))))
     resume = common.resume_dir(run_dir)
-    hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step,
+    fails = not cfg.ray.inject_failure_runs or view in cfg.ray.inject_failure_runs
+    hooks = common.RayReportHooks({"view": view}, extra_metrics=extra, fail_at_step=cfg.ray.inject_failure_step if fails else -1,
                                   fail_marker=RunLayout.of(cfg).failure_marker(view),
                                   pause_s=cfg.ray.inject_pause_s if resume is None else 0.0,
                                   report_every_s=vcfg.train.report_every_s,

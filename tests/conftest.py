@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 
@@ -61,6 +62,7 @@ def local_ray(request):
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
         if old is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:

@@ -106,7 +106,8 @@ def jobs_api(cluster) -> list:
 # on node a, the low-res view data-parallel (DDP, 2 workers) on node b, storage on S3 only. One
 # residual setting of the quickstart's two: the choice among residual trials on validation G is the
 # SIGINT test's sweep (two settings, on this cluster), and a Train run less is ≈ 30 s less here.
-PIPELINE = ["sweep.baseline_combined=true", "ray.inject_failure_step=3", "sweep.peers=[ambient]", "sweep.mu_var=[1.0]",
+PIPELINE = ["sweep.baseline_combined=true", "ray.inject_failure_step=3", "ray.inject_failure_runs=[patch,low]",
+            "sweep.peers=[ambient]", "sweep.mu_var=[1.0]",
             *DISTILL, *PATIENT,
             "views.patch.scaling.label_selector={node: a}", "views.low.scaling.label_selector={node: b}",
             "views.low.scaling.num_workers=2"]

@@ -207,6 +207,7 @@ MISTAKES = [
     (QUICK, "data.num_val=0", "data.num_val"),  # the sweep would have to choose on the test split
     (QUICK, "data.num_val=-1", "data.num_val"),
     (QUICK, "ray.train_log_level=LOUD", "ray.train_log_level"),
+    (QUICK, "ray.inject_failure_runs=[patch,hi]", "ray.inject_failure_runs"),
     (QUICK, "data.num_full=6000", "data.num_full"),  # + num_test > data.source.limit=6000
     (QUICK, "data.source.mask_path=/masks", "data.source.mask_path"),  # only images/tar read masks
     (QUICK, "residual.fusion=split", "residual.fusion"),  # with 'low' made a patch view below

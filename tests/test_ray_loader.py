@@ -7,6 +7,7 @@ reports and reports ``report_every_s`` apart reach ``ray.train.report`` (docs/RA
 
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -47,7 +48,10 @@ def loop(config: dict) -> None:
     real = hooks.report_to_ray
     hooks.report_to_ray = lambda m, url: (calls.append(m["step"]), real(m, url))
     run_dir = tempfile.mkdtemp(prefix="raylo-")
-    res = train(model, loss, watched, vcfg.train, run_dir=run_dir, hooks=hooks, device="cpu")
+    try:
+        res = train(model, loss, watched, vcfg.train, run_dir=run_dir, hooks=hooks, device="cpu")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     if ray.train.get_context().get_world_rank() == 0:
         with open(config["out"], "w") as f:
             json.dump({"kinds": sorted(kinds), "batches": batches[0], "steps": res.step, "loss": res.loss,

@@ -417,6 +417,11 @@ def check(cfg, origin: str = "config", overrides: Sequence[str] = ()) -> None:
     p.at_least("ray.max_failures", cfg.ray.max_failures, -1, "must be >= -1 (-1: retry forever)")
     p.at_least("ray.ingest_tasks", cfg.ray.ingest_tasks, 0, "must be >= 0 (0: one task per shard range)")
     p.at_least("ray.worker_start_timeout_s", cfg.ray.worker_start_timeout_s, 0)
+    runs = {*cfg.views, "full_res", "distill", *PEER_NAMES}
+    for run in cfg.ray.inject_failure_runs:
+        if run not in runs:
+            p.bad("ray.inject_failure_runs", list(cfg.ray.inject_failure_runs),
+                  f"{run!r} is not a Train run of this config (one of {', '.join(sorted(runs))})")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(cfg.ray.train_log_level).upper() not in levels:
         p.bad("ray.train_log_level", cfg.ray.train_log_level, f"must be one of {', '.join(levels)}")

@@ -295,6 +295,8 @@ class RayConfig:
     ingest_tasks: int = 0  # 0 = one task per shard range
     train_state_tracking: bool = True
     inject_failure_step: int = -1  # testing FailureConfig: a worker raises once at this step
+    # the Train runs that inject it (view names, "full_res", a peer's name, "distill"); [] = all of them
+    inject_failure_runs: List[str] = field(default_factory=list)
     # testing node loss: rank 0 of each Train run (views, baselines, peers, residual trials) waits
     # this many seconds after its first checkpoint report, on its first attempt only, so that a
     # test can lose the run's node mid-run however fast the machine trains; 0 = never
