@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -142,7 +143,8 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     that checkpoint (or a later one). A fresh node d joins meanwhile; the raylet of the node running the
     residual trial is killed in turn once the trial has a checkpoint: the trial (its Train workers,
     and its Tune driver if it was there) resumes from that checkpoint on a node left, and the
-    pipeline finishes with the trial complete. Runs after the tests that need both a and b."""
+    pipeline finishes with the trial complete, the killed workers' local run dirs removed by the
+    workers after them. Runs after the tests that need both a and b."""
 
     storage = f"{s3[0]}/nodeloss"
     reused = reuse(submitted, storage, models=("patch",))  # stage 1 trains the low-res view alone
@@ -182,6 +184,9 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     trial = next(t for t in sweep["trials"] if t["trial_id"] == label)
     assert trial["status"] == "complete" and sweep["best"] == label, sweep["trials"]
     assert fs.exists(f"{root}/sweep/report/report.html")
+    # the killed workers' local run dirs (a checkpoint each) were removed by the workers after them
+    left = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "bootdiff-run-*")) if os.path.getmtime(p) * 1e9 >= since]
+    assert not left, left
 
 
 def test_node_lost_with_no_other_node_for_its_run_fails_naming_what_is_missing(cluster, s3, submitted):
