@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -17,6 +16,7 @@ from typing import Optional, Tuple
 from bootdiff import util
 from bootdiff.config import ExperimentConfig, from_yaml
 from bootdiff.run.layout import absolute_url
+from bootdiff.run.scratch import scratch_dir
 
 
 def cfg_from_yaml(text: str) -> ExperimentConfig:
@@ -287,42 +287,7 @@ def worker_setup(cpus: float, log_level: str = "WARNING") -> Tuple[int, int, "ob
     quiet_report_log(log_level)
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cpus)))
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), local_run_dir(ctx.get_world_rank())
-
-
-RUN_DIR = re.compile(r"bootdiff-run-\d+-(\d+)-(\d+)-.+")  # rank, pid namespace, pid of the worker that made it
-
-
-def _pid_namespace() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:  # no /proc (macOS): one namespace
-        return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def local_run_dir(rank: int, root: Optional[str] = None) -> str:
-    """A fresh folder on this node (``root``: the temp dir) where a Train worker writes its
-    checkpoints before Train copies them to storage; the worker removes it when it ends (`cleanup`).
-    A worker Ray kills never runs its ``finally`` — a trial ASHA stops, a retry's failed group, a
-    lost node's run — so its folder, last checkpoint and all, would stay: the next worker on the node
-    removes each folder whose maker, named in it (pid and pid namespace), is no longer alive."""
-    root = root or tempfile.gettempdir()
-    ns = _pid_namespace()
-    for name in os.listdir(root):
-        m = RUN_DIR.fullmatch(name)
-        if m and int(m.group(1)) == ns and not _alive(int(m.group(2))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"bootdiff-run-{rank}-{ns}-{os.getpid()}-", dir=root)
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), scratch_dir("bootdiff-run")
 
 
 def cleanup(path: Optional[str]) -> None:

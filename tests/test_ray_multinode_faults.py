@@ -184,8 +184,10 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     trial = next(t for t in sweep["trials"] if t["trial_id"] == label)
     assert trial["status"] == "complete" and sweep["best"] == label, sweep["trials"]
     assert fs.exists(f"{root}/sweep/report/report.html")
-    # the killed workers' local run dirs (a checkpoint each) were removed by the workers after them
-    left = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "bootdiff-run-*")) if os.path.getmtime(p) * 1e9 >= since]
+    # the killed workers' local run dirs (a checkpoint each) and TensorBoard folders were removed by
+    # the workers after them (bootdiff.run.scratch)
+    left = [p for kind in ("bootdiff-run-*", "bootdiff-tb-*") for p in glob.glob(os.path.join(tempfile.gettempdir(), kind))
+            if os.path.getmtime(p) * 1e9 >= since]
     assert not left, left
 
 

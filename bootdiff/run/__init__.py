@@ -2,5 +2,6 @@
 
 - `bootdiff.run.layout`: `RunLayout`, every URL of a run under ``{storage}/{name}/``;
 - `bootdiff.run.lease`: one submission of a run at a time (``lease.json``);
-- `bootdiff.run.tb`: TensorBoard event files of every training run, and reading them back.
+- `bootdiff.run.tb`: TensorBoard event files of every training run, and reading them back;
+- `bootdiff.run.scratch`: local temp folders a killed worker does not leave behind.
 """

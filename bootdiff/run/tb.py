@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from bootdiff import util
+from bootdiff.run.scratch import scratch_dir
 
 SKIP = ("step", "rank")  # report keys that are not curves (the event step is kimg · 1000)
 METRICS = ("val_G", "test_G", "train_G")  # the hparams tab's metrics
@@ -119,7 +120,7 @@ class TensorBoardRun:
         if existing:
             truncate(self.url, start_step)
         if self._remote:
-            self._dir = tempfile.mkdtemp(prefix="bootdiff-tb-")
+            self._dir = scratch_dir("bootdiff-tb")  # a killed worker's is removed by the next one
         else:
             os.makedirs(path, exist_ok=True)
             self._dir = path
