@@ -108,15 +108,17 @@ def _describe(nodes: List[dict]) -> str:
 
 
 def check(cfg, nodes: List[dict], keys: Optional[Tuple[str, ...]] = None) -> None:
-    """Raise `ConfigError` naming the key when ``storage`` is a local path on a multi-node cluster
-    (and not declared shared), or when some run's workers cannot be placed: no node has the labels
-    its selector asks for, none of those holds one worker's bundle, or they hold fewer workers
-    than the run has. ``keys``: check only the runs of those placement keys (and not storage)."""
+    """Raise one `ConfigError` naming the key of each problem, a line each: ``storage`` a local path
+    on a multi-node cluster (and not declared shared), or a run whose workers cannot be placed: no
+    node has the labels its selector asks for, none of those holds one worker's bundle, or they hold
+    fewer workers than the run has. ``keys``: check only the runs of those placement keys (and not
+    storage)."""
     from bootdiff.run.layout import absolute_url
 
+    problems = []
     storage = absolute_url(cfg.storage)
     if keys is None and len(nodes) > 1 and "://" not in storage and not cfg.ray.shared_storage:
-        raise ConfigError(
+        problems.append(
             f"storage='{cfg.storage}' is a local path, but the Ray cluster has {len(nodes)} nodes: each node's "
             f"workers would write their checkpoints and shards to their own disk. Set storage= to an s3:// URL "
             f"(every node reads and writes it), or, if {storage} is a folder every node mounts (NFS, a shared "
@@ -126,18 +128,20 @@ def check(cfg, nodes: List[dict], keys: Optional[Tuple[str, ...]] = None) -> Non
             continue
         where = f"{key} (label_selector {selector})" if selector else key
         match = [n for n in nodes if _selects(selector, n["labels"])]
+        room = sum(_fits(bundle, n["resources"]) for n in match)
         if not match:
             sel_key = "sweep.trial_label_selector" if key == "sweep.trial_resources" else f"{key}.label_selector"
-            raise ConfigError(f"{sel_key}={selector} selects no node of the Ray cluster; its nodes: {_describe(nodes)}")
-        room = sum(_fits(bundle, n["resources"]) for n in match)
-        if room == 0:
+            problems.append(f"{sel_key}={selector} selects no node of the Ray cluster; its nodes: {_describe(nodes)}")
+        elif room == 0:
             res_key = key if key in OWN_KEYS else f"{key}.resources_per_worker"
             what = "the evaluation task" if key == "eval.num_cpus" else "one worker"
-            raise ConfigError(f"{res_key}: {what} of {where} needs {bundle} on one node, and no node "
-                              f"{'it selects ' if selector else ''}has that much; nodes: {_describe(match)}")
-        if room < workers:
-            raise ConfigError(f"{key}.num_workers={workers}: the nodes {'it selects ' if selector else ''}hold only "
-                              f"{room} worker(s) of {bundle}; nodes: {_describe(match)}")
+            problems.append(f"{res_key}: {what} of {where} needs {bundle} on one node, and no node "
+                            f"{'it selects ' if selector else ''}has that much; nodes: {_describe(match)}")
+        elif room < workers:
+            problems.append(f"{key}.num_workers={workers}: the nodes {'it selects ' if selector else ''}hold only "
+                            f"{room} worker(s) of {bundle}; nodes: {_describe(match)}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def placeable(cfg, key: str) -> Callable[[], None]:

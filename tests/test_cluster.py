@@ -40,6 +40,17 @@ def test_local_storage_is_refused_on_a_multi_node_cluster_unless_declared_shared
     check(_cfg(local, "ray.shared_storage=true"), [HEAD, A, B])  # an NFS mount, said so
 
 
+def test_every_problem_is_named_at_once_a_line_each(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        check(_cfg(f"storage={tmp_path}/runs", "views.patch.scaling.label_selector={node: c}",
+                   "views.low.scaling.num_workers=5"), [HEAD, A, B])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"storage='{tmp_path}/runs' is a local path")
+    assert lines[1].startswith("views.patch.scaling.label_selector={'node': 'c'} selects no node")
+    assert lines[2].startswith("views.low.scaling.num_workers=5: the nodes hold only 4")
+
+
 def test_every_run_of_the_config_is_a_demand_with_its_key():
     keys = [d[0] for d in demands(_cfg("distill.enabled=true"))]
     assert keys == ["views.patch.scaling", "views.low.scaling", "sweep.trial_resources", "full_res.scaling",
