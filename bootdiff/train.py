@@ -185,7 +185,10 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
     resumes from the latest complete one there, unless ``resume_from`` (a checkpoint URL) is given.
     ``hooks.on_report(metrics, checkpoint_url)`` is called on every rank every ``cfg.report_every``
     steps and whenever a checkpoint is written (its URL on rank 0, None on the other ranks, which
-    write nothing); ``hooks.should_stop()`` (optional) is polled at those steps (the ranks agree).
+    write nothing); ``hooks.should_stop()`` (optional) is polled at those steps (the ranks agree):
+    before the report — a stop asked for since the last one ends the run with a checkpoint of where
+    it stopped — and at a checkpoint also after its report, so that a stop decided on that
+    checkpoint (patience on its held-out G) ends the run at it, with no steps beyond.
     ``hooks.on_start(dict(step, kimg, rank))`` (optional) is called once the run has resumed (or
     starts fresh) and ``hooks.on_end()`` (optional) when it ends, also on an exception
     (`bootdiff.run.tb.TensorBoardHooks` writes the run's TensorBoard curves through these).
@@ -315,13 +318,7 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
             if not report_due:
                 continue
             elapsed = time.time() - win_start
-            stop = False
-            if not done and hasattr(hooks, "should_stop"):
-                stop = bool(hooks.should_stop())
-                if distributed:  # every rank must agree, or the next collective hangs
-                    flag = torch.tensor([float(stop)], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop = bool(flag.item())
+            stop = not done and _should_stop(hooks, distributed, device)  # e.g. a stop asked for since the last report
             totals = torch.cat([torch.tensor([win_loss, win_steps], device=device, dtype=torch.float64), stats])
             if distributed:
                 dist.all_reduce(totals)
@@ -344,6 +341,8 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
                 tqdm.write(line, file=sys.stdout)
             if hooks is not None and hasattr(hooks, "on_report"):
                 hooks.on_report(metrics, url if rank == 0 else None)  # only rank 0 wrote it
+            if ckpt_due and not stop and not done:  # a stop decided on this checkpoint (patience) ends the run at it
+                stop = _should_stop(hooks, distributed, device)
             stats.zero_()
             win_loss, win_steps, win_norm = 0.0, 0, 0.0
             win_start, win_nimg = time.time(), nimg
@@ -356,6 +355,18 @@ def train(model: nn.Module, loss_fn: Callable, data: Any, cfg: TrainConfig, run_
             hooks.on_end()
     return TrainResult(step=step, kimg=nimg / 1000, loss=loss_mean, checkpoint_url=last_ckpt,
                        model=model, ema=ema.module, stopped=stopped)
+
+
+def _should_stop(hooks, distributed: bool, device) -> bool:
+    """``hooks.should_stop()``, agreed by every rank (or the next collective hangs)."""
+    if not hasattr(hooks, "should_stop"):
+        return False
+    stop = bool(hooks.should_stop())
+    if distributed:
+        flag = torch.tensor([float(stop)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
 
 
 def _save_checkpoint(run_dir, step, nimg, model, ema, optimizer, gen, params, config_yaml, keep,

@@ -89,14 +89,13 @@ def test_train_stops_at_the_checkpoint_patience_runs_out(tmp_path):
     cfg = make_cfg(steps=40, ckpt_every=4)  # checkpoints at steps 4, 8, ..., 40
     hooks = HeldOut([1.0, 0.7, 0.6, 0.65, 0.62, 0.5, 0.4, 0.3, 0.2, 0.1], patience=2)
     res = train(model_(), RecordingLoss(), gmm_data(8, 1), cfg, run_dir=str(tmp_path / "run"), hooks=hooks)
-    # best at checkpoint 3 (step 12); 0.65 and 0.62 do not beat it: train polls should_stop at the
-    # next report (step 21, report_every=1) and ends there with a checkpoint of where it stopped
-    # (reported like any other: its held-out value is measured too)
+    # best at checkpoint 3 (step 12); 0.65 and 0.62 do not beat it: train polls should_stop right
+    # after checkpoint 5's report and ends there, with no step beyond the checkpoint that decided it
     assert res.stopped and hooks.decided["best_kimg"] == pytest.approx(12 * 8 / 1000)
     assert hooks.decided["last_kimg"] == pytest.approx(20 * 8 / 1000)
-    assert [s for s, _ in hooks.checkpoints] == [4, 8, 12, 16, 20, 21]
-    assert res.step == 21
-    assert latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-00000021")
+    assert [s for s, _ in hooks.checkpoints] == [4, 8, 12, 16, 20]
+    assert res.step == 20
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-00000020")
     # patience 0: the same run trains to its cap
     again = HeldOut(hooks.values, patience=0)
     full = train(model_(), RecordingLoss(), gmm_data(8, 1), cfg, run_dir=str(tmp_path / "full"), hooks=again)

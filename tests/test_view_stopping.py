@@ -53,8 +53,8 @@ def test_view_patience_without_held_out_samples_fails_at_load_naming_the_key(tmp
 
 def test_benchmark_view_stops_on_its_held_out_samples_and_is_exported_at_their_minimum(tmp_path):
     """The benchmark's view job (`train_local`): G on the view's held-out samples at every
-    checkpoint as its curve; patience 1 stops it at the report after the first checkpoint that did
-    not improve (or it reaches its cap); the exported model is the checkpoint of the lowest
+    checkpoint as its curve; patience 1 stops it at the first checkpoint that did not improve (or
+    it reaches its cap); the exported model is the checkpoint of the lowest
     held-out G, still on disk although 2 are kept by default."""
     from bootdiff.efficiency.models import budgets
     from bootdiff.efficiency.train import train_local
@@ -77,9 +77,9 @@ def test_benchmark_view_stops_on_its_held_out_samples_and_is_exported_at_their_m
         patience.update(point)
         if fired is None and patience.should_stop():
             fired = i
-    if trained["stopped_early"]:  # at the next report (every step): one more checkpoint, then the end
-        assert fired is not None and len(curve) == fired + 2 and trained["kimg"] < 0.16 - 1e-9, curve
-        assert curve[-1]["kimg"] == pytest.approx(curve[fired]["kimg"] + 0.016)
+    if trained["stopped_early"]:  # at the checkpoint where it fired: no step beyond it
+        assert fired is not None and len(curve) == fired + 1 and trained["kimg"] < 0.16 - 1e-9, curve
+        assert trained["kimg"] == pytest.approx(curve[fired]["kimg"])
     else:  # its cap: 5 checkpoints, patience firing at most at the last (there is no report after it)
         assert trained["kimg"] == pytest.approx(0.16) and len(curve) == 5 and fired in (None, 4), curve
     best = min(range(len(curve)), key=lambda i: (curve[i]["val_G"], curve[i]["kimg"]))

@@ -85,9 +85,9 @@ def train_local(job: dict, b: dict, out: str) -> dict:
 
     view_stops = job["kind"] == "view" and early_stopped_view(cfg, job["view"])
     extra = g_at_checkpoint if job["kind"] != "view" else view_g_at_checkpoint if view_stops else None
-    if view_stops:  # keep the held-out minimum on disk: at most `patience` checkpoints back when
-        # patience fires, and the stop writes one more checkpoint at the next report
-        tcfg.keep_checkpoints = max(int(tcfg.keep_checkpoints), int(tcfg.patience) + 2)
+    if view_stops:  # keep the held-out minimum on disk: `patience` checkpoints back when patience
+        # fires, at the checkpoint that ends the run
+        tcfg.keep_checkpoints = max(int(tcfg.keep_checkpoints), int(tcfg.patience) + 1)
     hooks = TensorBoardHooks(RunLayout(out, "tb").tb_run(job["id"]), hparams=dict(job.get("trial") or {}),
                              extra_metrics=extra, hooks=CurveHooks(curve_url, tcfg.patience, tcfg.patience_from_kimg,
                                                                    key="val_G" if view_stops else "test_G"))
