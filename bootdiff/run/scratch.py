@@ -2,7 +2,7 @@
 
 A Train worker writes its checkpoints, and a run on remote storage its TensorBoard events, in a
 local temp folder before they are copied to storage, and removes it when it ends. A process Ray
-kills never runs its ``finally`` — a trial ASHA stops, a retried worker group, a lost node's run —
+kills never runs its ``finally`` — a trial Tune stops (Ctrl-C on the sweep), a retried worker group, a lost node's run —
 so its folder, last checkpoint and all, would stay on the node. `scratch_dir` names each folder
 after its maker (pid namespace and pid) and, before making one, removes the folders of the same
 kind whose maker is no longer alive: the next worker on the node cleans up after the killed one.
