@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 
 
 def scratch_dir(kind: str, root: Optional[str] = None) -> str:
-    """A fresh folder ``{root}/{kind}-{pid namespace}-{pid}-XXXXXXXX`` (``root``: the temp dir),
+    """A fresh folder ``{root}/{kind}-{pid namespace}-{pid}-{mkdtemp's random suffix}`` (``root``: the temp dir),
     after removing every ``{kind}-…`` folder there whose maker in this pid namespace is dead.
     Folders of another namespace (another container sharing the disk) are left alone."""
     root = root or tempfile.gettempdir()
