@@ -90,3 +90,41 @@ def submitted(cluster, s3, tmp_path_factory):
     from raycluster import run_pipeline
 
     return run_pipeline(cluster, s3, tmp_path_factory)
+
+
+# pytest-xdist (pyproject's addopts: ``-n 2 --no-loadscope-reorder``) runs the tests in two
+# processes at once, a file's tests together in one of them, in file order (module fixtures and
+# tests that read an earlier test's files stay valid). Files whose tests share a session fixture
+# that must exist once are one unit of work: those of the three-node cluster (`cluster`,
+# `submitted`: its pipeline runs once; tests/test_ray_multinode_faults.py stops the cluster after
+# the others) and those of the benchmark datasets (`bench`). The cluster's unit, the longest,
+# comes first, so that the other process runs everything else beside it. (xdist's own
+# ``xdist_group`` mark does not hold under pytest 9: it renames ``item._nodeid``, which pytest 9
+# no longer reads.) With ``-n 0`` the same order runs in one process.
+GROUPS = {"test_ray_multinode.py": "cluster", "test_ray_multinode_faults.py": "cluster",
+          "test_efficiency.py": "bench", "test_variants.py": "bench"}
+SHARED = {"cluster": "cluster", "submitted": "cluster", "bench": "bench"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = os.path.basename(str(item.path))
+        for fixture in sorted(SHARED.keys() & set(item.fixturenames)):
+            if GROUPS.get(name) != SHARED[fixture]:
+                raise pytest.UsageError(f"tests/{name}::{item.name} uses the session fixture '{fixture}': add "
+                                        f"{name!r}: {SHARED[fixture]!r} to GROUPS in tests/conftest.py, so that "
+                                        f"it runs in the one pytest-xdist worker that has it")
+    items.sort(key=lambda item: GROUPS.get(os.path.basename(str(item.path))) != "cluster")  # stable
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler by scope, the scope a file or its `GROUPS` group."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return GROUPS.get(os.path.basename(path), path)
+
+    return FileGroups(config, log)

@@ -7,6 +7,7 @@ labels (``node=<name>``), all joined with one fresh auth token. A node is lost w
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -79,6 +80,10 @@ class LocalCluster:
         self.nodes = nodes
         self.node_env = dict(node_env or {})
         self.root = tempfile.mkdtemp(prefix="bdmn-", dir="/tmp")  # Ray's socket paths stay short
+        # The nodes' temp folder (TMPDIR of every ``ray start``, so of its workers): one, as they
+        # share this machine's /tmp, but the cluster's own, apart from the other tests' runs.
+        self.tmp = os.path.join(self.root, "tmp")
+        os.makedirs(self.tmp)
         token = uuid.uuid4().hex
         self.env = dict(env or os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                         RAY_TRAIN_ENABLE_STATE_TRACKING="1", RAY_DEDUP_LOGS="0",
@@ -96,7 +101,7 @@ class LocalCluster:
         d = self._dir(name)
         for attempt in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait
             proc = subprocess.run([RAY, "start", f"--temp-dir={d}/t", "--disable-usage-stats", *args],
-                                  env=dict(self.env, **self.node_env), cwd=os.path.join(d, "work"),
+                                  env=dict(self.env, **self.node_env, TMPDIR=self.tmp), cwd=os.path.join(d, "work"),
                                   capture_output=True, text=True, timeout=180)
             if proc.returncode == 0:
                 return
@@ -189,10 +194,12 @@ class LocalCluster:
         return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name and r["start_time_ns"] >= since_ns
                 for a in r["attempts"] for w in a["workers"]}
 
-    def kill_after_checkpoint(self, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int) -> tuple:
+    def kill_after_checkpoint(self, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int,
+                              kinds=("bootdiff-run-*",)) -> tuple:
         """Once a Train run called ``run_prefix…`` has a registered checkpoint (its checkpoint
         manager's snapshot under storage, found with fsspec ``fs``), SIGKILL the raylet of a node
-        its workers run on: (that node, the latest registered step, the run's name)."""
+        its workers run on: (that node, the latest registered step, the run's name, the
+        ``kinds`` of scratch folders in the nodes' temp folder (`tmp`) just before the kill)."""
         while time.time() < deadline:
             fs.invalidate_cache()
             for snapshot in fs.glob(snapshot_glob):
@@ -202,8 +209,9 @@ class LocalCluster:
                     state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
                     step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
                     lost = sorted(nodes)[0]
+                    scratch = [p for kind in kinds for p in glob.glob(os.path.join(self.tmp, kind))]
                     self.kill_node(lost)
-                    return lost, step, name
+                    return lost, step, name, scratch
             time.sleep(0.5)
         raise RuntimeError(f"no checkpoint of a Train run {run_prefix}* registered in time")
 

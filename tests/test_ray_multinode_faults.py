@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -155,11 +154,11 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     sub_id = submission_id(submit(cluster, f"storage={storage}", *views, wait=False))
     fs, root = s3fs(), storage[len("s3://"):] + "/quickstart"
     deadline = time.time() + 900
-    lost, at_step, _ = cluster.kill_after_checkpoint(fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
+    lost, at_step, _, scratch = cluster.kill_after_checkpoint(fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
                                                      "view-low", deadline, since)
     left = "b" if lost == "a" else "a"
     cluster.add_node("d", {"cpus": 2})  # the sweep gets two nodes again
-    lost2, trial_step, trial_run = cluster.kill_after_checkpoint(
+    lost2, trial_step, trial_run, scratch2 = cluster.kill_after_checkpoint(
         fs, f"{root}/sweep/runs/trial-residual-*/checkpoint_manager_snapshot.json", "trial-residual", deadline, since)
     status, logs = cluster.wait_job(sub_id, timeout=max(deadline - time.time(), 60))
     assert status == "SUCCEEDED", logs[-6000:]
@@ -186,8 +185,10 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     assert fs.exists(f"{root}/sweep/report/report.html")
     # the killed workers' local run dirs (a checkpoint each) and TensorBoard folders were removed by
     # the workers after them (bootdiff.run.scratch)
-    left = [p for kind in ("bootdiff-run-*", "bootdiff-tb-*") for p in glob.glob(os.path.join(tempfile.gettempdir(), kind))
-            if os.path.getmtime(p) * 1e9 >= since]
+    # (the nodes' temp folder is the cluster's own, `LocalCluster.tmp`: the killed runs' folders
+    # were there at the kills, and the other tests' runs on this machine leave nothing there)
+    assert scratch and scratch2, (scratch, scratch2)
+    left = [p for kind in ("bootdiff-run-*", "bootdiff-tb-*") for p in glob.glob(os.path.join(cluster.tmp, kind))]
     assert not left, left
 
 
