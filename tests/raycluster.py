@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 import uuid
 
 from multinode import PY, RAY, LocalCluster
@@ -94,10 +93,7 @@ def reuse(submitted, storage: str, models=()) -> bool:
 
 def jobs_api(cluster) -> list:
     """The dashboard's job API: every job the cluster ran."""
-    req = urllib.request.Request(cluster.address + "/api/jobs/",
-                                 headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    return cluster.api("/api/jobs/")
 
 
 # The pipeline test's run: the quickstart shrunk (TINY) with every stage on — the Ambient peer, the
