@@ -203,12 +203,11 @@ class LocalCluster:
         return {ids.get(w["node_id"], w["node_id"]) for r in runs if r["name"] == name and r["start_time_ns"] >= since_ns
                 for a in r["attempts"] for w in a["workers"]}
 
-    def kill_after_checkpoint(self, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int,
-                              kinds=("bootdiff-run-*",)) -> tuple:
+    def kill_after_checkpoint(self, fs, snapshot_glob: str, run_prefix: str, deadline: float, since_ns: int) -> tuple:
         """Once a Train run called ``run_prefix…`` has a registered checkpoint (its checkpoint
         manager's snapshot under storage, found with fsspec ``fs``), SIGKILL the raylet of a node
-        its workers run on: (that node, the latest registered step, the run's name, the
-        ``kinds`` of scratch folders in the nodes' temp folder (`tmp`) just before the kill)."""
+        its workers run on: (that node, the latest registered step, the run's name, the run folders
+        (``bootdiff-run-*``) in the nodes' temp folder (`tmp`) just before the kill)."""
         while time.time() < deadline:
             fs.invalidate_cache()
             for snapshot in fs.glob(snapshot_glob):
@@ -218,7 +217,7 @@ class LocalCluster:
                     state = json.loads(fs.cat(snapshot))  # Train's checkpoint manager: the registered checkpoints
                     step = max(r["metrics"]["step"] for r in state["checkpoint_results"])
                     lost = sorted(nodes)[0]
-                    scratch = [p for kind in kinds for p in glob.glob(os.path.join(self.tmp, kind))]
+                    scratch = glob.glob(os.path.join(self.tmp, "bootdiff-run-*"))
                     self.kill_node(lost)
                     return lost, step, name, scratch
             time.sleep(0.5)

@@ -91,11 +91,6 @@ def reuse(submitted, storage: str, models=()) -> bool:
     return True
 
 
-def jobs_api(cluster) -> list:
-    """The dashboard's job API: every job the cluster ran."""
-    return cluster.api("/api/jobs/")
-
-
 # The pipeline test's run: the quickstart shrunk (TINY) with every stage on — the Ambient peer, the
 # early-stopped baseline (PATIENT), distillation (DISTILL), the combined baseline — each Train
 # worker failing once at step >= 3 (FailureConfig restarts it from its checkpoint), the patch view

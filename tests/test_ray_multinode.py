@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from raycluster import KEY_ID, PIPELINE, SECRET, files_containing, jobs_api, s3fs, submit
+from raycluster import KEY_ID, PIPELINE, SECRET, files_containing, s3fs, submit
 from rayhead import tb_raw_steps
 
 pytestmark = pytest.mark.ray
@@ -43,7 +43,7 @@ def test_job_submitted_pipeline_on_three_nodes_end_to_end(cluster, submitted):
     assert "tensorboard --logdir" not in out  # Tune's own TensorBoard logger is off: the runs' curves are tb/'s
     assert "chosen on validation G" in out  # the sweep says what it chose on
     sub_id = out.split("Job '")[1].split("'")[0]
-    job = next(j for j in jobs_api(cluster) if j["submission_id"] == sub_id)
+    job = next(j for j in cluster.api("/api/jobs/") if j["submission_id"] == sub_id)
     assert job["status"] == "SUCCEEDED"
 
     # Placement, from Ray Train's state API: each view's workers on the node its label selector
@@ -206,7 +206,7 @@ def test_credentials_stay_out_of_job_records_and_logs(cluster, submitted):
     assert submitted["proc"].returncode == 0
     needles = (SECRET, KEY_ID)
     assert not [n for n in needles if n in submitted["proc"].stdout + submitted["proc"].stderr]
-    records = json.dumps(jobs_api(cluster))
+    records = json.dumps(cluster.api("/api/jobs/"))
     assert "raysubmit_" in records and not [n for n in needles if n in records]
     assert not files_containing(cluster.root, needles)  # every node's temp dir (Ray's session) and work dir
     fs = s3fs()

@@ -154,8 +154,8 @@ def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(
     sub_id = submission_id(submit(cluster, f"storage={storage}", *views, wait=False))
     fs, root = s3fs(), storage[len("s3://"):] + "/quickstart"
     deadline = time.time() + 900
-    lost, at_step, _, scratch = cluster.kill_after_checkpoint(fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json",
-                                                     "view-low", deadline, since)
+    lost, at_step, _, scratch = cluster.kill_after_checkpoint(
+        fs, f"{root}/views/view-low/checkpoint_manager_snapshot.json", "view-low", deadline, since)
     left = "b" if lost == "a" else "a"
     cluster.add_node("d", {"cpus": 2})  # the sweep gets two nodes again
     lost2, trial_step, trial_run, scratch2 = cluster.kill_after_checkpoint(
