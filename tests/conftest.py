@@ -46,27 +46,44 @@ def bench(tmp_path_factory):
     return cfg, out, plan, manifests
 
 
+_LOCAL_RAY: dict = {}  # the temp dir of the local Ray cluster `local_ray` started, while it runs
+
+
 @pytest.fixture
 def local_ray(request):
-    """A local Ray cluster of 2 CPUs for one test (``ray.init``, its files in a short temp dir of
-    its own), the test's module pickled by value (Ray's workers cannot import tests/)."""
+    """A local Ray cluster of 2 CPUs (``ray.init``, its files in a short temp dir of its own), the
+    test's module pickled by value (Ray's workers cannot import tests/). The tests that use it
+    share one (one unit of work, `GROUPS`): started for the first of them, stopped after the last,
+    a Ray start and stop (≈ 10 CPU-s of Ray's own processes) once instead of once per test."""
     import ray
     from ray import cloudpickle
 
+    if not _LOCAL_RAY:
+        tmp = tempfile.mkdtemp(prefix="bdrl-", dir="/tmp")  # socket paths must stay short
+        old = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = tmp  # read by ray.init only: the other tests' own Ray runs keep theirs
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        finally:
+            if old is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = old
+        _LOCAL_RAY["tmp"] = tmp
+        request.config.add_cleanup(_stop_local_ray)  # a session stopped early (-x) stops it too
     cloudpickle.register_pickle_by_value(sys.modules[request.module.__name__])
-    tmp = tempfile.mkdtemp(prefix="bdrl-", dir="/tmp")  # socket paths must stay short
-    old = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
+    yield ray
+    users = [i for i in request.session.items if "local_ray" in getattr(i, "fixturenames", ())]
+    if not users or request.node is users[-1]:
+        _stop_local_ray()
+
+
+def _stop_local_ray() -> None:
+    if _LOCAL_RAY:
+        import ray
+
         ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = old
+        shutil.rmtree(_LOCAL_RAY.pop("tmp"), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -97,13 +114,16 @@ def submitted(cluster, s3, tmp_path_factory):
 # tests that read an earlier test's files stay valid). Files whose tests share a session fixture
 # that must exist once are one unit of work: those of the three-node cluster (`cluster`,
 # `submitted`: its pipeline runs once; tests/test_ray_multinode_faults.py stops the cluster after
-# the others) and those of the benchmark datasets (`bench`). The cluster's unit, the longest,
+# the others), those of the benchmark datasets (`bench`) and those of the local Ray cluster
+# (`local_ray`: started once for them, so they run one after another in one process). The cluster's unit, the longest,
 # comes first, so that the other process runs everything else beside it. (xdist's own
 # ``xdist_group`` mark does not hold under pytest 9: it renames ``item._nodeid``, which pytest 9
 # no longer reads.) With ``-n 0`` the same order runs in one process.
 GROUPS = {"test_ray_multinode.py": "cluster", "test_ray_multinode_faults.py": "cluster",
-          "test_efficiency.py": "bench", "test_variants.py": "bench"}
-SHARED = {"cluster": "cluster", "submitted": "cluster", "bench": "bench"}
+          "test_efficiency.py": "bench", "test_variants.py": "bench",
+          "test_ray_loader.py": "local_ray", "test_ray_efficiency.py": "local_ray", "test_tune_report.py": "local_ray",
+          "test_ray_final_errors.py": "local_ray"}
+SHARED = {"cluster": "cluster", "submitted": "cluster", "bench": "bench", "local_ray": "local_ray"}
 
 
 def pytest_collection_modifyitems(config, items):

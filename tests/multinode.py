@@ -133,10 +133,13 @@ class LocalCluster:
         self.wait_nodes()
 
     def list_nodes(self) -> list:
-        """Ray's state API: ``ray list nodes`` (alive and dead)."""
-        proc = subprocess.run([RAY, "list", "nodes", "--address", self.address, "--format", "json", "--limit", "100"],
-                              env=self.env, capture_output=True, text=True, timeout=60)
-        return json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
+        """Ray's state API, what ``ray list nodes`` asks (alive and dead): ``[]`` while the
+        dashboard is not up yet."""
+        try:
+            reply = self.api("/api/v0/nodes?limit=100")
+        except (OSError, ValueError):
+            return []
+        return reply["data"]["result"]["result"] if reply.get("result") else []
 
     def wait_nodes(self, timeout: float = 120) -> None:
         want = {"head", *[n for n in self.started if not self.nodes[n].get("lost")]}
