@@ -7,7 +7,6 @@ would only make them again (`reuse`), and where secrets must not be (`files_cont
 cluster simulated on this machine: a head that takes no work and worker nodes ``a`` and ``b``,
 each its own ``ray start`` (tests/multinode.py), with moto's S3 server as the only storage."""
 
-import json
 import os
 import subprocess
 import time

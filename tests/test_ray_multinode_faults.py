@@ -1,26 +1,22 @@
 """Faults on the three-node Ray cluster the Ray tests share (tests/raycluster.py), after
 tests/test_ray_multinode.py's pipeline (its data and view models are reused where a test's would
 be the same: `raycluster.reuse`). From a terminal joined to the cluster (drivers with ``RAY_ADDRESS``, storage a local
-path every node shares): two submissions of one run at once, exactly one runs (the run's lease);
-SIGINT during the sweep, and the same command restores it and runs only the unfinished trials.
+path every node shares): two submissions of one run at once, exactly one runs (the run's lease).
 Then nodes are lost: a worker node lost mid-stage-1 or mid-sweep costs at most one checkpoint
 interval and the run finishes on the nodes left; a run with no node left for it fails naming what
 is missing. This module uses the cluster last and stops it when done."""
 
 import glob
 import json
-import math
 import os
 import re
-import signal
 import subprocess
 import time
 
 import pytest
 
-from bootdiff.sweep import chosen_report
 from raycluster import driver, reuse, s3fs, submission_id, submit
-from rayhead import REPO, terminated_trial
+from rayhead import REPO
 
 pytestmark = pytest.mark.ray
 
@@ -51,59 +47,6 @@ def test_two_submissions_at_once_exactly_one_runs(cluster, tmp_path):
     assert "ingested" in outs[win] and "ingested" not in msg
     assert (root / "data" / "manifest.json").exists()
     assert not (root / "lease.json").exists()  # released by the winner
-
-
-def test_sigint_during_sweep_resumes_only_unfinished_trials(cluster, submitted, tmp_path):
-    """SIGINT to the sweep driver (on the pipeline test's data and view models) after one of two
-    residual trials finished: exit 130 naming the sweep, no sweep.json; the same command then
-    restores Tune's experiment, runs only the unfinished trial, and writes what an uninterrupted
-    sweep writes (both trials complete, the finished one's row as it was, the best trial the one
-    of the lowest validation G)."""
-    storage = str(tmp_path / "storage")
-    root = os.path.join(storage, "quickstart")
-    if not reuse(submitted, storage, models=("patch", "low")):
-        for stage in ("ingest", "train_views"):
-            cmd, env = driver(cluster, stage, storage)
-            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    sweep_root = os.path.join(root, "sweep")
-    cmd, env = driver(cluster, "sweep_residual", storage, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
-                       "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false")
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline, finished = time.time() + 300, None
-        while time.time() < deadline and finished is None and first.poll() is None:
-            time.sleep(0.5)
-            finished = terminated_trial(os.path.join(sweep_root, "tune"))
-        assert finished is not None, open(tmp_path / "first.log").read()[-4000:]
-        first.send_signal(signal.SIGINT)  # what Ctrl-C sends the driver
-        first.wait(timeout=120)
-    out = open(tmp_path / "first.log").read()
-    assert first.returncode == 130, out[-4000:]
-    assert "INTERRUPTED (SIGINT)" in out and "the sweep (1 of 2 trials unfinished" in out, out[-4000:]
-    assert not os.path.exists(os.path.join(sweep_root, "sweep.json"))
-    reported = [json.loads(line) for line in open(glob.glob(os.path.join(sweep_root, "tune", f"trial-{finished}",
-                                                                          "result.json"))[0])]
-    assert not any("test_G" in r for r in reported)  # validation and training G only: test G once, at the end
-    before = reported[-1]
-
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "restoring interrupted sweep" in out and "sweep already complete" not in out
-    sweep = json.load(open(os.path.join(sweep_root, "sweep.json")))
-    rows = {t["trial_id"]: t for t in sweep["trials"]}
-    assert sorted(rows) == ["residual-mv0-ml0-ra1", "residual-mv1-ml0-ra1"]
-    assert {t["status"] for t in rows.values()} == {"complete"} and all(t["checkpoint"] for t in rows.values())
-    # the finished trial's row is as it was: its last step, and the checkpoint of its lowest validation G
-    assert rows[finished]["step"] == before["step"] and rows[finished]["val_G"] == chosen_report(reported)["val_G"]
-    assert all(math.isfinite(t["test_G"]) for t in rows.values())  # each at its chosen checkpoint
-    assert rows[sweep["best"]]["val_G"] == min(t["val_G"] for t in rows.values())  # chosen on validation G
-    starts = [os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(sweep_root, "events", "*.start"))]
-    assert starts.count(finished) == 1, starts  # the finished trial never ran again
-    other = next(t for t in rows if t != finished)
-    assert 1 <= starts.count(other) <= 2, starts
 
 
 def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3, submitted):
