@@ -99,9 +99,14 @@ class LocalCluster:
 
     def _start(self, name: str, args: list) -> None:
         d = self._dir(name)
+        # RAY_ADDRESS: Ray's own code on the nodes that looks its cluster up without an address
+        # (Train's PlacementGroupCleaner asks the state API for its controller) finds it; without,
+        # it searches this machine and, with another test's Ray running, fails ("Found multiple
+        # active Ray instances"): a Train run's placement group then outlived its aborted run.
         for attempt in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait
             proc = subprocess.run([RAY, "start", f"--temp-dir={d}/t", "--disable-usage-stats", *args],
-                                  env=dict(self.env, **self.node_env, TMPDIR=self.tmp), cwd=os.path.join(d, "work"),
+                                  env=dict(self.env, **self.node_env, TMPDIR=self.tmp, RAY_ADDRESS=self.gcs),
+                                  cwd=os.path.join(d, "work"),
                                   capture_output=True, text=True, timeout=180)
             if proc.returncode == 0:
                 return
@@ -113,9 +118,9 @@ class LocalCluster:
         ports = [f"--{n}={free_port()}" for n in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                   "ray-client-server-port", "runtime-env-agent-port",
                                                   "metrics-export-port")]
+        self.gcs, self.address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         self._start("head", ["--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=0",
                              "--include-dashboard=true", "--labels=node=head", *ports])
-        self.gcs, self.address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         for name, spec in self.nodes.items():
             self.add_node(name, spec)
         return self
