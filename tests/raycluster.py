@@ -117,12 +117,17 @@ def files_containing(root: str, needles) -> list:
     return hits
 
 
+def stage_command(stage: str, storage: str, *extra) -> list:
+    """``python -m ray_jobs.<stage>`` of the tiny quickstart (`OVERRIDES`) at ``storage``."""
+    return [PY, "-m", f"ray_jobs.{stage}", "--config", "configs/quickstart.yaml", f"storage={storage}", *OVERRIDES,
+            *extra]
+
+
 def driver(cluster, stage: str, storage: str, *extra) -> tuple:
     """A driver of one stage run on this machine and joined to the cluster (``RAY_ADDRESS``), as a
     user's terminal runs it; its storage a local path every node shares (``ray.shared_storage``).
     (command, environment)."""
-    return ([PY, "-m", f"ray_jobs.{stage}", "--config", "configs/quickstart.yaml", f"storage={storage}", *OVERRIDES,
-             "ray.shared_storage=true", *extra], dict(cluster.env, RAY_ADDRESS=cluster.gcs))
+    return stage_command(stage, storage, "ray.shared_storage=true", *extra), dict(cluster.env, RAY_ADDRESS=cluster.gcs)
 
 
 def run_pipeline(cluster, s3, tmp_path_factory) -> dict:

@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -22,18 +21,10 @@ from bootdiff.config import load_config, to_object
 from bootdiff.data.ingest import ingest
 from bootdiff.sweep import chosen_report
 from bootdiff.train import train
-from raycluster import OVERRIDES
+from raycluster import OVERRIDES, stage_command
 from rayhead import REPO, terminated_trial
 
 pytestmark = pytest.mark.ray
-
-
-def driver(ray, stage: str, storage: str, *extra) -> tuple:
-    """A driver of one stage on this machine, joined to the running cluster (``RAY_ADDRESS``), as a
-    user's terminal runs it: (command, environment)."""
-    cmd = [sys.executable, "-m", f"ray_jobs.{stage}", "--config", "configs/quickstart.yaml", f"storage={storage}",
-           *OVERRIDES, *extra]
-    return cmd, dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
 
 
 def test_sigint_during_sweep_resumes_only_unfinished_trials(local_ray, mnist_wheel, tmp_path):
@@ -50,9 +41,11 @@ def test_sigint_during_sweep_resumes_only_unfinished_trials(local_ray, mnist_whe
         res = train(model, loss, data, vcfg.train, run_dir=str(tmp_path / "runs" / v))
         experiment.export_result(cfg, v, res.checkpoint_url)
     sweep_root = os.path.join(root, "sweep")
-    cmd, env = driver(local_ray, "sweep_residual", storage, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
-                       "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false")
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
+    # the sweep's driver as a terminal joined to the running cluster starts it (``RAY_ADDRESS``)
+    cmd = stage_command("sweep_residual", storage, "sweep.mu_var=[0.0,1.0]", "sweep.mu_l1=[0.0]",
+                        "sweep.baseline_full_res=false", "sweep.max_concurrent=1", "sweep.asha.enabled=false")
+    env = dict(os.environ, RAY_ADDRESS=local_ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1",
+               TUNE_GLOBAL_CHECKPOINT_S="1")
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline, finished = time.time() + 300, None
