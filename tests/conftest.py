@@ -122,7 +122,8 @@ def submitted(cluster, s3, tmp_path_factory):
 GROUPS = {"test_ray_multinode.py": "cluster", "test_ray_multinode_faults.py": "cluster",
           "test_efficiency.py": "bench", "test_variants.py": "bench",
           "test_ray_loader.py": "local_ray", "test_ray_efficiency.py": "local_ray", "test_tune_report.py": "local_ray",
-          "test_ray_final_errors.py": "local_ray", "test_ray_sigint.py": "local_ray"}
+          "test_ray_final_errors.py": "local_ray", "test_ray_sigint.py": "local_ray",
+          "test_ray_lease.py": "local_ray"}
 SHARED = {"cluster": "cluster", "submitted": "cluster", "bench": "bench", "local_ray": "local_ray"}
 
 

@@ -1,8 +1,8 @@
 """The three-node Ray cluster the Ray tests share (tests/conftest.py's session fixtures
 ``cluster`` and ``submitted``; tests/test_ray_multinode.py and tests/test_ray_multinode_faults.py
 use it, the second last) and what they do with it: the tiny pipeline submitted with ``ray job
-submit`` and every stage on (`run_pipeline`, `PIPELINE`), other jobs and drivers on the cluster
-(`job`, `submit`, `driver`), the pipeline's data and view models copied for a later test that
+submit`` and every stage on (`run_pipeline`, `PIPELINE`), other jobs on the cluster (`job`,
+`submit`), a stage's command (`stage_command`), the pipeline's data and view models copied for a later test that
 would only make them again (`reuse`), and where secrets must not be (`files_containing`). A
 cluster simulated on this machine: a head that takes no work and worker nodes ``a`` and ``b``,
 each its own ``ray start`` (tests/multinode.py), with moto's S3 server as the only storage."""
@@ -121,13 +121,6 @@ def stage_command(stage: str, storage: str, *extra) -> list:
     """``python -m ray_jobs.<stage>`` of the tiny quickstart (`OVERRIDES`) at ``storage``."""
     return [PY, "-m", f"ray_jobs.{stage}", "--config", "configs/quickstart.yaml", f"storage={storage}", *OVERRIDES,
             *extra]
-
-
-def driver(cluster, stage: str, storage: str, *extra) -> tuple:
-    """A driver of one stage run on this machine and joined to the cluster (``RAY_ADDRESS``), as a
-    user's terminal runs it; its storage a local path every node shares (``ray.shared_storage``).
-    (command, environment)."""
-    return stage_command(stage, storage, "ray.shared_storage=true", *extra), dict(cluster.env, RAY_ADDRESS=cluster.gcs)
 
 
 def run_pipeline(cluster, s3, tmp_path_factory) -> dict:

@@ -1,22 +1,19 @@
 """Faults on the three-node Ray cluster the Ray tests share (tests/raycluster.py), after
 tests/test_ray_multinode.py's pipeline (its data and view models are reused where a test's would
-be the same: `raycluster.reuse`). From a terminal joined to the cluster (drivers with ``RAY_ADDRESS``, storage a local
-path every node shares): two submissions of one run at once, exactly one runs (the run's lease).
-Then nodes are lost: a worker node lost mid-stage-1 or mid-sweep costs at most one checkpoint
-interval and the run finishes on the nodes left; a run with no node left for it fails naming what
-is missing. This module uses the cluster last and stops it when done."""
+be the same: `raycluster.reuse`), nodes are lost: a worker node lost mid-stage-1 or mid-sweep
+costs at most one checkpoint interval and the run finishes on the nodes left; a run with no node
+left for it fails naming what is missing. (Two submissions of one run at once:
+tests/test_ray_lease.py, on the local Ray.) This module uses the cluster last and stops it when done."""
 
 import glob
 import json
 import os
 import re
-import subprocess
 import time
 
 import pytest
 
-from raycluster import driver, reuse, s3fs, submission_id, submit
-from rayhead import REPO
+from raycluster import reuse, s3fs, submission_id, submit
 
 pytestmark = pytest.mark.ray
 
@@ -27,26 +24,6 @@ def _stop_cluster_after(cluster):
     not at the end of the session, so no cluster idles beside the tests after it."""
     yield
     cluster.stop()
-
-
-def test_two_submissions_at_once_exactly_one_runs(cluster, tmp_path):
-    """Two ingest drivers of the same run started together: one takes the lease and ingests, the
-    other fails at once naming the first (pid, Ray job submission id) and touches nothing."""
-    root, procs = tmp_path / "quickstart", []
-    for i in range(2):
-        cmd, env = driver(cluster, "ingest", str(tmp_path))
-        job = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": f"raysubmit_fault{i}"}})
-        procs.append(subprocess.Popen(cmd, env=dict(env, RAY_JOB_CONFIG_JSON_ENV_VAR=job), cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=170)[0] for p in procs]
-    rcs = [p.returncode for p in procs]
-    assert sorted(rcs) == [0, 75], (rcs, [o[-3000:] for o in outs])
-    win, lose = (0, 1) if rcs[0] == 0 else (1, 0)
-    msg = outs[lose]
-    assert f"pid {procs[win].pid}" in msg and f"raysubmit_fault{win}" in msg and "ray_jobs.ingest" in msg, msg
-    assert "ingested" in outs[win] and "ingested" not in msg
-    assert (root / "data" / "manifest.json").exists()
-    assert not (root / "lease.json").exists()  # released by the winner
 
 
 def test_worker_nodes_lost_mid_stage_one_and_mid_sweep_resume_on_the_nodes_left(cluster, s3, submitted):
