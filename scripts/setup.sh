@@ -24,4 +24,9 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# The project's byte-code, written once: where PYTHONDONTWRITEBYTECODE is set (as on this project's
+# CI machines) Python never caches it, and every process, each Ray worker among them, would compile
+# the same modules again (≈ 0.5 CPU-s a process). A module edited later is compiled from its
+# source again, as Python does whenever a cache is stale.
+python -m compileall -q -j 0 bootdiff ray_jobs benchmarks tests >/dev/null
 python -c "import torch, ray, diffusers, webdataset; print('[setup] torch', torch.__version__, '| ray', ray.__version__, '| diffusers', diffusers.__version__)"
