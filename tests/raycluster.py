@@ -2,8 +2,9 @@
 ``cluster`` and ``submitted``; tests/test_ray_multinode.py and tests/test_ray_multinode_faults.py
 use it, the second last) and what they do with it: the tiny pipeline submitted with ``ray job
 submit`` and every stage on (`run_pipeline`, `PIPELINE`), other jobs on the cluster (`job`,
-`submit`), a stage's command (`stage_command`), the pipeline's data and view models copied for a later test that
-would only make them again (`reuse`), and where secrets must not be (`files_containing`). A
+`submit`), a stage's command (`stage_command`), the pipeline's data and view models copied for a
+later test that would only make them again (`reuse`), and where secrets must not be
+(`files_containing`). A
 cluster simulated on this machine: a head that takes no work and worker nodes ``a`` and ``b``,
 each its own ``ray start`` (tests/multinode.py), with moto's S3 server as the only storage."""
 
