@@ -137,7 +137,7 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
     import matplotlib.pyplot as plt
 
     ns = summary["ns"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     def shown(ys):  # a model without a row at any N gets no line and no legend entry
         return any(isinstance(y, (int, float)) and math.isfinite(y) for y in ys)
 
@@ -161,10 +161,10 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
     ax.set_xlabel("N full-resolution training images")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside the axes: over
+    fig.tight_layout()  # them it hid the points of one N
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     util.atomic_write_bytes(url, buf.getvalue())
 
