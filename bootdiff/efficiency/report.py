@@ -161,8 +161,9 @@ def _plot(summary: dict, metric: str, ylabel: str, url: str) -> None:
     ax.set_xlabel("N full-resolution training images")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside the axes: over
-    fig.tight_layout()  # them it hid the points of one N
+    # The legend beside the axes: over them it hid the points of one N.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
