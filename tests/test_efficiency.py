@@ -427,3 +427,37 @@ def test_patience_stops_selection_runs_and_sets_each_models_budget(bench, tmp_pa
     assert "oracle, stopped at 0.2 kimg" in md and "A row that beats the oracle means the oracle was cut short" in md
     assert "finetune, stopped at" in md and "still improving at its cap" in md
     assert f"not improved for 2 checkpoints, up to a cap: baselines {b['full_res_kimg']:g} kimg" in md
+
+
+def test_rows_train_one_row_and_a_later_run_adds_the_rest(bench, tmp_path):
+    """``rows=["bootstrap"]`` (a second seed of the bootstrap alone) trains the view models, the
+    residual's selection runs and the bootstrap, nothing else, and still writes its summary; a later
+    run on the same folder without it adds the other rows and trains nothing twice. An unknown row
+    is refused, naming it, before anything is written."""
+    cfg, _, _, _ = bench
+    out = str(tmp_path / "rows")
+    seen = []
+
+    def runner(todo, b, out_, num_samples):
+        for j in todo:
+            seen.append(j["id"])
+            g = 1.0 / (1 + len(j["id"])) if j["kind"] != "view" else None
+            yield j, {**{k: v for k, v in j.items() if k != "cfg_yaml"}, "test_G": g, "swd": 0.1,
+                      "wall_s": 0.0, "curve": [], "kimg": 1.0}
+
+    with pytest.raises(ValueError, match=r"--rows names \['bootstap'\].*its rows: oracle, baseline, combined, "
+                                         r"bootstrap, ambient"):
+        run_benchmark(cfg, out, [8], kimg=1, source=RandomSource(), runner=runner, rows=["bootstap"])
+    assert not util.exists(out)
+    summary = run_benchmark(cfg, out, [8], kimg=1, source=RandomSource(), runner=runner, rows=["bootstrap"])
+    views = {f"view-{v}" for v in cfg.views}
+    assert set(seen) == views | {"N8/select-residual-mv0-ml0-ra1", "N8/select-residual-mv1-ml0-ra1", "N8/bootstrap"}
+    row = summary["per_n"]["8"]
+    assert "bootstrap" in row and "baseline" not in row and "combined" not in row
+    assert math.isnan(row["gap_closed_test_G"]) and util.exists(f"{out}/summary.md")  # no references: no gap
+    first = list(seen)
+    seen.clear()
+    summary = run_benchmark(cfg, out, [8], kimg=1, source=RandomSource(), runner=runner)
+    assert not set(seen) & set(first)
+    assert {"select-oracle", "oracle", "N8/baseline", "N8/combined", "N8/ambient"} <= set(seen)
+    assert math.isfinite(summary["per_n"]["8"]["gap_closed_test_G"])

@@ -159,6 +159,32 @@ def jobs(plan: dict, cfg) -> List[dict]:
     return out
 
 
+def row_of(job: dict) -> str:
+    """The benchmark row a job serves: ``oracle``, ``baseline``, ``combined``, ``bootstrap`` (the
+    residual's selection runs and model), a peer's name, or ``views`` (needed by ``combined`` and
+    ``bootstrap``)."""
+    if job["kind"] == "view":
+        return "views"
+    if job["kind"] == "full_res":
+        return "oracle" if job["N"] is None else "baseline"
+    return "bootstrap" if job["kind"] == "residual" else job["kind"]
+
+
+def row_names(cfg) -> List[str]:
+    """The rows a ``--rows`` may name: ``oracle``, ``baseline``, ``combined``, ``bootstrap`` and each peer of ``cfg``."""
+    return ["oracle", "baseline", "combined", "bootstrap", *peers(cfg)]
+
+
+def only_rows(all_jobs: List[dict], rows) -> List[dict]:
+    """The jobs of ``rows`` (`row_names`; None: every job), with the view models when a row needs
+    them: e.g. ``["bootstrap"]`` for another seed of the bootstrap alone, its references
+    (baselines, oracle, peers) read from a run that has them."""
+    if rows is None:
+        return all_jobs
+    keep = set(rows) | ({"views"} if {"combined", "bootstrap"} & set(rows) else set())
+    return [j for j in all_jobs if row_of(j) in keep]
+
+
 def pick_candidate(job: dict, results: Dict[str, dict]) -> None:
     """A peer's setting (``job["candidates"]``, its selection runs, one per ``peers.<peer>.grid``
     value): the one with the lowest validation G (each at its own minimum, `best_val_G`) becomes

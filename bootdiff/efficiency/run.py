@@ -13,8 +13,8 @@ import torch
 from bootdiff import experiment, util
 from bootdiff.config import to_object, to_yaml
 from bootdiff.efficiency.data import dataset_cfg, prepare
-from bootdiff.efficiency.models import (budgets, evaluate_job, job_cfg, jobs, main_budget, model_file, peer_budgets, peers,
-                                        pick_candidate, raise_caps, select, share_view_models)
+from bootdiff.efficiency.models import (budgets, evaluate_job, job_cfg, jobs, main_budget, model_file, only_rows,
+                                        peer_budgets, peers, row_names, pick_candidate, raise_caps, select, share_view_models)
 
 DEFAULT_NS = (16, 64, 256, 1024)
 
@@ -94,12 +94,18 @@ def _check_same_seed(cfg, out: str) -> None:
 
 def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, num_samples: int = 128,
                   val_fraction: float = 0.25, runner: Callable = local_runner, source=None,
-                  ingest_fn=None, patience: int = 0) -> dict:
+                  ingest_fn=None, patience: int = 0, rows=None) -> dict:
     """The whole benchmark (module docstring); finished models (``results/<model>.json``) are
     skipped, so an interrupted run resumes where it stopped. Returns and writes the summary.
     ``patience`` > 0 stops every selection run when its validation G has not improved for that
-    many checkpoints, and trains the model it selects for as long (`bootdiff.efficiency.models.main_budget`)."""
+    many checkpoints, and trains the model it selects for as long (`bootdiff.efficiency.models.main_budget`).
+    ``rows`` (e.g. ``["bootstrap"]``) trains only those rows' models (`bootdiff.efficiency.models.only_rows`);
+    a later run without it on the same folder adds the others."""
     cfg = to_object(cfg)
+    unknown = sorted(set(rows or ()) - set(row_names(cfg)))
+    if unknown:  # before anything is written
+        raise ValueError(f"data-efficiency: --rows names {unknown}, which this benchmark does not have "
+                         f"(its rows: {', '.join(row_names(cfg))})")
     out = util.join(out, "") .rstrip("/")
     _check_same_seed(cfg, out)
     plan = prepare(cfg, out, ns, val_fraction, source=source, ingest_fn=ingest_fn)
@@ -114,7 +120,7 @@ def run_benchmark(cfg, out: str, ns=DEFAULT_NS, kimg: Optional[float] = None, nu
               f"({b['flops']['bootstrap']['total']:.3g} FLOPs: views + residual)", flush=True)
     util.atomic_write_bytes(util.join(out, "plan.json"), json.dumps(  # the config: a pipeline's eval.benchmark checks its data
         {**{k: v for k, v in plan.items() if k != "datasets"}, "budgets": b, "config": to_yaml(cfg)}).encode())
-    all_jobs = jobs(plan, cfg)
+    all_jobs = only_rows(jobs(plan, cfg), rows)
     results = {}
     for job in all_jobs:
         url = util.join(out, "results", model_file(job["id"]))
