@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=0,
                    help="stop every model when its validation G has not improved for this many checkpoints "
                         "(baselines and oracle then capped at the bootstrap's training compute; 0: fixed budgets)")
-    p.add_argument("--rows", nargs="+", default=None,
-                   help="train only these rows (oracle, baseline, combined, bootstrap or a peer's name), with the "
-                        "view models they need: e.g. --rows bootstrap seed=1 --out <new folder> for a second seed")
+    p.add_argument("--rows", default=None,
+                   help="train only these rows, comma-separated (oracle, baseline, combined, bootstrap or a peer's "
+                        "name), with the view models they need: e.g. --rows bootstrap --out <new folder> seed=1")
     p.add_argument("--local", action="store_true", help="train in this process (CPU), no Ray")
     p.add_argument("--workers", type=int, default=1, help="with --local: models trained at once, one process each")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         runner = ray_runner(cfg)
     start = time.time()
     summary = run_benchmark(cfg, out, args.ns, args.kimg, args.num_samples, args.val_fraction, runner,
-                            patience=args.patience, rows=args.rows)
+                            patience=args.patience, rows=args.rows.split(",") if args.rows else None)
     from bootdiff.efficiency.report import markdown
 
     print(markdown(summary))
