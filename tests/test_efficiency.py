@@ -454,7 +454,8 @@ def test_rows_train_one_row_and_a_later_run_adds_the_rest(bench, tmp_path):
     assert set(seen) == views | {"N8/select-residual-mv0-ml0-ra1", "N8/select-residual-mv1-ml0-ra1", "N8/bootstrap"}
     row = summary["per_n"]["8"]
     assert "bootstrap" in row and "baseline" not in row and "combined" not in row
-    assert math.isnan(row["gap_closed_test_G"]) and util.exists(f"{out}/summary.md")  # no references: no gap
+    assert math.isnan(row["gap_closed_test_G"])  # no references: no gap, and the summary says why
+    assert "or a row the gap needs was not run here" in util.read_bytes(f"{out}/summary.md").decode()
     first = list(seen)
     seen.clear()
     summary = run_benchmark(cfg, out, [8], kimg=1, source=RandomSource(), runner=runner)

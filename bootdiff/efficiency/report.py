@@ -237,7 +237,7 @@ def markdown(summary: dict) -> str:
                                             if any("beats" in x for x in near) else "")]
     lines += ["", "gap closed = (baseline − bootstrap) / (baseline − oracle): 1 = as good as all the data at "
               "full resolution, 0 = no better than the N images alone; – = the baseline is within 1 % of the "
-              "oracle (no gap to close at this budget).", ""]
+              "oracle (no gap to close at this budget), or a row the gap needs was not run here (`--rows`).", ""]
     return "\n".join(lines)
 
 
