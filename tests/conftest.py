@@ -5,6 +5,16 @@ import tempfile
 
 import pytest
 
+# Every Ray worker of the suite at the priority of the pytest processes, not Ray's nice 15: each
+# cluster the tests start (the three-node cluster's `ray start`s, the shared local Ray, a pipeline's
+# own `ray.init`) inherits it from this environment. The suite runs in two processes (pyproject's
+# addopts), and at nice 15 one process's Ray workers got a small share of the CPU next to the other
+# process's tests at nice 0 (CFS weight 36 against 1,024), so the three-node cluster's tests, the
+# suite's longest path, ran 1.6–1.9× slower than alone. Back to back on one box: 901 s and
+# 1,740 busy CPU-s at Ray's default, 805 s and 1,554 CPU-s with this (benchmarks/RESULTS.md, "test
+# suite time"). A user's own Ray keeps Ray's default (docs/RAY.md §4).
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 
 @pytest.fixture(scope="session")
 def mnist_wheel():

@@ -55,7 +55,7 @@ def loop(config: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         with open(config["out"], "w") as f:
             json.dump({"kinds": sorted(kinds), "batches": batches[0], "steps": res.step, "loss": res.loss,
-                       "hook_calls": len(calls), "ray_reports": hooks.ray_reports}, f)
+                       "hook_calls": len(calls), "ray_reports": hooks.ray_reports, "nice": os.nice(0)}, f)
 
 
 def test_dataloader_workers_under_ray_train_start_with_forkserver(local_ray, mnist_wheel, tmp_path):
@@ -82,6 +82,8 @@ def test_dataloader_workers_under_ray_train_start_with_forkserver(local_ray, mni
     assert result.error is None
     rec = json.loads(out.read_text())
     assert rec["kinds"] == ["ForkServerProcess"], rec  # not ForkProcess
+    # the Train worker runs at this process's priority (tests/conftest.py), not at Ray's nice 15
+    assert rec["nice"] == os.nice(0), rec
     assert rec["steps"] == 80 and rec["batches"] == 80 and np.isfinite(rec["loss"])
     assert rec["hook_calls"] == 40  # every 2 steps (checkpoints at 40 and 80 fall on them)
     # Ray gets the two checkpoint reports plus at most one per 2 s of training in between.
