@@ -24,10 +24,21 @@ PY = sys.executable
 RAY = os.path.join(os.path.dirname(PY), "ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, taken=()) -> list:
+    """``n`` distinct free loopback ports, none of ``taken``: all bound at once, then released. (One
+    port at a time, bound and released, can come back twice in a row: seen as `ray start` refusing
+    a node whose object manager and dashboard agent were given the same port.)"""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
+            if socks[-1].getsockname()[1] not in taken:
+                ports.append(socks[-1].getsockname()[1])
+        return ports
+    finally:
+        for s in socks:
+            s.close()
 
 
 def processes_of(marker: str) -> list:
@@ -97,14 +108,16 @@ class LocalCluster:
         os.makedirs(os.path.join(path, "work"), exist_ok=True)
         return path
 
-    def _start(self, name: str, args: list) -> None:
+    def _start(self, name: str, args: list, port_names: tuple, taken=()) -> None:
+        """``ray start`` of a node, its ``port_names`` ports chosen free (and not ``taken``) at each attempt."""
         d = self._dir(name)
         # RAY_ADDRESS: Ray's own code on the nodes that looks its cluster up without an address
         # (Train's PlacementGroupCleaner asks the state API for its controller) finds it; without,
         # it searches this machine and, with another test's Ray running, fails ("Found multiple
         # active Ray instances"): a Train run's placement group then outlived its aborted run.
         for attempt in range(3):  # a loaded box can miss Ray's fixed 30 s raylet start-up wait
-            proc = subprocess.run([RAY, "start", f"--temp-dir={d}/t", "--disable-usage-stats", *args],
+            ports = [f"--{n}={p}" for n, p in zip(port_names, free_ports(len(port_names), taken))]
+            proc = subprocess.run([RAY, "start", f"--temp-dir={d}/t", "--disable-usage-stats", *args, *ports],
                                   env=dict(self.env, **self.node_env, TMPDIR=self.tmp, RAY_ADDRESS=self.gcs),
                                   cwd=os.path.join(d, "work"),
                                   capture_output=True, text=True, timeout=180)
@@ -114,25 +127,22 @@ class LocalCluster:
         raise RuntimeError(f"ray start of node {name} failed: {(proc.stdout + proc.stderr)[-3000:]}")
 
     def start(self) -> "LocalCluster":
-        port, dash = free_port(), free_port()
-        ports = [f"--{n}={free_port()}" for n in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "ray-client-server-port", "runtime-env-agent-port",
-                                                  "metrics-export-port")]
+        port, dash = free_ports(2)
         self.gcs, self.address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
         self._start("head", ["--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=0",
-                             "--include-dashboard=true", "--labels=node=head", *ports])
+                             "--include-dashboard=true", "--labels=node=head"],
+                    ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
+                     "runtime-env-agent-port", "metrics-export-port"), taken=(port, dash))
         for name, spec in self.nodes.items():
             self.add_node(name, spec)
         return self
 
     def add_node(self, name: str, spec: dict) -> None:
-        ports = [f"--{n}={free_port()}" for n in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "runtime-env-agent-port", "metrics-export-port",
-                                                  "node-manager-port", "object-manager-port")]
         self._start(name, [f"--address={self.gcs}", f"--num-cpus={spec.get('cpus', 2)}",
                            f"--resources={json.dumps(spec.get('resources', {}))}",
-                           f"--labels={','.join(f'{k}={v}' for k, v in {'node': name, **spec.get('labels', {})}.items())}",
-                           *ports])
+                           f"--labels={','.join(f'{k}={v}' for k, v in {'node': name, **spec.get('labels', {})}.items())}"],
+                    ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "node-manager-port", "object-manager-port"))
         self.nodes[name] = spec
         self.started.add(name)
         self.wait_nodes()

@@ -9,12 +9,11 @@ lost), run on the simulated multi-node cluster the Ray tests share (tests/rayclu
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
 
-from multinode import kill_processes_of
+from multinode import free_ports, kill_processes_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -45,12 +44,6 @@ DISTILL = [
     "distill.train.batch_size=8", "distill.train.checkpoint_every_kimg=0.016", "distill.train.warmup_kimg=0",
     "distill.train.report_every=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 AUTH_TOKEN = uuid.uuid4().hex
@@ -88,10 +81,10 @@ def start_head(tmp: str, tries: int = 3) -> dict:
     miss. Returns the environment for drivers (``RAY_ADDRESS`` set); stop with `_stop`."""
     env = _env(tmp)
     for attempt in range(tries):
-        port = _free_port()
-        ports = [f"--{n}={_free_port()}" for n in ("dashboard-port", "dashboard-agent-listen-port",
-                                                   "dashboard-agent-grpc-port", "ray-client-server-port",
-                                                   "runtime-env-agent-port", "metrics-export-port")]
+        names = ("dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "ray-client-server-port", "runtime-env-agent-port", "metrics-export-port")
+        port, *free = free_ports(1 + len(names))
+        ports = [f"--{n}={p}" for n, p in zip(names, free)]
         proc = subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
                                "--disable-usage-stats", *ports], env=env, capture_output=True, text=True, timeout=180)
         if proc.returncode == 0:
